@@ -1,0 +1,40 @@
+# visionstream: `make demo` runs the service on an embedded stack, `make test` runs the tests.
+# Both create the virtual environment first (once; again when pyproject.toml changes).
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install demo test unit bench compose-check constraints clean
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/visionstream demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+compose-check:
+	docker-compose -f docker-compose.yml config -q
+
+constraints: $(STAMP)
+	{ echo "# Tested versions; 'make install' uses these as constraints so pip need not search."; \
+	  echo "# Regenerate: make constraints"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^visionstream'; } > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .visionstream

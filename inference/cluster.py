@@ -1,0 +1,141 @@
+"""Connect to, or start, the persistent Dask cluster; register the model; submit batches (adapter)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from distributed import Client, LocalCluster
+
+from inference.errors import ClusterUnavailable, WeightsUnavailable
+from inference.results import ImageResult
+from inference.settings import ClusterSettings, ImageSettings, ModelSettings, StorageSettings
+from inference.worker import PLUGIN_NAME, ResidentModel, classify_batch
+
+log = logging.getLogger(__name__)
+
+
+class InferenceCluster:
+    """An asynchronous handle on the cluster, with the model resident on every worker.
+
+    Use as ``async with InferenceCluster(...) as cluster: await cluster.classify(uris)``.
+    Workers that join later get the model too (the plugin is registered with the scheduler).
+    """
+
+    def __init__(
+        self,
+        cluster: ClusterSettings,
+        model: ModelSettings,
+        images: ImageSettings,
+        storage: StorageSettings,
+        truth_pattern: str,
+    ) -> None:
+        self.settings = cluster
+        self.plugin = ResidentModel(model, images, storage)
+        self.truth_pattern = truth_pattern
+        self.client: Client | None = None
+        self._local: Any = None
+
+    @property
+    def address(self) -> str:
+        return self.settings.scheduler or (self._local.scheduler_address if self._local else "embedded")
+
+    async def __aenter__(self) -> InferenceCluster:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        try:
+            if self.settings.scheduler:
+                self.client = await Client(
+                    self.settings.scheduler, asynchronous=True, timeout=self.settings.connect_timeout_s
+                )
+            else:
+                self._local = await _start_embedded(self.settings)
+                self.client = await Client(self._local, asynchronous=True)
+        except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+            await self.close()
+            raise ClusterUnavailable(self.settings.scheduler or "embedded", str(exc) or type(exc).__name__) from exc
+        try:
+            await self.client.register_plugin(self.plugin, name=PLUGIN_NAME)
+        except WeightsUnavailable:
+            await self.close()
+            raise
+        except Exception as exc:
+            await self.close()
+            raise ClusterUnavailable(self.address, f"model plugin failed on a worker: {exc}") from exc
+        threads = await self.threads()
+        log.info("Dask cluster %s ready: %d worker(s) with the model resident", self.address, len(threads))
+
+    async def threads(self) -> dict[str, int]:
+        """Task threads per worker address."""
+        assert self.client is not None
+        return dict(await self.client.nthreads())
+
+    async def classify(self, uris: list[str], priority: int = 0) -> list[ImageResult]:
+        """Run one batch on the cluster; per-image failures are inside the results."""
+        if self.client is None:
+            raise ClusterUnavailable(self.address, "not started")
+        future = self.client.submit(classify_batch, list(uris), self.truth_pattern, pure=False, priority=priority)
+        records = await future
+        return [ImageResult.from_dict(record) for record in records]
+
+    async def model_loads(self) -> dict[str, int]:
+        """How many times each worker built the model (1 each for a persistent cluster)."""
+        assert self.client is not None
+        return await self.client.run(_plugin_loads)
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+        if self._local is not None:
+            await self._local.close()
+            self._local = None
+
+
+async def _start_embedded(settings: ClusterSettings) -> Any:
+    use_gpu = settings.gpu is True or (settings.gpu == "auto" and _gpus_visible() > 0)
+    if use_gpu:
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as exc:
+            if settings.gpu is True:
+                raise ClusterUnavailable("embedded", "cluster.gpu is true but dask-cuda is not installed (pip install 'visionstream[gpu]')") from exc
+            log.warning("GPUs visible but dask-cuda is not installed; starting a LocalCluster")
+        else:
+            return await LocalCUDACluster(
+                asynchronous=True,
+                threads_per_worker=settings.threads_per_worker,
+                dashboard_address=":0",
+                ip="127.0.0.1",
+            )
+    n_workers = settings.n_workers or 1
+    return await LocalCluster(
+        asynchronous=True,
+        n_workers=n_workers,
+        threads_per_worker=settings.threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
+        env={"VISIONSTREAM_LOCAL_WORKERS": str(n_workers)},
+    )
+
+
+def _gpus_visible() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _plugin_loads(dask_worker: Any) -> int:
+    plugin = dask_worker.plugins.get(PLUGIN_NAME)
+    return plugin.loads if plugin is not None else 0
+

@@ -1,0 +1,70 @@
+"""Errors of the inference side.
+
+    InferenceError
+     ├── ConfigError            settings that cannot be used (bad YAML, bad value)
+     ├── WeightsUnavailable     the asked-for weights cannot be loaded; fatal at start-up
+     ├── ClusterUnavailable     no Dask scheduler at the address, or the cluster would not start
+     ├── SourceError            a classify SOURCE that names nothing readable
+     └── ImageError             one image failed; becomes that image's error record
+          ├── FetchError        the object could not be read (missing, denied, too large)
+          └── ImageDecodeError  the bytes are not a readable image, or too many pixels
+
+Per-image errors carry ``stage`` so the records can say where an image failed.
+"""
+
+from __future__ import annotations
+
+
+class InferenceError(Exception):
+    """Base of every error raised by the inference package."""
+
+
+class ConfigError(InferenceError):
+    """The settings cannot be used; the message says which key and why."""
+
+
+class WeightsUnavailable(InferenceError):
+    """Pretrained weights or a checkpoint could not be loaded."""
+
+    def __init__(self, spec: str, reason: str) -> None:
+        super().__init__(
+            f"cannot load weights {spec!r}: {reason}. Alternatives: a checkpoint "
+            "(--weights /path/to/state_dict.pt or s3://bucket/key.pt), torchvision weights "
+            "pre-downloaded to the torch cache ($TORCH_HOME), or --weights none for random "
+            "initialisation"
+        )
+        self.spec, self.reason = spec, reason
+
+
+class ClusterUnavailable(InferenceError):
+    """The Dask scheduler could not be reached or the embedded cluster did not start."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"Dask cluster {address} unavailable: {reason}")
+        self.address, self.reason = address, reason
+
+
+class SourceError(InferenceError):
+    """A classify SOURCE names nothing that can be read."""
+
+
+class ImageError(InferenceError):
+    """One image failed at ``stage``; the rest of its batch carries on."""
+
+    stage = "image"
+
+    def __init__(self, uri: str, reason: str) -> None:
+        super().__init__(f"{uri}: {reason}")
+        self.uri, self.reason = uri, reason
+
+
+class FetchError(ImageError):
+    """An object could not be read: missing, access denied, or above the size limit."""
+
+    stage = "fetch"
+
+
+class ImageDecodeError(ImageError):
+    """An object was fetched but is not a readable image (or exceeds the pixel limit)."""
+
+    stage = "decode"

@@ -1,0 +1,85 @@
+"""The classify job: sources -> batches on the cluster (bounded in flight) -> records, in order of completion."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+from inference.cluster import InferenceCluster
+from inference.results import ImageResult
+
+
+@dataclass(slots=True)
+class Tally:
+    """Running counts for a summary line: images, errors, accuracy where truth is known."""
+
+    images: int = 0
+    errors: int = 0
+    with_truth: int = 0
+    matches: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    finished: float | None = None
+
+    def add(self, result: ImageResult) -> None:
+        self.images += 1
+        if result.error is not None:
+            self.errors += 1
+        elif result.match is not None:
+            self.with_truth += 1
+            self.matches += int(result.match)
+
+    @property
+    def elapsed_s(self) -> float:
+        return (self.finished or time.perf_counter()) - self.started
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.matches / self.with_truth if self.with_truth else None
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self) -> str:
+        accuracy = f"{self.accuracy:.2%} top-1 ({self.matches}/{self.with_truth} with truth)" if self.accuracy is not None else "no ground truth"
+        return (
+            f"{self.images} images, {self.errors} errors, {accuracy}, "
+            f"{self.elapsed_s:.1f} s, {self.images_per_s:.1f} images/s"
+        )
+
+
+def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+async def classify_all(
+    cluster: InferenceCluster,
+    uris: Iterable[str],
+    batch_size: int,
+    max_in_flight: int,
+    on_result: Callable[[ImageResult], None],
+) -> Tally:
+    """Classify every URI; at most ``max_in_flight`` batches are on the cluster at once."""
+    tally = Tally()
+    pending: set[asyncio.Task[list[ImageResult]]] = set()
+
+    async def drain(until: int) -> None:
+        nonlocal pending
+        while len(pending) > until:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                for result in task.result():
+                    tally.add(result)
+                    on_result(result)
+
+    for batch in batched(uris, batch_size):
+        pending.add(asyncio.ensure_future(cluster.classify(batch)))
+        await drain(max_in_flight - 1)
+    await drain(0)
+    tally.finished = time.perf_counter()
+    return tally

@@ -1,0 +1,86 @@
+"""Per-image result records: typed, frozen, and plain JSON on the way out."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    class_index: int
+    wnid: str
+    label: str
+    score: float  # this image's own softmax probability
+
+
+@dataclass(frozen=True, slots=True)
+class GroundTruth:
+    wnid: str
+    label: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    stage: str  # fetch | decode | inference
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    weights: str
+    precision: str
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Milliseconds spent on this image's batch, stage by stage."""
+
+    fetch_ms: float = 0.0
+    decode_ms: float = 0.0
+    queue_ms: float = 0.0  # waiting for the model while another batch ran
+    inference_ms: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    uri: str
+    name: str
+    prediction: Prediction | None
+    top_k: tuple[Prediction, ...]
+    ground_truth: GroundTruth | None
+    match: bool | None
+    error: Failure | None
+    model: ModelInfo
+    timings: Timings = field(default_factory=Timings)
+    worker: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["top_k"] = list(data["top_k"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ImageResult:
+        def opt(kind: type, value: dict[str, Any] | None) -> Any:
+            return None if value is None else kind(**value)
+
+        return cls(
+            uri=data["uri"],
+            name=data["name"],
+            prediction=opt(Prediction, data.get("prediction")),
+            top_k=tuple(Prediction(**p) for p in data.get("top_k") or ()),
+            ground_truth=opt(GroundTruth, data.get("ground_truth")),
+            match=data.get("match"),
+            error=opt(Failure, data.get("error")),
+            model=ModelInfo(**data["model"]),
+            timings=Timings(**(data.get("timings") or {})),
+            worker=data.get("worker"),
+        )

@@ -1,0 +1,164 @@
+"""Dask worker side: the plugin that keeps the model resident, and the batch task.
+
+Each worker builds the model once, in ``ResidentModel.setup``; ``classify_batch`` tasks
+use it and never rebuild it. A worker runs two task threads: while one batch holds the
+model (one at a time, under a lock), the next batch is fetched and decoded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from distributed import Worker, WorkerPlugin, get_worker
+
+from inference.errors import ImageError
+from inference.fetch import fetch_many
+from inference.images import decode, preprocess
+from inference.labels import match_truth, parse_truth
+from inference.model import LoadedModel, load_model, top_k
+from inference.results import Failure, GroundTruth, ImageResult, Prediction, Timings
+from inference.settings import ImageSettings, ModelSettings, StorageSettings
+
+log = logging.getLogger(__name__)
+
+PLUGIN_NAME = "visionstream-resident-model"
+
+
+class ResidentModel(WorkerPlugin):
+    """Loads the model once per worker and keeps it, with a decode pool, until teardown."""
+
+    name = PLUGIN_NAME
+
+    def __init__(self, model: ModelSettings, images: ImageSettings, storage: StorageSettings) -> None:
+        self.model_settings, self.image_settings, self.storage_settings = model, images, storage
+        self.loaded: LoadedModel | None = None
+        self.loads = 0
+
+    def setup(self, worker: Worker) -> None:
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // max(1, _local_workers(worker))))
+        self.loaded = load_model(self.model_settings, self.storage_settings)
+        self.loads += 1
+        self.model_lock = threading.Lock()
+        threads = self.image_settings.decode_threads or cores
+        self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="visionstream-decode")
+        self.worker_address = worker.address
+        if self.model_settings.compile:
+            self._warm_up()
+
+    def teardown(self, worker: Worker) -> None:
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.loaded = None
+
+    def classify(self, uris: list[str], truth_pattern: str) -> list[ImageResult]:
+        assert self.loaded is not None, "ResidentModel used before setup"
+        loaded = self.loaded
+        started = time.perf_counter()
+        fetched = fetch_many(uris, self.storage_settings, self.image_settings)
+        fetched_at = time.perf_counter()
+        tensors = list(self.decode_pool.map(self._prepare, uris, fetched))
+        decoded_at = time.perf_counter()
+        good = [index for index, item in enumerate(tensors) if isinstance(item, torch.Tensor)]
+        scores = indices = None
+        inference_failure: str | None = None
+        with self.model_lock:
+            locked_at = time.perf_counter()
+            if good:
+                try:
+                    logits = loaded.predict(torch.stack([tensors[i] for i in good]))
+                    scores, indices = top_k(logits, self.model_settings.top_k)
+                except Exception as exc:  # noqa: BLE001 - out of memory, bad kernel: every image says so
+                    log.exception("inference failed for a batch of %d", len(good))
+                    inference_failure = f"{type(exc).__name__}: {exc}"
+        done_at = time.perf_counter()
+        timings = Timings(
+            fetch_ms=_ms(started, fetched_at),
+            decode_ms=_ms(fetched_at, decoded_at),
+            queue_ms=_ms(decoded_at, locked_at),
+            inference_ms=_ms(locked_at, done_at),
+            batch_size=len(uris),
+        )
+        outcomes: list[Any] = list(tensors)
+        for row, index in enumerate(good):
+            if inference_failure is not None:
+                outcomes[index] = Failure("inference", inference_failure)
+            else:
+                outcomes[index] = (scores[row].tolist(), indices[row].tolist())  # type: ignore[index]
+        return [
+            build_result(uri, outcome, loaded, truth_pattern, timings, self.worker_address)
+            for uri, outcome in zip(uris, outcomes, strict=True)
+        ]
+
+    def _prepare(self, uri: str, data: bytes | ImageError) -> torch.Tensor | Failure:
+        if isinstance(data, ImageError):
+            return Failure(data.stage, data.reason)
+        spec = self.loaded.preprocessing  # type: ignore[union-attr]
+        try:
+            image = decode(
+                data,
+                uri,
+                self.image_settings.max_pixels,
+                spec.resize_size if self.image_settings.draft else None,
+            )
+            return preprocess(image, spec)
+        except ImageError as exc:
+            return Failure(exc.stage, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - one bad image never fails its batch
+            return Failure("decode", f"{type(exc).__name__}: {exc}")
+
+    def _warm_up(self) -> None:
+        """Pay torch.compile's cost at start-up, not on the first batch."""
+        spec = self.loaded.preprocessing  # type: ignore[union-attr]
+        self.loaded.predict(torch.zeros(2, 3, spec.crop_size, spec.crop_size))  # type: ignore[union-attr]
+
+
+def build_result(
+    uri: str,
+    outcome: tuple[list[float], list[int]] | Failure,
+    model: LoadedModel,
+    truth_pattern: str,
+    timings: Timings,
+    worker: str | None = None,
+) -> ImageResult:
+    """One record from a top-k outcome or a failure. Pure."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    truth = parse_truth(uri, truth_pattern)
+    ground_truth = GroundTruth(truth.wnid, truth.label) if truth else None
+    if isinstance(outcome, Failure):
+        return ImageResult(uri, name, None, (), ground_truth, None, outcome, model.info, timings, worker)
+    scores, indices = outcome
+    classes = model.classes
+    ranked = tuple(
+        Prediction(index, classes.wnids[index], classes.labels[index], round(score, 6))
+        for score, index in zip(scores, indices, strict=True)
+    )
+    best = ranked[0]
+    return ImageResult(
+        uri, name, best, ranked, ground_truth, match_truth(best.wnid, truth), None, model.info, timings, worker
+    )
+
+
+def classify_batch(uris: list[str], truth_pattern: str) -> list[dict[str, Any]]:
+    """The Dask task: classify ``uris`` with this worker's resident model.
+
+    Returns plain JSON-ready dicts (no tensors, nothing pickled beyond Dask's own transport).
+    """
+    plugin = get_worker().plugins.get(PLUGIN_NAME)
+    if plugin is None or plugin.loaded is None:
+        raise RuntimeError("the visionstream model plugin is not set up on this worker")
+    return [result.to_dict() for result in plugin.classify(uris, truth_pattern)]
+
+
+def _local_workers(worker: Worker) -> int:
+    """Workers sharing this machine's cores, so torch threads are not oversubscribed."""
+    return int(os.environ.get("VISIONSTREAM_LOCAL_WORKERS", "1") or 1)
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000, 3)

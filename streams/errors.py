@@ -1,0 +1,34 @@
+"""Errors of the stream side.
+
+    StreamError
+     ├── MalformedEvent      an input message that is not an S3 notification we can read;
+     │                       becomes a dead-letter event, never a crash
+     ├── BrokerUnavailable   Kafka could not be reached or a topic could not be created
+     └── EmbeddedStackError  the embedded broker / S3 server (demo, tests) did not start
+"""
+
+from __future__ import annotations
+
+
+class StreamError(Exception):
+    """Base of every error raised by the streams package."""
+
+
+class MalformedEvent(StreamError):
+    """An input message that cannot be read as an S3 event notification."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BrokerUnavailable(StreamError):
+    """Kafka could not be reached, or a topic could not be created."""
+
+    def __init__(self, servers: str, reason: str) -> None:
+        super().__init__(f"Kafka at {servers} unavailable: {reason}")
+        self.servers, self.reason = servers, reason
+
+
+class EmbeddedStackError(StreamError):
+    """A server of the embedded stack (broker, S3) did not start."""
