@@ -78,11 +78,33 @@ class InferenceCluster:
 
     async def classify(self, uris: list[str], priority: int = 0) -> list[ImageResult]:
         """Run one batch on the cluster; per-image failures are inside the results."""
+        if self.settings.scheduler and (self.client is None or self.client.status in ("closing", "closed")):
+            await self._reconnect()
         if self.client is None:
             raise ClusterUnavailable(self.address, "not started")
-        future = self.client.submit(classify_batch, list(uris), self.truth_pattern, pure=False, priority=priority)
-        records = await future
+        try:
+            future = self.client.submit(classify_batch, list(uris), self.truth_pattern, pure=False, priority=priority)
+            records = await future
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            raise ClusterUnavailable(self.address, "the batch was cancelled (scheduler connection lost)") from exc
+        except (OSError, TimeoutError) as exc:
+            raise ClusterUnavailable(self.address, f"{type(exc).__name__}: {exc}") from exc
         return [ImageResult.from_dict(record) for record in records]
+
+    async def _reconnect(self) -> None:
+        """A new client after the old one gave up on a scheduler that went away."""
+        log.warning("reconnecting to Dask scheduler %s", self.address)
+        old, self.client = self.client, None
+        if old is not None:
+            await old.close()
+        try:
+            self.client = await Client(self.settings.scheduler, asynchronous=True, timeout=self.settings.connect_timeout_s)
+            await self.client.register_plugin(self.plugin, name=PLUGIN_NAME)
+        except (OSError, TimeoutError) as exc:
+            raise ClusterUnavailable(self.address, f"reconnect failed: {exc}") from exc
 
     async def model_loads(self) -> dict[str, int]:
         """How many times each worker built the model (1 each for a persistent cluster)."""

@@ -47,6 +47,7 @@ class ImageSettings(Section):
 
 
 class StorageSettings(Section):
+    bucket: str = "images"
     endpoint_url: str | None = None
     region: str | None = None
     access_key_id: str | None = None

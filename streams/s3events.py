@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import quote_plus, unquote_plus
 
 from inference.settings import FilterSettings
 from streams.errors import MalformedEvent
@@ -145,3 +145,24 @@ def _int_or_none(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def object_created_event(ref: ObjectRef, source: str = "visionstream") -> dict[str, Any]:
+    """The AWS S3 notification a bucket would send for ``ref`` (key URL-encoded, as S3 does)."""
+    record: dict[str, Any] = {
+        "eventVersion": "2.1",
+        "eventSource": "aws:s3",
+        "eventTime": ref.event_time,
+        "eventName": ref.event_name,
+        "requestParameters": {"sourceIPAddress": source},
+        "s3": {
+            "s3SchemaVersion": "1.0",
+            "bucket": {"name": ref.bucket, "arn": f"arn:aws:s3:::{ref.bucket}"},
+            "object": {"key": quote_plus(ref.key, safe="/"), "size": ref.size_bytes, "eTag": ref.etag},
+        },
+    }
+    if ref.version:
+        record["s3"]["object"]["versionId"] = ref.version
+    if ref.backfill:
+        record["visionstream"] = {"backfill": True}
+    return {"Records": [record]}

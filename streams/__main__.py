@@ -1,0 +1,8 @@
+"""`python -m streams` is `visionstream`."""
+
+import sys
+
+from streams.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

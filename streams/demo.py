@@ -1,0 +1,192 @@
+"""`visionstream demo`: the whole service on loopback, start to finish, then everything stopped.
+
+A Kafka-protocol broker and an S3 server (streams.stack), an embedded Dask cluster, and a
+stream worker in its own process, exactly as `visionstream worker` runs in production. The
+demo uploads images with their S3 events, prints each prediction as it arrives, then a summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from inference.model import WeightsSpec
+from inference.settings import Settings
+from streams.commands import describe
+from streams.errors import EmbeddedStackError
+from streams.kafka import ensure_topics, start_consumer
+from streams.stack import S3_TEST_CREDENTIALS, EmbeddedStack, free_port
+from streams.uploads import create_bucket, local_files, upload_paths
+
+# tansu waits half the session timeout for a group to form; real Kafka refuses sessions under 6 s.
+EMBEDDED_BROKER_KAFKA = {"session_timeout_s": 3.0, "heartbeat_interval_s": 0.3}
+
+
+def say(text: str) -> None:
+    print(f"[demo] {text}", file=sys.stderr, flush=True)
+
+
+def run_demo(settings: Settings, images: str | None, count: int, timeout_s: float, weights_given: bool) -> int:
+    from distributed import LocalCluster
+
+    with tempfile.TemporaryDirectory(prefix="visionstream-demo-") as scratch:
+        work = Path(scratch)
+        say("starting a Kafka-protocol broker and an S3 server on 127.0.0.1 ...")
+        with EmbeddedStack(log_dir=work / "logs") as stack:
+            os.environ.update(S3_TEST_CREDENTIALS)
+            say(f"broker {stack.bootstrap_servers}, S3 {stack.s3_endpoint}; starting a Dask cluster ...")
+            cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0")
+            try:
+                settings = demo_settings(settings, stack, cluster.scheduler_address, work, weights_given)
+                return _run(settings, stack, work, images, count, timeout_s)
+            finally:
+                cluster.close()
+
+
+def demo_settings(settings: Settings, stack: EmbeddedStack, scheduler: str, work: Path, weights_given: bool) -> Settings:
+    overrides: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": stack.bootstrap_servers, **EMBEDDED_BROKER_KAFKA},
+        "storage": {"endpoint_url": stack.s3_endpoint, "region": "us-east-1"},
+        "cluster": {"scheduler": scheduler},
+        "worker": {"web_port": free_port(), "web_host": "127.0.0.1", "data_dir": str(work / "worker-data")},
+        "batch": {"linger_s": min(settings.batch.linger_s, 1.0)},
+    }
+    if not weights_given and WeightsSpec.parse(settings.model.weights).kind == "torchvision" and not pretrained_cached(settings):
+        say(
+            "pretrained weights are not in the torch cache and this demo downloads nothing: using random "
+            "initialisation (--weights none), so labels are meaningless. Pass --weights FILE, or cache the "
+            "torchvision weights, for real predictions."
+        )
+        overrides["model"] = {"weights": "none"}
+    return settings.with_overrides(overrides)
+
+
+def pretrained_cached(settings: Settings) -> bool:
+    import torch
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(settings.model.name)
+        spec = settings.model.weights.upper()
+        url = (weights.DEFAULT if spec == "DEFAULT" else weights[spec]).url
+    except (KeyError, ValueError):
+        return False
+    return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).exists()
+
+
+def _run(settings: Settings, stack: EmbeddedStack, work: Path, images: str | None, count: int, timeout_s: float) -> int:
+    from inference.samples import generate_dataset
+
+    config = work / "demo.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    asyncio.run(ensure_topics(settings.kafka, settings.topics))
+    say("starting the stream worker (visionstream worker) ...")
+    log_path = work / "logs" / "worker.log"
+    with open(log_path, "ab") as log_file:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "streams", "worker", "--config", str(config), "--log-level", "WARNING"],
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    try:
+        wait_ready(settings, worker, log_path, timeout_s=180)
+        say(f"worker ready: http://{settings.worker.web_host}:{settings.worker.web_port}/health")
+        if images is None:
+            images = str(work / "sample")
+            generate_dataset(images, count, bad_files=2)
+            say(f"generated {count} Stanford-Dogs-layout images and 2 unreadable files")
+            upload_from = [str(Path(images) / "Images")]
+        else:
+            upload_from = [images]
+        expected = len(list(local_files(upload_from, "")))
+        create_bucket(settings.storage, settings.storage.bucket)
+        started = time.perf_counter()
+        asyncio.run(upload_paths(upload_from, "", settings, notify=True))
+        say(f"uploaded {expected} objects to s3://{settings.storage.bucket}/ with their S3 events; predictions:")
+        events = asyncio.run(collect(settings, expected, timeout_s))
+        elapsed = time.perf_counter() - started
+    finally:
+        stop(worker)
+    print(summary(events, expected, elapsed), flush=True)
+    return 0 if len(events) >= expected else 1
+
+
+def wait_ready(settings: Settings, worker: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
+    url = f"http://{settings.worker.web_host}:{settings.worker.web_port}/health"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise EmbeddedStackError(f"the stream worker exited ({worker.returncode}):\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if json.load(response).get("status") == "ready":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise EmbeddedStackError(f"the stream worker was not ready within {timeout_s:.0f} s (log: {log_path})")
+
+
+async def collect(settings: Settings, expected: int, timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Latest event per URI from the predictions and dead-letter topics, printed as they come."""
+    topics = settings.topics
+    consumer = await start_consumer(settings.kafka, topics.predictions, topics.dead_letter, from_beginning=True)
+    events: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(events) < expected and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    event = json.loads(record.value)
+                    if event.get("uri"):
+                        events[event["uri"]] = event
+                    print(describe(event), flush=True)
+    finally:
+        await consumer.stop()
+    return events
+
+
+def summary(events: dict[str, dict[str, Any]], expected: int, elapsed_s: float) -> str:
+    predictions = [e for e in events.values() if e["schema"].startswith("visionstream.prediction")]
+    errors = len(events) - len(predictions)
+    judged = [e for e in predictions if e.get("match") is not None]
+    matches = sum(1 for e in judged if e["match"])
+    latencies = sorted(e["latency_ms"] for e in predictions if e.get("latency_ms") is not None)
+
+    def pct(q: float) -> str:
+        return f"{latencies[min(len(latencies) - 1, int(q * len(latencies)))]:.0f} ms" if latencies else "n/a"
+
+    accuracy = f"{matches / len(judged):.1%} ({matches}/{len(judged)})" if judged else "n/a"
+    lines = [
+        "",
+        "visionstream demo summary",
+        f"  images        {len(events)} of {expected} accounted for ({len(predictions)} predictions, {errors} dead-lettered)",
+        f"  top-1         {accuracy}",
+        f"  throughput    {len(events) / elapsed_s:.1f} images/s over {elapsed_s:.1f} s (upload to last event)",
+        f"  latency       p50 {pct(0.5)}, p95 {pct(0.95)} (upload event to prediction event)",
+    ]
+    if len(events) < expected:
+        lines.append(f"  MISSING       {expected - len(events)} images had no event before the timeout")
+    return "\n".join(lines)
+
+
+def stop(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

