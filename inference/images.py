@@ -90,8 +90,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def preprocess(image: Image.Image, spec: Preprocessing) -> Tensor:
     """RGB image -> float tensor [3, crop, crop], exactly as the weights' transforms do."""
-    tensor = F.pil_to_tensor(image)
-    tensor = F.resize(tensor, [spec.resize_size], interpolation=spec.interpolation, antialias=True)
-    tensor = F.center_crop(tensor, [spec.crop_size])
-    tensor = F.convert_image_dtype(tensor, torch.float)
+    image = F.resize(image, [spec.resize_size], interpolation=spec.interpolation, antialias=True)
+    image = F.center_crop(image, [spec.crop_size])
+    tensor = F.convert_image_dtype(F.pil_to_tensor(image), torch.float)
     return F.normalize(tensor, mean=list(spec.mean), std=list(spec.std))

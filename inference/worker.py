@@ -53,7 +53,9 @@ class ResidentModel(WorkerPlugin):
             self._warm_up()
 
     def teardown(self, worker: Worker) -> None:
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        pool = getattr(self, "decode_pool", None)  # absent when setup failed
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         self.loaded = None
 
     def classify(self, uris: list[str], truth_pattern: str) -> list[ImageResult]:

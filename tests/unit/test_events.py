@@ -1,0 +1,35 @@
+import json
+from datetime import UTC, datetime
+
+from inference.results import GroundTruth, ImageResult, ModelInfo, Prediction, Timings
+from streams.events import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA, dead_letter_event, encode, latency_ms, prediction_event
+from streams.s3events import ObjectRef
+
+MODEL = ModelInfo("resnet50", "IMAGENET1K_V2", "fp16", "cuda:0")
+
+
+def test_prediction_event_carries_every_documented_field():
+    chihuahua = Prediction(151, "n02085620", "Chihuahua", 0.91)
+    result = ImageResult("s3://b/k.jpg", "k.jpg", chihuahua, (chihuahua,), GroundTruth("n02085620", "Chihuahua"), True, None, MODEL, Timings(batch_size=60))
+    ref = ObjectRef("b", "k.jpg", etag="e", version="v", event_time="2026-11-23T10:00:00Z")
+    event = json.loads(encode(prediction_event(ref, result, "batch1", 60)))
+    assert event["schema"] == PREDICTION_SCHEMA
+    for field in ("uri", "bucket", "key", "etag", "version", "name", "prediction", "top_k", "ground_truth", "match", "model", "event_time", "predicted_at", "latency_ms", "batch"):
+        assert field in event, field
+    assert event["prediction"] == {"class_index": 151, "wnid": "n02085620", "label": "Chihuahua", "score": 0.91}
+    assert event["batch"] == {"id": "batch1", "size": 60}
+    assert event["latency_ms"] > 0
+
+
+def test_latency_from_event_time_else_message_timestamp():
+    published = datetime(2026, 11, 23, 10, 0, 1, tzinfo=UTC)
+    assert latency_ms("2026-11-23T10:00:00Z", None, published) == 1000.0
+    assert latency_ms(None, int(datetime(2026, 11, 23, 10, 0, 0, 500000, tzinfo=UTC).timestamp() * 1000), published) == 500.0
+    assert latency_ms("garbage", None, published) is None
+
+
+def test_dead_letter_keeps_the_original_in_readable_form():
+    as_json = dead_letter_event("parse", "not an S3 event", b'{"a": 1}', {"topic": "t", "partition": 0, "offset": 5})
+    assert as_json["schema"] == DEAD_LETTER_SCHEMA and as_json["original"] == {"a": 1}
+    assert dead_letter_event("parse", "x", b"plain text")["original"] == {"text": "plain text"}
+    assert dead_letter_event("parse", "x", b"\xff\x00")["original"] == {"base64": "/wA="}

@@ -1,0 +1,112 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.errors import ConfigError, WeightsUnavailable
+from inference.model import WeightsSpec, load_model, resolve_precision, top_k
+from inference.settings import ModelSettings
+
+SMALL = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32")
+
+
+def test_softmax_is_per_image_not_the_first_images_for_all():
+    logits = torch.tensor([[4.0, 0.0, 0.0], [0.0, 0.0, 9.0], [1.0, 1.0, 1.0]])
+    scores, indices = top_k(logits, 2)
+    assert indices[:, 0].tolist() == [0, 2, 0]
+    assert scores[0, 0].item() == pytest.approx(torch.softmax(logits[0], 0)[0].item())
+    assert scores[1, 0].item() == pytest.approx(torch.softmax(logits[1], 0)[2].item())
+    assert scores[2, 0].item() == pytest.approx(1 / 3)
+    assert torch.all(scores[:, 0] >= scores[:, 1])
+
+
+def test_top_k_never_asks_for_more_classes_than_exist():
+    scores, _ = top_k(torch.zeros(2, 3), 5)
+    assert scores.shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind"),
+    [("DEFAULT", "torchvision"), ("IMAGENET1K_V1", "torchvision"), ("none", "none"), ("None", "none"),
+     ("/ckpt/model.pt", "checkpoint"), ("s3://bucket/m.pt", "checkpoint"), ("model.pth", "checkpoint")],
+)
+def test_weights_spec(spec: str, kind: str):
+    assert WeightsSpec.parse(spec).kind == kind
+
+
+def test_random_init_is_seeded_and_in_eval_mode():
+    first, second = load_model(SMALL), load_model(SMALL)
+    assert not first.module.training
+    for a, b in zip(first.module.state_dict().values(), second.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert first.classes.labels[151] == "Chihuahua"
+    assert first.info.weights == "none" and first.info.precision == "fp32"
+
+
+def test_predict_returns_float_logits_per_image():
+    model = load_model(SMALL)
+    logits = model.predict(torch.randn(3, 3, 224, 224))
+    assert logits.shape == (3, 1000) and logits.dtype == torch.float32
+
+
+def test_bf16_autocast_runs_on_cpu_and_gives_float_logits():
+    fp32 = load_model(SMALL)
+    bf16 = load_model(SMALL.model_copy(update={"precision": "bf16"}))
+    batch = torch.randn(4, 3, 224, 224)
+    out = bf16.predict(batch)
+    assert out.dtype == torch.float32 and out.shape == fp32.predict(batch).shape
+
+
+def test_checkpoint_round_trip(tmp_path: Path):
+    torch.manual_seed(123)
+    source = load_model(SMALL.model_copy(update={"seed": 123}))
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in source.module.state_dict().items()}
+    path = tmp_path / "tuned.pt"
+    torch.save({"state_dict": state}, path)
+    loaded = load_model(SMALL.model_copy(update={"weights": str(path)}))
+    for name, value in loaded.module.state_dict().items():
+        assert torch.equal(value, state[name]), name
+    assert loaded.info.weights == str(path)
+
+
+def test_missing_checkpoint_names_the_alternatives(tmp_path: Path):
+    with pytest.raises(WeightsUnavailable, match="not found.*--weights none"):
+        load_model(SMALL.model_copy(update={"weights": str(tmp_path / "missing.pt")}))
+
+
+def test_checkpoint_that_is_not_a_state_dict(tmp_path: Path):
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(WeightsUnavailable, match="not a torch state_dict"):
+        load_model(SMALL.model_copy(update={"weights": str(path)}))
+
+
+def test_checkpoint_for_another_architecture(tmp_path: Path):
+    path = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    with pytest.raises(WeightsUnavailable, match="does not fit the model"):
+        load_model(SMALL.model_copy(update={"weights": str(path)}))
+
+
+def test_pretrained_weights_that_cannot_be_had_fail_with_one_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache; this machine has no network
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_network)
+    with pytest.raises(WeightsUnavailable, match="IMAGENET1K_V1.*not in the torch cache.*--weights none"):
+        load_model(SMALL.model_copy(update={"weights": "IMAGENET1K_V1"}))
+
+
+def _no_network(*args, **kwargs):
+    raise OSError("network unreachable")
+
+
+def test_unknown_model_and_weights_names():
+    with pytest.raises(ConfigError, match="not a torchvision classification model"):
+        load_model(SMALL.model_copy(update={"name": "resnet51"}))
+    with pytest.raises(ConfigError, match="not one of DEFAULT"):
+        load_model(SMALL.model_copy(update={"weights": "IMAGENET9K"}))
+
+
+def test_auto_precision():
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+    assert resolve_precision("fp32", torch.device("cuda")) == "fp32"

@@ -1,0 +1,127 @@
+import json
+
+import pytest
+
+from inference.settings import FilterSettings
+from streams.errors import MalformedEvent
+from streams.s3events import ObjectRef, object_created_event, parse_notification
+
+ALL = FilterSettings()
+
+AWS = {
+    "Records": [
+        {
+            "eventVersion": "2.1",
+            "eventSource": "aws:s3",
+            "awsRegion": "us-east-1",
+            "eventTime": "2026-11-23T10:00:00.000Z",
+            "eventName": "ObjectCreated:Put",
+            "s3": {
+                "s3SchemaVersion": "1.0",
+                "bucket": {"name": "dogs", "arn": "arn:aws:s3:::dogs"},
+                "object": {"key": "Images/n02085620-Chihuahua/my+dog+%C3%A9t%C3%A9.jpg", "size": 1024, "eTag": "abc", "versionId": "v1", "sequencer": "0A"},
+            },
+        }
+    ]
+}
+
+MINIO = {
+    "EventName": "s3:ObjectCreated:Put",
+    "Key": "dogs/Images/x.jpg",
+    "Records": [
+        {
+            "eventVersion": "2.0",
+            "eventSource": "minio:s3",
+            "eventTime": "2026-11-23T10:00:01.000Z",
+            "eventName": "s3:ObjectCreated:Put",
+            "s3": {"bucket": {"name": "dogs"}, "object": {"key": "Images%2Fx.jpg", "size": 10, "eTag": "e1"}},
+        }
+    ],
+}
+
+EVENTBRIDGE = {
+    "version": "0",
+    "id": "17793124-05d4-b198-2fde-7ededc63b103",
+    "detail-type": "Object Created",
+    "source": "aws.s3",
+    "time": "2026-11-23T10:00:02Z",
+    "region": "us-east-1",
+    "detail": {
+        "version": "0",
+        "bucket": {"name": "dogs"},
+        "object": {"key": "Images/with space.png", "size": 5, "etag": "e2", "version-id": "v9"},
+        "reason": "PutObject",
+    },
+}
+
+
+def test_aws_notification_with_url_encoded_unicode_key():
+    [ref] = parse_notification(json.dumps(AWS).encode(), ALL).objects
+    assert ref == ObjectRef(
+        bucket="dogs", key="Images/n02085620-Chihuahua/my dog été.jpg", etag="abc", version="v1",
+        size_bytes=1024, event_time="2026-11-23T10:00:00.000Z", event_name="ObjectCreated:Put",
+    )
+    assert ref.uri == "s3://dogs/Images/n02085620-Chihuahua/my dog été.jpg"
+
+
+def test_minio_payload():
+    [ref] = parse_notification(json.dumps(MINIO), ALL).objects
+    assert (ref.bucket, ref.key, ref.etag, ref.event_name) == ("dogs", "Images/x.jpg", "e1", "ObjectCreated:Put")
+
+
+def test_eventbridge_object_created():
+    [ref] = parse_notification(json.dumps(EVENTBRIDGE), ALL).objects
+    assert (ref.bucket, ref.key, ref.version, ref.event_time) == ("dogs", "Images/with space.png", "v9", "2026-11-23T10:00:02Z")
+
+
+def test_sns_envelope_is_unwrapped():
+    envelope = {"Type": "Notification", "Message": json.dumps(AWS)}
+    assert len(parse_notification(json.dumps(envelope), ALL).objects) == 1
+
+
+def test_a_record_may_carry_several_objects():
+    doubled = {"Records": AWS["Records"] * 2 + MINIO["Records"]}
+    assert len(parse_notification(json.dumps(doubled), ALL).objects) == 3
+
+
+def test_other_event_types_and_test_events_are_skipped_not_errors():
+    removed = json.loads(json.dumps(AWS))
+    removed["Records"][0]["eventName"] = "ObjectRemoved:Delete"
+    parsed = parse_notification(json.dumps(removed), ALL)
+    assert parsed.objects == () and "not ObjectCreated" in parsed.skipped[0][1]
+    test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "dogs"}
+    assert parse_notification(json.dumps(test_event), ALL).skipped == (("s3:TestEvent", "test event"),)
+    deleted = dict(EVENTBRIDGE, **{"detail-type": "Object Deleted"})
+    assert parse_notification(json.dumps(deleted), ALL).objects == ()
+
+
+def test_prefix_and_suffix_filter_skips_and_counts():
+    only_png = FilterSettings(prefix="Images/", suffixes=(".png",))
+    parsed = parse_notification(json.dumps(AWS), only_png)
+    assert parsed.objects == () and parsed.skipped[0][1] == "outside the prefix/suffix filter"
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\xff\xfe not json", "not JSON"),
+        (b"{truncated", "not JSON"),
+        (b"[1, 2]", "a JSON list"),
+        (b'{"hello": "world"}', "not an S3 event notification"),
+        (b'{"Records": {"a": 1}}', "not a list"),
+        (b'{"Records": [42]}', "not an object"),
+        (b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {}}}]}', "lacks s3.bucket.name"),
+        (b'{"detail-type": "Object Created", "detail": {"bucket": {"name": "b"}}}', "lacks detail.bucket.name or detail.object.key"),
+    ],
+)
+def test_malformed_messages_raise_with_a_reason(payload: bytes, reason: str):
+    with pytest.raises(MalformedEvent, match=reason):
+        parse_notification(payload, ALL)
+
+
+def test_object_created_event_round_trips_keys_with_spaces_plus_and_unicode():
+    ref = ObjectRef("b", "a dir/x+y ü.jpg", etag="e", size_bytes=3, event_time="2026-11-23T00:00:00Z", backfill=True)
+    event = object_created_event(ref)
+    assert event["Records"][0]["s3"]["object"]["key"] == "a+dir/x%2By+%C3%BC.jpg"
+    [parsed] = parse_notification(json.dumps(event), ALL).objects
+    assert parsed == ref
