@@ -1,0 +1,205 @@
+"""Real services for the integration tests, started once per session on loopback.
+
+- Kafka: the embedded tansu broker, or any Kafka named by KAFKA_BOOTSTRAP_SERVERS.
+- S3: moto's server, or any S3-compatible endpoint named by VISIONSTREAM_TEST_S3_ENDPOINT
+  (credentials from the standard AWS variables).
+- Dask: one LocalCluster (one worker, two threads) shared by every test.
+Each test gets topics of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import yaml
+
+from inference.settings import Settings
+from streams.kafka import ensure_topics, start_consumer
+from streams.stack import S3_TEST_CREDENTIALS, EmbeddedStack, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Services:
+    bootstrap_servers: str
+    s3_endpoint: str
+    kafka_timeouts: dict[str, float]
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    endpoint = os.environ.get("VISIONSTREAM_TEST_S3_ENDPOINT")
+    stack = EmbeddedStack(log_dir=tmp_path_factory.mktemp("stack-logs"))
+    stack.start(broker=bootstrap is None, s3=endpoint is None)
+    if endpoint is None:
+        os.environ.update(S3_TEST_CREDENTIALS)
+    try:
+        yield Services(
+            bootstrap_servers=bootstrap or stack.bootstrap_servers,
+            s3_endpoint=endpoint or stack.s3_endpoint,
+            # tansu forms a group in half the session timeout; real Kafka wants at least 6 s
+            kafka_timeouts={"session_timeout_s": 3.0, "heartbeat_interval_s": 0.3} if bootstrap is None
+            else {"session_timeout_s": 10.0, "heartbeat_interval_s": 1.0},
+        )
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def dask_scheduler(services: Services) -> Iterator[str]:
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0")
+    try:
+        yield cluster.scheduler_address
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def settings(services: Services, dask_scheduler: str, tmp_path: Path) -> Settings:
+    suffix = uuid.uuid4().hex[:8]
+    return Settings().with_overrides(
+        {
+            "model": {"name": "resnet18", "weights": "none", "precision": "fp32"},
+            "kafka": {"bootstrap_servers": services.bootstrap_servers, "consumer_group": f"vs-test-{suffix}", **services.kafka_timeouts},
+            "topics": {
+                "uploads": f"uploads-{suffix}",
+                "backfill": f"backfill-{suffix}",
+                "predictions": f"predictions-{suffix}",
+                "dead_letter": f"dlq-{suffix}",
+            },
+            "storage": {"endpoint_url": services.s3_endpoint, "region": "us-east-1", "bucket": f"bucket-{suffix}"},
+            "cluster": {"scheduler": dask_scheduler},
+            "batch": {"linger_s": 0.5, "retry_timeout_s": 60},
+            "worker": {"web_port": free_port(), "data_dir": str(tmp_path / "worker-data")},
+        }
+    )
+
+
+@pytest.fixture
+def bucket(settings: Settings) -> str:
+    boto3.client("s3", **settings.storage.boto3_kwargs()).create_bucket(Bucket=settings.storage.bucket)
+    return settings.storage.bucket
+
+
+def write_config(settings: Settings, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    return path
+
+
+def visionstream(*args: str, timeout_s: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streams", *args],
+        capture_output=True, text=True, timeout=timeout_s, cwd=REPO, env=os.environ | (env or {}),
+    )
+
+
+class StreamWorker:
+    """`visionstream worker` in its own process, as in production."""
+
+    def __init__(self, settings: Settings, workdir: Path, name: str = "worker") -> None:
+        self.settings = settings
+        self.config = write_config(settings, workdir / f"{name}.yaml")
+        self.log_path = workdir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.worker.web_port}/health"
+
+    def start(self) -> StreamWorker:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "streams", "worker", "--config", str(self.config), "--log-level", "INFO"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
+            )
+        return self
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(self.url, timeout=1) as response:
+                return json.load(response)
+        except OSError:
+            return None
+
+    def wait_ready(self, timeout_s: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None and self.process.poll() is None, self.log_tail()
+            health = self.health()
+            if health and health["status"] == "ready":
+                return health
+            time.sleep(0.3)
+        raise AssertionError(f"worker not ready in {timeout_s} s\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Any]:
+    workers: list[StreamWorker] = []
+
+    def start(settings: Settings, name: str = "worker") -> StreamWorker:
+        worker = StreamWorker(settings, tmp_path, name).start()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
+
+
+def create_topics(settings: Settings) -> None:
+    asyncio.run(ensure_topics(settings.kafka, settings.topics))
+
+
+def collect_events(settings: Settings, expected_uris: set[str], timeout_s: float = 180, topics: tuple[str, ...] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Every event for ``expected_uris`` (all of them, duplicates included) on the output topics."""
+
+    async def run() -> dict[str, list[dict[str, Any]]]:
+        names = topics or (settings.topics.predictions, settings.topics.dead_letter)
+        consumer = await start_consumer(settings.kafka, *names, from_beginning=True)
+        found: dict[str, list[dict[str, Any]]] = {}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not expected_uris <= found.keys() and time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    for record in records:
+                        event = json.loads(record.value)
+                        found.setdefault(event.get("uri") or f"message:{record.offset}", []).append(event)
+        finally:
+            await consumer.stop()
+        return found
+
+    return asyncio.run(run())

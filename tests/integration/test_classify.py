@@ -1,0 +1,123 @@
+"""`visionstream classify` end to end: the real CLI, a real Dask cluster, real files and S3."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+from distributed import Client
+
+from inference.images import decode, preprocess
+from inference.model import load_model, top_k
+from inference.samples import generate_dataset
+from inference.settings import ModelSettings
+from inference.worker import PLUGIN_NAME
+
+from .conftest import visionstream
+
+
+def records(output: Path) -> list[dict]:
+    return [json.loads(line) for line in output.read_text().splitlines()]
+
+
+def plugin_loads(scheduler: str) -> dict[str, int]:
+    with Client(scheduler, timeout=30) as client:
+        return client.run(lambda dask_worker: dask_worker.plugins[PLUGIN_NAME].loads)
+
+
+def test_classify_a_stanford_dogs_folder_with_corrupt_files(tmp_path: Path, dask_scheduler: str):
+    paths = generate_dataset(tmp_path / "dogs", 20, bad_files=2)
+    (tmp_path / "dogs" / "Images" / "n02085620-Chihuahua" / "n02085620_empty.jpg").write_bytes(b"")
+    output = tmp_path / "out.jsonl"
+    done = visionstream(
+        "classify", str(tmp_path / "dogs"), "--weights", "none", "--batch-size", "8",
+        "--scheduler", dask_scheduler, "--output", str(output),
+    )
+    assert done.returncode == 0, done.stderr
+    found = records(output)
+    assert len(found) == len(paths) + 1
+    assert {r["uri"] for r in found} == {str(p.resolve()) for p in paths} | {str((tmp_path / "dogs/Images/n02085620-Chihuahua/n02085620_empty.jpg").resolve())}
+    good = [r for r in found if r["error"] is None]
+    bad = [r for r in found if r["error"] is not None]
+    assert len(good) == 20 and len(bad) == 3
+    assert {r["error"]["stage"] for r in bad} == {"decode"}
+    for record in good:
+        assert record["model"]["name"] == "resnet50"  # the default model
+        assert record["ground_truth"]["wnid"] == record["name"].split("_")[0]
+        assert record["match"] == (record["prediction"]["wnid"] == record["ground_truth"]["wnid"])
+        scores = [p["score"] for p in record["top_k"]]
+        assert len(scores) == 5 and scores == sorted(scores, reverse=True)
+        assert record["prediction"] == record["top_k"][0]
+    assert len({r["prediction"]["score"] for r in good}) > 1  # each image's own softmax
+    assert "23 images, 3 errors" in done.stderr and "images/s" in done.stderr
+    assert set(plugin_loads(dask_scheduler).values()) == {1}  # built once per worker for 4 batches
+
+
+def test_classify_with_a_checkpoint_gives_that_models_predictions(tmp_path: Path, dask_scheduler: str):
+    [image] = generate_dataset(tmp_path / "one", 1)
+    base = load_model(ModelSettings(name="resnet18", weights="none", seed=7, device="cpu", precision="fp32"))
+    checkpoint = tmp_path / "resnet18-tuned.pt"
+    torch.save(base.module.state_dict(), checkpoint)
+    output = tmp_path / "out.jsonl"
+    done = visionstream(
+        "classify", str(image), "--model", "resnet18", "--weights", str(checkpoint), "--precision", "fp32",
+        "--scheduler", dask_scheduler, "--output", str(output),
+    )
+    assert done.returncode == 0, done.stderr
+    [record] = records(output)
+    expected_scores, expected_indices = top_k(base.predict(preprocess(decode(image.read_bytes(), "x", 10**8, 232), base.preprocessing)[None]), 5)
+    assert record["model"]["weights"] == str(checkpoint)
+    assert [p["class_index"] for p in record["top_k"]] == expected_indices[0].tolist()
+    assert record["prediction"]["score"] == pytest.approx(expected_scores[0, 0].item(), abs=1e-4)
+
+
+def test_classify_reads_an_s3_prefix(tmp_path: Path, dask_scheduler: str, services, settings):
+    bucket = settings.storage.bucket
+    client = boto3.client("s3", **settings.storage.boto3_kwargs())
+    client.create_bucket(Bucket=bucket)
+    for path in generate_dataset(tmp_path / "s3", 6, bad_files=1):
+        client.put_object(Bucket=bucket, Key=f"dogs/{path.relative_to(tmp_path / 's3').as_posix()}", Body=path.read_bytes())
+    client.put_object(Bucket=bucket, Key="other/x.jpg", Body=b"outside the prefix")
+    output = tmp_path / "out.jsonl"
+    done = visionstream(
+        "classify", f"s3://{bucket}/dogs/", "--model", "resnet18", "--weights", "none",
+        "--scheduler", dask_scheduler, "--output", str(output),
+        env={"VISIONSTREAM_STORAGE__ENDPOINT_URL": services.s3_endpoint, "VISIONSTREAM_STORAGE__REGION": "us-east-1"},
+    )
+    assert done.returncode == 0, done.stderr
+    found = records(output)
+    assert len(found) == 7 and all(r["uri"].startswith(f"s3://{bucket}/dogs/Images/") for r in found)
+    assert sum(r["error"] is None for r in found) == 6
+    assert all(r["ground_truth"] for r in found)
+
+
+def test_missing_s3_object_is_an_error_record_not_a_crash(tmp_path: Path, dask_scheduler: str, services, settings, bucket):
+    output = tmp_path / "out.jsonl"
+    boto3.client("s3", **settings.storage.boto3_kwargs()).put_object(Bucket=bucket, Key="a.jpg", Body=b"x")
+    done = visionstream(
+        "classify", f"s3://{bucket}/a.jpg", "--model", "resnet18", "--weights", "none", "--scheduler", dask_scheduler,
+        "--output", str(output),
+        env={"VISIONSTREAM_STORAGE__ENDPOINT_URL": services.s3_endpoint, "VISIONSTREAM_STORAGE__REGION": "us-east-1"},
+    )
+    assert done.returncode == 0, done.stderr
+    [record] = records(output)
+    assert record["error"]["stage"] == "decode"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["classify", "/no/such/folder", "--weights", "none", "--scheduler", "tcp://127.0.0.1:9"], "no such file, folder, or objects"),
+        (["classify", "pyproject.toml", "--weights", "none", "--scheduler", "tcp://127.0.0.1:9"], "Dask cluster tcp://127.0.0.1:9 unavailable"),
+        (["classify", "pyproject.toml", "--batch-size", "0"], "invalid configuration"),
+        (["classify", "pyproject.toml", "--config", "/no/such.yaml"], "cannot read config file"),
+    ],
+)
+def test_fatal_problems_exit_non_zero_with_one_clear_message(args: list[str], message: str):
+    done = visionstream(*args, env={"VISIONSTREAM_CLUSTER__CONNECT_TIMEOUT_S": "3"}, timeout_s=120)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
