@@ -74,7 +74,8 @@ class StreamService:
 
         @app.on_partitions_assigned.connect
         async def on_assigned(app: Any, assigned: set[Any], **kwargs: Any) -> None:
-            self.assigned = len(assigned)
+            inputs = (self.settings.topics.uploads, self.settings.topics.backfill)
+            self.assigned = sum(1 for tp in assigned if tp.topic in inputs)
 
     async def _live_agent(self, stream: StreamT[bytes]) -> None:
         await self.run_agent(stream, self.live_slots, LIVE_PRIORITY)

@@ -1,0 +1,147 @@
+"""The stream service end to end: S3 events on a real broker -> `visionstream worker` -> Dask -> events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import boto3
+
+from inference.samples import generate_dataset
+from streams.events import encode, now_iso
+from streams.kafka import start_producer
+from streams.s3events import ObjectRef, object_created_event
+from streams.uploads import upload_paths
+
+from .conftest import collect_events, create_topics
+
+
+def put_images(settings, tmp_path: Path, count: int, prefix: str = "", bad_files: int = 0) -> set[str]:
+    root = tmp_path / f"images-{prefix.strip('/') or 'root'}"
+    generate_dataset(root, count, bad_files=bad_files, seed=count)
+    asyncio.run(upload_paths([str(root / "Images")], prefix, settings, notify=True))
+    return {f"s3://{settings.storage.bucket}/{prefix}{p.relative_to(root).as_posix()}" for p in (root / "Images").rglob("*") if p.is_file()}
+
+
+def send_raw(settings, payloads: list[bytes | dict]) -> None:
+    async def run() -> None:
+        producer = await start_producer(settings.kafka)
+        try:
+            for payload in payloads:
+                value = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                await producer.send_and_wait(settings.topics.uploads, value)
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+
+
+def test_150_uploads_give_exactly_150_predictions_in_batches_of_at_most_60(settings, bucket, tmp_path, start_worker):
+    create_topics(settings)
+    uris = put_images(settings, tmp_path, 150)  # uploaded before the worker starts: lag is consumed
+    worker = start_worker(settings)
+    worker.wait_ready()
+    events = collect_events(settings, uris)
+    predictions = {uri: found for uri, found in events.items() if uri in uris}
+    assert predictions.keys() == uris, worker.log_tail()
+    flat = [event for found in predictions.values() for event in found]
+    assert all(event["schema"] == "visionstream.prediction/v1" for event in flat)
+    assert len(flat) == 150  # one event per image, no duplicates without a failure
+    batches: dict[str, int] = {}
+    for event in flat:
+        batches[event["batch"]["id"]] = event["batch"]["size"]
+        assert event["ground_truth"]["wnid"] and event["match"] in (True, False)
+        assert event["latency_ms"] > 0 and event["etag"]
+    assert max(batches.values()) <= 60 and sum(batches.values()) == 150
+    health = worker.health()
+    assert health["counters"]["images_classified"] == 150 and health["counters"]["in_flight_batches"] == 0
+
+
+def test_every_input_shape_and_bad_input(settings, bucket, tmp_path, start_worker):
+    create_topics(settings)
+    s3 = boto3.client("s3", **settings.storage.boto3_kwargs())
+    [image] = generate_dataset(tmp_path / "one", 1)
+    body = image.read_bytes()
+    keys = {
+        "aws": "Images/n02085620-Chihuahua/a dog+plus ünïcode.jpg",
+        "minio": "minio/n02085620-Chihuahua/x y.jpg",
+        "eventbridge": "eb/n02085620-Chihuahua/é.jpg",
+    }
+    for key in keys.values():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    s3.put_object(Bucket=bucket, Key="Images/notes.jpg", Body=b"this is text, not a JPEG")
+    aws = object_created_event(ObjectRef(bucket, keys["aws"], event_time=now_iso()))
+    minio = {"EventName": "s3:ObjectCreated:Put", "Key": f"{bucket}/{keys['minio']}",
+             "Records": [dict(object_created_event(ObjectRef(bucket, keys["minio"], event_time=now_iso()))["Records"][0], eventName="s3:ObjectCreated:Put")]}
+    eventbridge = {"version": "0", "detail-type": "Object Created", "source": "aws.s3", "time": now_iso(),
+                   "detail": {"bucket": {"name": bucket}, "object": {"key": "eb/n02085620-Chihuahua/%C3%A9.jpg", "size": len(body)}}}
+    not_image = object_created_event(ObjectRef(bucket, "Images/notes.jpg", event_time=now_iso()))
+    missing = object_created_event(ObjectRef(bucket, "Images/never-uploaded.jpg", event_time=now_iso()))
+    deleted = json.loads(json.dumps(aws))
+    deleted["Records"][0]["eventName"] = "ObjectRemoved:Delete"
+    send_raw(settings, [b"\x00\x01 not json", {"unexpected": "shape"}, aws, minio, eventbridge, not_image, missing, deleted])
+
+    worker = start_worker(settings)
+    worker.wait_ready()
+    good = {f"s3://{bucket}/{key}" for key in keys.values()}
+    failed = {f"s3://{bucket}/Images/notes.jpg", f"s3://{bucket}/Images/never-uploaded.jpg"}
+    events = collect_events(settings, good | failed)
+    for uri in good:
+        [event] = events[uri]
+        assert event["schema"] == "visionstream.prediction/v1" and event["ground_truth"]["wnid"] == "n02085620", uri
+    assert events[f"s3://{bucket}/Images/notes.jpg"][0]["stage"] == "decode"
+    missing_event = events[f"s3://{bucket}/Images/never-uploaded.jpg"][0]
+    assert missing_event["stage"] == "fetch" and "not found" in missing_event["reason"]
+    assert missing_event["original"]["Records"][0]["s3"]["object"]["key"] == "Images/never-uploaded.jpg"
+    malformed = [e for uri, found in events.items() if uri.startswith("message:") for e in found]
+    assert sorted(e["stage"] for e in malformed) == ["parse", "parse"]
+    assert {e["original"].get("unexpected") for e in malformed} == {None, "shape"}
+    # the worker keeps going after bad input
+    more = put_images(settings, tmp_path, 3, prefix="after/")
+    assert more <= collect_events(settings, more).keys()
+    counters = worker.health()["counters"]
+    assert counters["malformed"] == 2 and counters["skipped"] == 1 and counters["image_errors"] == 2
+
+
+def test_a_worker_killed_mid_stream_loses_nothing(settings, bucket, tmp_path, start_worker):
+    settings = settings.with_overrides({"batch": {"size": 10, "max_in_flight": 1}})
+    create_topics(settings)
+    uris = put_images(settings, tmp_path, 90)
+    first = start_worker(settings, "first")
+    first.wait_ready()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.health()["counters"]["images_classified"] < 20:
+        time.sleep(0.2)
+    done_before_kill = first.health()["counters"]["images_classified"]
+    first.kill()  # SIGKILL: no shutdown, nothing flushed
+    assert 0 < done_before_kill < 90, "the kill must land mid-stream"
+    second = start_worker(settings.with_overrides({"worker": {"data_dir": str(tmp_path / "second-data")}}), "second")
+    second.wait_ready()
+    events = collect_events(settings, uris, timeout_s=240)
+    missing = uris - events.keys()
+    assert not missing, f"{len(missing)} uploads have no prediction\n{second.log_tail()}"
+    assert all(found[0]["schema"] == "visionstream.prediction/v1" for found in events.values() if found)
+
+
+def test_two_workers_in_one_group_share_the_partitions(settings, bucket, tmp_path, start_worker):
+    from streams.stack import free_port
+
+    create_topics(settings)
+    one = start_worker(settings, "one")
+    two = start_worker(settings.with_overrides({"worker": {"web_port": free_port(), "data_dir": str(tmp_path / "two-data")}}), "two")
+    one.wait_ready()
+    two.wait_ready()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # wait for the group to settle: 2 topics x 4 partitions, split
+        assigned = (one.health()["assigned_partitions"], two.health()["assigned_partitions"])
+        if sum(assigned) == 2 * settings.topics.partitions and min(assigned) > 0:
+            break
+        time.sleep(0.5)
+    assert sum(assigned) == 2 * settings.topics.partitions and min(assigned) > 0, assigned
+    uris = put_images(settings, tmp_path, 40)
+    events = collect_events(settings, uris)
+    assert uris <= events.keys()
+    processed = (one.health()["counters"]["objects_in"], two.health()["counters"]["objects_in"])
+    assert sum(processed) >= 40 and min(processed) > 0, processed
