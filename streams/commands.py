@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,22 @@ def register(command: Command) -> None:
     tail.add_argument("--idle", type=float, metavar="SECONDS", help="stop after this long without an event")
     tail.add_argument("--json", action="store_true", help="print the raw JSON events")
     tail.add_argument("--dead-letters", action="store_true", help="tail the dead-letter topic instead")
+
+    backfill = command("backfill", run_backfill, "replay a bucket prefix: one ObjectCreated event per image object, to the backfill topic")
+    backfill.add_argument("uri", metavar="s3://BUCKET/PREFIX")
+    backfill.add_argument("--rate", type=float, metavar="N", help="at most N events per second")
+    backfill.add_argument("--limit", type=int, metavar="N", help="stop after N events")
+    backfill.add_argument("--start-after", metavar="KEY", help="resume after this key (as printed by an interrupted run)")
+    backfill.add_argument("--dry-run", action="store_true", help="count only; publish nothing")
+    backfill.add_argument("--topic", metavar="TOPIC", help="default: topics.backfill")
+
+    evaluate = command("evaluate", run_evaluate, "accuracy report from the predictions topic or a classify JSONL file")
+    evaluate.add_argument("--input", metavar="FILE", help="JSON lines from `visionstream classify` instead of the topic")
+    evaluate.add_argument("--from-beginning", action="store_true", help="read the topic from its start (default: only new events)")
+    evaluate.add_argument("--idle", type=float, default=10.0, metavar="SECONDS", help="stop after this long without a new event")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="stop after N events")
+    evaluate.add_argument("--prefix", default="", metavar="PREFIX", help="only URIs starting with this (e.g. s3://bucket/dogs/)")
+    evaluate.add_argument("--output", default="report", metavar="DIR", help="report folder (default: ./report)")
 
     demo = command("demo", run_demo, "run everything on loopback: broker, S3, Dask, the stream worker; upload, classify, report")
     demo.add_argument("--images", metavar="DIR", help="a folder of images (Stanford Dogs layout gives accuracy); default: a generated sample")
@@ -108,3 +125,99 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
     from streams.demo import run_demo as demo
 
     return demo(settings, images=args.images, count=args.count, timeout_s=args.timeout, weights_given=args.model__weights is not None)
+
+
+def run_backfill(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.backfill import BackfillProgress, parse_s3_uri
+    from streams.backfill import run_backfill as backfill
+
+    try:
+        parse_s3_uri(args.uri)
+    except ValueError as exc:
+        print(f"visionstream: error: {exc}", file=sys.stderr)
+        return 2
+    state = BackfillProgress()
+    progress = _progress("backfill", total=args.limit, unit="ev")
+
+    def tick(current: BackfillProgress) -> None:
+        progress.n = current.published
+        progress.set_postfix(skipped=current.skipped, refresh=False)
+        if current.published % 200 == 0:
+            progress.refresh()
+
+    try:
+        asyncio.run(backfill(args.uri, settings, args.topic, args.rate, args.limit, args.start_after, args.dry_run, state, tick))
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"interrupted after {state.published} events; last key published: {state.last_key!r}", file=sys.stderr)
+        if state.last_key is not None:
+            print(f"resume with: visionstream {' '.join(_without_start_after(sys.argv[1:]))} --start-after {shlex.quote(state.last_key)}", file=sys.stderr)
+        return 130
+    progress.n = state.published
+    progress.close()
+    verb = "would publish" if args.dry_run else "published"
+    print(f"backfill: {verb} {state.published} events from {args.uri} ({state.skipped} non-image objects skipped, "
+          f"{state.rate:.0f} events/s); last key {state.last_key!r}", file=sys.stderr)
+    return 0
+
+
+def _without_start_after(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--start-after":
+            skip = True
+        elif not arg.startswith("--start-after="):
+            out.append(shlex.quote(arg))
+    return out
+
+
+def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from inference.evaluation import latest_per_uri, summarize
+    from inference.report import headline, write_report
+
+    if args.input:
+        with open(args.input, encoding="utf-8") as handle:
+            records = [json.loads(line) for line in handle if line.strip()]
+        source = args.input
+    else:
+        records = asyncio.run(_read_topic(settings, args.from_beginning, args.idle, args.limit))
+        source = f"kafka topics {settings.topics.predictions}, {settings.topics.dead_letter}"
+    outcomes = [o for uri, o in latest_per_uri(records).items() if uri.startswith(args.prefix)]
+    summary = summarize(outcomes)
+    written = write_report(summary, args.output, source + (f" (prefix {args.prefix})" if args.prefix else ""))
+    print(headline(summary))
+    print(f"report: {written[0]}", file=sys.stderr)
+    return 0
+
+
+async def _read_topic(settings: Settings, from_beginning: bool, idle_s: float, limit: int | None) -> list[dict[str, Any]]:
+    from streams.kafka import start_consumer
+
+    consumer = await start_consumer(settings.kafka, settings.topics.predictions, settings.topics.dead_letter, from_beginning=from_beginning)
+    records: list[dict[str, Any]] = []
+    progress = _progress("evaluate: reading", unit="ev")
+    try:
+        while limit is None or len(records) < limit:
+            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=1000)
+            if not batch:
+                break
+            for messages in batch.values():
+                for message in messages:
+                    try:
+                        records.append(json.loads(message.value))
+                    except (ValueError, UnicodeDecodeError):
+                        continue  # not ours; the topic is shared with no one, but be safe
+            progress.n = len(records)
+            progress.refresh()
+    finally:
+        progress.close()
+        await consumer.stop()
+    return records[:limit] if limit is not None else records
+
+
+def _progress(description: str, **kwargs: Any) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(desc=description, file=sys.stderr, disable=None, dynamic_ncols=True, **kwargs)

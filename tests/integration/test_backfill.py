@@ -1,0 +1,112 @@
+"""Backfill against the test S3 server and broker, and a live upload during a backfill."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import boto3
+
+from inference.samples import generate_dataset
+from streams.backfill import run_backfill
+from streams.events import BACKFILL_HEADER
+from streams.kafka import start_consumer
+from streams.uploads import upload_paths
+
+from .conftest import collect_events, create_topics, visionstream
+
+
+def fill_bucket(settings, images: int, others: int, body: bytes = b"\xff\xd8 tiny") -> list[str]:
+    s3 = boto3.client("s3", **settings.storage.boto3_kwargs())
+    keys = [f"bf/Images/n02085620-Chihuahua/n02085620_{i:05d}.jpg" for i in range(images)]
+    for key in keys:
+        s3.put_object(Bucket=settings.storage.bucket, Key=key, Body=body)
+    for i in range(others):
+        s3.put_object(Bucket=settings.storage.bucket, Key=f"bf/Images/notes-{i}.txt", Body=b"text")
+    return sorted(keys)
+
+
+def backfill_events(settings, expected: int, idle_s: float = 3.0) -> list[tuple[dict, dict]]:
+    async def run() -> list[tuple[dict, dict]]:
+        consumer = await start_consumer(settings.kafka, settings.topics.backfill, from_beginning=True)
+        found: list[tuple[dict, dict]] = []
+        try:
+            while True:
+                batch = await consumer.getmany(timeout_ms=int(idle_s * 1000))
+                if not batch and len(found) >= expected:
+                    return found
+                if not batch and not found:
+                    continue
+                if not batch:
+                    return found
+                for records in batch.values():
+                    found += [(json.loads(r.value), dict(r.headers)) for r in records]
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_every_image_object_gets_exactly_one_backfill_event(settings, bucket):
+    keys = fill_bucket(settings, 300, 20)
+    create_topics(settings)
+    dry = visionstream("backfill", f"s3://{bucket}/bf/", "--dry-run", env=_env(settings), timeout_s=120)
+    assert dry.returncode == 0 and "would publish 300 events" in dry.stderr and "20 non-image objects skipped" in dry.stderr
+    state = asyncio.run(run_backfill(f"s3://{bucket}/bf/", settings))
+    assert (state.published, state.skipped, state.last_key) == (300, 20, keys[-1])
+    events = backfill_events(settings, 300)
+    published = [e["Records"][0]["s3"]["object"]["key"].replace("%2F", "/") for e, _ in events]
+    assert sorted(published) == keys  # each once
+    assert all(e["Records"][0]["visionstream"] == {"backfill": True} for e, _ in events)
+    assert all(headers[BACKFILL_HEADER] == b"1" for _, headers in events)
+
+
+def test_start_after_resumes_exactly_after_the_key_and_rate_holds(settings, bucket):
+    keys = fill_bucket(settings, 120, 0)
+    create_topics(settings)
+    resumed = asyncio.run(run_backfill(f"s3://{bucket}/bf/", settings, start_after=keys[79]))
+    assert resumed.published == 40
+    events = backfill_events(settings, 40)
+    assert sorted(e["Records"][0]["s3"]["object"]["key"] for e, _ in events) == keys[80:]
+    started = time.monotonic()
+    limited = asyncio.run(run_backfill(f"s3://{bucket}/bf/", settings, rate=50, limit=40, dry_run=True))
+    elapsed = time.monotonic() - started
+    assert limited.published == 40
+    assert elapsed >= 39 / 50  # never faster than the cap
+    assert elapsed < 39 / 50 + 5  # and not stalled
+
+
+def test_a_live_upload_during_a_large_backfill_is_classified_before_the_backfill_finishes(settings, bucket, tmp_path: Path, start_worker):
+    settings = settings.with_overrides({"batch": {"size": 10, "max_in_flight": 2}, "worker": {"backfill_share": 0.5}})
+    [image] = generate_dataset(tmp_path / "one", 1)
+    keys = fill_bucket(settings, 200, 0, body=image.read_bytes())
+    create_topics(settings)
+    worker = start_worker(settings)
+    worker.wait_ready()
+    asyncio.run(run_backfill(f"s3://{bucket}/bf/", settings))
+    deadline = time.monotonic() + 60
+    while worker.health()["counters"]["images_classified"] < 20 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    live_root = tmp_path / "live"
+    generate_dataset(live_root, 1, seed=99)
+    asyncio.run(upload_paths([str(live_root / "Images")], "live/", settings, notify=True))
+    live_uri = next(f"s3://{bucket}/live/{p.relative_to(live_root).as_posix()}" for p in (live_root / "Images").rglob("*.jpg"))
+    backfill_uris = {f"s3://{bucket}/{key}" for key in keys}
+    events = collect_events(settings, backfill_uris | {live_uri}, timeout_s=240)
+    assert backfill_uris | {live_uri} <= events.keys(), worker.log_tail()
+    live_at = events[live_uri][0]["predicted_at"]
+    last_backfill_at = max(found[-1]["predicted_at"] for uri, found in events.items() if uri in backfill_uris)
+    assert live_at < last_backfill_at, "the live upload waited behind the whole backfill"
+    assert events[live_uri][0]["backfill"] is False
+    assert all(found[0]["backfill"] is True for uri, found in events.items() if uri in backfill_uris)
+
+
+def _env(settings) -> dict[str, str]:
+    return {
+        "VISIONSTREAM_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "VISIONSTREAM_STORAGE__ENDPOINT_URL": settings.storage.endpoint_url,
+        "VISIONSTREAM_STORAGE__REGION": "us-east-1",
+        "VISIONSTREAM_TOPICS__BACKFILL": settings.topics.backfill,
+    }

@@ -1,0 +1,80 @@
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from inference.evaluation import latest_per_uri, summarize
+from inference.report import write_report
+
+CHI, GOLD, PUG = ("n02085620", "Chihuahua"), ("n02099601", "golden_retriever"), ("n02110958", "pug")
+
+
+def event(uri, truth, predicted, score, top=(), latency=None):
+    return {
+        "schema": "visionstream.prediction/v1", "uri": uri,
+        "prediction": {"wnid": predicted[0], "label": predicted[1], "score": score, "class_index": 0},
+        "top_k": [{"wnid": predicted[0]}] + [{"wnid": w} for w in top],
+        "ground_truth": {"wnid": truth[0], "label": truth[1]} if truth else None,
+        "match": (truth[0] == predicted[0]) if truth else None, "latency_ms": latency,
+        "model": {"name": "resnet50", "weights": "IMAGENET1K_V2"},
+    }
+
+
+RECORDS = [
+    event("s3://b/1", CHI, CHI, 0.95, latency=100),
+    event("s3://b/2", CHI, PUG, 0.40, top=(CHI[0],), latency=200),
+    event("s3://b/3", GOLD, GOLD, 0.85, latency=300),
+    event("s3://b/4", GOLD, PUG, 0.55, latency=400),  # superseded below
+    event("s3://b/4", GOLD, GOLD, 0.75, latency=400),  # the retry's event wins
+    event("s3://b/5", GOLD, PUG, 0.15, latency=500),
+    event("s3://b/6", None, PUG, 0.65),  # no truth: counted, not judged
+    {"schema": "visionstream.dead-letter/v1", "uri": "s3://b/7", "stage": "decode", "reason": "not an image"},
+    {"schema": "visionstream.dead-letter/v1", "uri": None, "stage": "parse", "reason": "not JSON"},  # no image
+]
+
+
+def test_every_figure_against_hand_computed_values():
+    summary = summarize(latest_per_uri(RECORDS).values())
+    assert summary["images"] == 7 and summary["errors"] == 1 and summary["with_truth"] == 5
+    assert summary["correct"] == 3
+    assert summary["top1_accuracy"] == pytest.approx(3 / 5)
+    assert summary["top5_accuracy"] == pytest.approx(4 / 5)  # image 2 has Chihuahua second
+    assert summary["per_class"][CHI[0]] == {"label": "Chihuahua", "images": 2, "correct": 1, "accuracy": 0.5}
+    assert summary["per_class"][GOLD[0]] == {"label": "golden_retriever", "images": 3, "correct": 2, "accuracy": pytest.approx(2 / 3)}
+    assert summary["confusions"] == [
+        {"truth": "Chihuahua", "predicted": "pug", "count": 1},
+        {"truth": "golden_retriever", "predicted": "pug", "count": 1},
+    ]
+    assert summary["scores"]["correct"]["count"] == 3
+    assert summary["scores"]["correct"]["mean"] == pytest.approx((0.95 + 0.85 + 0.75) / 3)
+    assert summary["scores"]["correct"]["histogram"][9] == 1 and summary["scores"]["correct"]["histogram"][8] == 1 and summary["scores"]["correct"]["histogram"][7] == 1
+    assert summary["scores"]["wrong"]["mean"] == pytest.approx((0.40 + 0.15) / 2)
+    bins = summary["reliability"]["bins"]
+    assert bins[4] == {"bin": [0.4, 0.5], "count": 1, "confidence": 0.40, "accuracy": 0.0}
+    ece = (1 * 0.95 * 0 + 1 * abs(0 - 0.40) + 1 * abs(1 - 0.85) + 1 * abs(1 - 0.75) + 1 * abs(0 - 0.15) + 1 * abs(1 - 0.95)) / 5
+    assert summary["reliability"]["expected_calibration_error"] == pytest.approx(ece)
+    assert summary["latency_ms"] == {"p50": 300, "p95": 500, "p99": 500, "samples": 5}
+
+
+def test_classify_jsonl_records_are_read_too():
+    record = {"uri": "/d/Images/n02085620-Chihuahua/x.jpg", "prediction": {"wnid": CHI[0], "label": "Chihuahua", "score": 0.9},
+              "top_k": [{"wnid": CHI[0]}], "ground_truth": {"wnid": CHI[0], "label": "Chihuahua"}, "match": True, "error": None,
+              "model": {"name": "resnet50", "weights": "none"}}
+    failed = dict(record, uri="/d/y.jpg", prediction=None, top_k=[], error={"stage": "decode", "message": "bad"})
+    summary = summarize(latest_per_uri([record, failed]).values())
+    assert (summary["images"], summary["errors"], summary["top1_accuracy"]) == (2, 1, 1.0)
+
+
+def test_report_folder_has_markdown_json_and_valid_pngs(tmp_path: Path):
+    summary = summarize(latest_per_uri(RECORDS).values())
+    written = write_report(summary, tmp_path / "report", "s3://b/")
+    names = {p.name for p in written}
+    assert names == {"report.md", "summary.json", "per_class_accuracy.png", "score_histogram.png", "reliability.png"}
+    for png in (p for p in written if p.suffix == ".png"):
+        with Image.open(png) as image:
+            image.verify()
+            assert image.format == "PNG"
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "67.085%" in text and "60.000%" in text and "resnet50 (IMAGENET1K_V2)" in text
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["top1_accuracy"] == pytest.approx(0.6)
