@@ -11,7 +11,7 @@ from distributed import Client, LocalCluster
 from inference.errors import ClusterUnavailable, WeightsUnavailable
 from inference.results import ImageResult
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, StorageSettings
-from inference.worker import PLUGIN_NAME, ResidentModel, classify_batch
+from inference.worker import ResidentModel, classify_batch
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class InferenceCluster:
             await self.close()
             raise ClusterUnavailable(self.settings.scheduler or "embedded", str(exc) or type(exc).__name__) from exc
         try:
-            await self.client.register_plugin(self.plugin, name=PLUGIN_NAME)
+            await self.client.register_plugin(self.plugin, name=self.plugin.name)
         except WeightsUnavailable:
             await self.close()
             raise
@@ -83,7 +83,7 @@ class InferenceCluster:
         if self.client is None:
             raise ClusterUnavailable(self.address, "not started")
         try:
-            future = self.client.submit(classify_batch, list(uris), self.truth_pattern, pure=False, priority=priority)
+            future = self.client.submit(classify_batch, self.plugin.name, list(uris), self.truth_pattern, pure=False, priority=priority)
             records = await future
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
@@ -102,14 +102,14 @@ class InferenceCluster:
             await old.close()
         try:
             self.client = await Client(self.settings.scheduler, asynchronous=True, timeout=self.settings.connect_timeout_s)
-            await self.client.register_plugin(self.plugin, name=PLUGIN_NAME)
+            await self.client.register_plugin(self.plugin, name=self.plugin.name)
         except (OSError, TimeoutError) as exc:
             raise ClusterUnavailable(self.address, f"reconnect failed: {exc}") from exc
 
     async def model_loads(self) -> dict[str, int]:
         """How many times each worker built the model (1 each for a persistent cluster)."""
         assert self.client is not None
-        return await self.client.run(_plugin_loads)
+        return await self.client.run(_plugin_loads, self.plugin.name)
 
     async def close(self) -> None:
         if self.client is not None:
@@ -157,7 +157,7 @@ def _gpus_visible() -> int:
         return 0
 
 
-def _plugin_loads(dask_worker: Any) -> int:
-    plugin = dask_worker.plugins.get(PLUGIN_NAME)
+def _plugin_loads(name: str, dask_worker: Any) -> int:
+    plugin = dask_worker.plugins.get(name)
     return plugin.loads if plugin is not None else 0
 

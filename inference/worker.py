@@ -7,6 +7,8 @@ model (one at a time, under a lock), the next batch is fetched and decoded.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -27,16 +29,17 @@ from inference.settings import ImageSettings, ModelSettings, StorageSettings
 
 log = logging.getLogger(__name__)
 
-PLUGIN_NAME = "visionstream-resident-model"
+PLUGIN_PREFIX = "visionstream-model-"
 
 
 class ResidentModel(WorkerPlugin):
     """Loads the model once per worker and keeps it, with a decode pool, until teardown."""
 
-    name = PLUGIN_NAME
+    idempotent = True  # a second stream worker with the same settings reuses the resident model
 
     def __init__(self, model: ModelSettings, images: ImageSettings, storage: StorageSettings) -> None:
         self.model_settings, self.image_settings, self.storage_settings = model, images, storage
+        self.name = plugin_name(model, images, storage)
         self.loaded: LoadedModel | None = None
         self.loads = 0
 
@@ -146,15 +149,27 @@ def build_result(
     )
 
 
-def classify_batch(uris: list[str], truth_pattern: str) -> list[dict[str, Any]]:
-    """The Dask task: classify ``uris`` with this worker's resident model.
+def plugin_name(model: ModelSettings, images: ImageSettings, storage: StorageSettings) -> str:
+    """One plugin per distinct configuration: stream workers sharing a cluster with the same
+    settings share one resident model (registration is idempotent), and a different model
+    gets its own instead of replacing one that batches are using."""
+    material = json.dumps(
+        [model.model_dump(mode="json"), images.model_dump(mode="json"), storage.model_dump(mode="json"),
+         storage.secret_access_key.get_secret_value() if storage.secret_access_key else None],
+        sort_keys=True,
+    )
+    return PLUGIN_PREFIX + hashlib.sha256(material.encode()).hexdigest()[:12]
+
+
+def classify_batch(plugin: str, uris: list[str], truth_pattern: str) -> list[dict[str, Any]]:
+    """The Dask task: classify ``uris`` with this worker's resident model ``plugin``.
 
     Returns plain JSON-ready dicts (no tensors, nothing pickled beyond Dask's own transport).
     """
-    plugin = get_worker().plugins.get(PLUGIN_NAME)
-    if plugin is None or plugin.loaded is None:
-        raise RuntimeError("the visionstream model plugin is not set up on this worker")
-    return [result.to_dict() for result in plugin.classify(uris, truth_pattern)]
+    resident = get_worker().plugins.get(plugin)
+    if resident is None or resident.loaded is None:
+        raise RuntimeError(f"the visionstream model plugin {plugin} is not set up on this worker")
+    return [result.to_dict() for result in resident.classify(uris, truth_pattern)]
 
 
 def _local_workers(worker: Worker) -> int:
