@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
+    from streams.stack import S3_TEST_CREDENTIALS
+
+    os.environ.update(S3_TEST_CREDENTIALS)  # before the Dask workers start: they read the embedded S3 server
 
     from distributed import Client, LocalCluster
 
@@ -164,10 +167,9 @@ def stage_breakdown(records: list[ImageResult]) -> dict[str, float]:
 def stream(settings: Settings, folder: Path, work: Path, count: int) -> tuple[dict[str, Any], dict[str, float]]:
     from streams.demo import EMBEDDED_BROKER_KAFKA, collect, stop, wait_ready
     from streams.kafka import ensure_topics
-    from streams.stack import S3_TEST_CREDENTIALS, EmbeddedStack, free_port
+    from streams.stack import EmbeddedStack, free_port
     from streams.uploads import create_bucket, upload_paths
 
-    os.environ.update(S3_TEST_CREDENTIALS)
     with EmbeddedStack(log_dir=work / "logs") as stack:
         settings = settings.with_overrides({
             "kafka": {"bootstrap_servers": stack.bootstrap_servers, **EMBEDDED_BROKER_KAFKA},

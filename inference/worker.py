@@ -45,7 +45,7 @@ class ResidentModel(WorkerPlugin):
 
     def setup(self, worker: Worker) -> None:
         cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // max(1, _local_workers(worker))))
+        self.torch_threads = max(1, cores // max(1, _local_workers(worker)))
         self.loaded = load_model(self.model_settings, self.storage_settings)
         self.loads += 1
         self.model_lock = threading.Lock()
@@ -74,6 +74,10 @@ class ResidentModel(WorkerPlugin):
         inference_failure: str | None = None
         with self.model_lock:
             locked_at = time.perf_counter()
+            # OpenMP thread counts are per calling thread, and Dask's nannies export
+            # OMP_NUM_THREADS=1: set it in the task thread that runs the model.
+            if torch.get_num_threads() != self.torch_threads:
+                torch.set_num_threads(self.torch_threads)
             if good:
                 try:
                     logits = loaded.predict(torch.stack([tensors[i] for i in good]))
