@@ -187,10 +187,9 @@ def stream(settings: Settings, folder: Path, work: Path, count: int) -> tuple[di
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_ready(settings, worker, log_path, timeout_s=180)
-            started = time.perf_counter()
             asyncio.run(upload_paths([str(folder)], "saturated/", settings, notify=True))
             events = asyncio.run(collect_quiet(collect, settings, count, 600))
-            saturated = len(events) / (time.perf_counter() - started)
+            saturated = sustained_rate(events)
             half = max(1.0, saturated / 2)
             moderate = asyncio.run(paced_uploads(settings, folder, half, min(count, int(half * 40) + 1)))
             events_moderate = asyncio.run(collect_quiet(collect, settings, count + moderate, 600))
@@ -231,6 +230,16 @@ async def paced_uploads(settings: Settings, folder: Path, rate: float, count: in
             await asyncio.sleep(ahead)
         await upload_paths([path], f"paced/{index}-", settings, notify=True)
     return len(files)
+
+
+def sustained_rate(events: dict[str, dict[str, Any]]) -> float:
+    """Images per second from the first upload event to the last prediction event."""
+    from streams.events import parse_time
+
+    predictions = [e for e in events.values() if e["schema"].startswith("visionstream.prediction")]
+    first = min(parse_time(e["event_time"]) for e in predictions)
+    last = max(parse_time(e["predicted_at"]) for e in predictions)
+    return len(predictions) / max((last - first).total_seconds(), 1e-6)
 
 
 def pct(ordered: list[float], q: float) -> float | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from distributed import Client, LocalCluster
 
-from inference.errors import ClusterUnavailable, WeightsUnavailable
+from inference.errors import ClusterUnavailable, InferenceError
 from inference.results import ImageResult
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, StorageSettings
 from inference.worker import ResidentModel, classify_batch
@@ -62,13 +62,15 @@ class InferenceCluster:
             raise ClusterUnavailable(self.settings.scheduler or "embedded", str(exc) or type(exc).__name__) from exc
         try:
             await self.client.register_plugin(self.plugin, name=self.plugin.name)
-        except WeightsUnavailable:
+        except InferenceError:  # WeightsUnavailable, ConfigError: already one clear message
             await self.close()
             raise
         except Exception as exc:
             await self.close()
             raise ClusterUnavailable(self.address, f"model plugin failed on a worker: {exc}") from exc
         threads = await self.threads()
+        if not threads:
+            log.warning("Dask cluster %s has no workers yet; batches wait until one joins", self.address)
         log.info("Dask cluster %s ready: %d worker(s) with the model resident", self.address, len(threads))
 
     async def threads(self) -> dict[str, int]:

@@ -145,3 +145,13 @@ def test_two_workers_in_one_group_share_the_partitions(settings, bucket, tmp_pat
     assert uris <= events.keys()
     processed = (one.health()["counters"]["objects_in"], two.health()["counters"]["objects_in"])
     assert sum(processed) >= 40 and min(processed) > 0, processed
+
+
+def test_a_worker_that_cannot_reach_the_cluster_exits_loudly(settings, tmp_path, start_worker):
+    from streams.stack import free_port
+
+    create_topics(settings)
+    broken = settings.with_overrides({"cluster": {"scheduler": f"tcp://127.0.0.1:{free_port()}", "connect_timeout_s": 2}})
+    worker = start_worker(broken)
+    assert worker.process.wait(120) != 0
+    assert "Dask cluster" in worker.log_tail() and "unavailable" in worker.log_tail()
