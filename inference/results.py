@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from inference.labels import Truth as GroundTruth  # the truth parsed from a key, as records carry it
+
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
@@ -12,12 +14,6 @@ class Prediction:
     wnid: str
     label: str
     score: float  # this image's own softmax probability
-
-
-@dataclass(frozen=True, slots=True)
-class GroundTruth:
-    wnid: str
-    label: str | None
 
 
 @dataclass(frozen=True, slots=True)

