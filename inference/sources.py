@@ -60,6 +60,14 @@ def iter_s3_objects(
     bucket: str, prefix: str, storage: StorageSettings, start_after: str | None = None, page_size: int = 1000
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """(key, object summary) under ``prefix``, one listing page at a time (never all in memory)."""
+    for page in iter_s3_pages(bucket, prefix, storage, start_after, page_size):
+        yield from page
+
+
+def iter_s3_pages(
+    bucket: str, prefix: str, storage: StorageSettings, start_after: str | None = None, page_size: int = 1000
+) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """The listing under ``prefix`` page by page: lists of (key, object summary), folders left out."""
     import boto3
     import botocore.exceptions
 
@@ -70,9 +78,7 @@ def iter_s3_objects(
         arguments["StartAfter"] = start_after
     try:
         for page in paginator.paginate(**arguments):
-            for summary in page.get("Contents", ()):
-                if not summary["Key"].endswith("/"):
-                    yield summary["Key"], summary
+            yield [(summary["Key"], summary) for summary in page.get("Contents", ()) if not summary["Key"].endswith("/")]
     except botocore.exceptions.ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "error")
         raise SourceError(f"s3://{bucket}/{prefix}: cannot list ({code})") from None

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inference.settings import Settings
-from inference.sources import iter_s3_objects
+from inference.sources import iter_s3_pages
 from streams.events import BACKFILL_HEADER, encode
 from streams.kafka import ensure_topics, start_producer
 from streams.s3events import ObjectRef, object_created_event
@@ -66,39 +66,41 @@ async def run_backfill(
     pending: list[Any] = []
     chunk_last: str | None = None
     counted = 0
-    listing = iter_s3_objects(bucket, prefix, settings.storage, start_after=start_after)
+    pages = iter_s3_pages(bucket, prefix, settings.storage, start_after=start_after)
+    next_page = asyncio.ensure_future(asyncio.to_thread(next, pages, None))  # list the next page while publishing this one
     try:
-        while limit is None or counted < limit:
-            item = await asyncio.to_thread(next, listing, None)  # a page fetch may block: off the loop
-            if item is None:
-                break
-            key, summary = item
-            if not settings.filter.accepts(key):
-                state.skipped += 1
-                continue
-            counted += 1
-            if rate:
-                ahead = counted / rate - (time.monotonic() - state.started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-            if producer is None:
-                state.published += 1
-                state.last_key = key
-            else:
-                ref = ObjectRef(
-                    bucket, key, etag=str(summary.get("ETag", "")).strip('"') or None,
-                    size_bytes=summary.get("Size"), event_time=_iso(summary.get("LastModified")),
-                    backfill=True,
-                )
-                pending.append(await producer.send(topic, encode(object_created_event(ref, "visionstream-backfill")),
-                                                   key=ref.uri.encode(), headers=[(BACKFILL_HEADER, b"1")]))
-                chunk_last = key
-                if len(pending) >= CHUNK:
-                    await _confirm(pending, state, chunk_last)
-            if on_event is not None:
-                on_event(state)
+        while (page := await next_page) is not None and (limit is None or counted < limit):
+            next_page = asyncio.ensure_future(asyncio.to_thread(next, pages, None))
+            for key, summary in page:
+                if limit is not None and counted >= limit:
+                    break
+                if not settings.filter.accepts(key):
+                    state.skipped += 1
+                    continue
+                counted += 1
+                if rate:
+                    ahead = counted / rate - (time.monotonic() - state.started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                if producer is None:
+                    state.published += 1
+                    state.last_key = key
+                else:
+                    ref = ObjectRef(
+                        bucket, key, etag=str(summary.get("ETag", "")).strip('"') or None,
+                        size_bytes=summary.get("Size"), event_time=_iso(summary.get("LastModified")),
+                        backfill=True,
+                    )
+                    pending.append(await producer.send(topic, encode(object_created_event(ref, "visionstream-backfill")),
+                                                       key=ref.uri.encode(), headers=[(BACKFILL_HEADER, b"1")]))
+                    chunk_last = key
+                    if len(pending) >= CHUNK:
+                        await _confirm(pending, state, chunk_last)
+                if on_event is not None:
+                    on_event(state)
         if pending:
             await _confirm(pending, state, chunk_last)
+        next_page.cancel()
     finally:
         if producer is not None:
             await producer.stop()
