@@ -22,6 +22,7 @@ from streams.kafka import ensure_topics, start_producer
 from streams.s3events import ObjectRef, object_created_event
 
 CHUNK = 500  # events in flight before we wait for the broker's confirmation
+CONFIRM_EVERY_S = 1.0  # ... or this long, so a slow (rate-capped) backfill always knows where it is
 
 
 @dataclass
@@ -66,6 +67,7 @@ async def run_backfill(
     pending: list[Any] = []
     chunk_last: str | None = None
     counted = 0
+    confirmed_at = time.monotonic()
     pages = iter_s3_pages(bucket, prefix, settings.storage, start_after=start_after)
     next_page = asyncio.ensure_future(asyncio.to_thread(next, pages, None))  # list the next page while publishing this one
     try:
@@ -94,8 +96,9 @@ async def run_backfill(
                     pending.append(await producer.send(topic, encode(object_created_event(ref, "visionstream-backfill")),
                                                        key=ref.uri.encode(), headers=[(BACKFILL_HEADER, b"1")]))
                     chunk_last = key
-                    if len(pending) >= CHUNK:
+                    if len(pending) >= CHUNK or time.monotonic() - confirmed_at > CONFIRM_EVERY_S:
                         await _confirm(pending, state, chunk_last)
+                        confirmed_at = time.monotonic()
                 if on_event is not None:
                     on_event(state)
         if pending:
