@@ -155,3 +155,28 @@ def test_a_worker_that_cannot_reach_the_cluster_exits_loudly(settings, tmp_path,
     worker = start_worker(broken)
     assert worker.process.wait(120) != 0
     assert "Dask cluster" in worker.log_tail() and "unavailable" in worker.log_tail()
+
+
+def test_a_dask_worker_lost_mid_batch_loses_nothing(settings, bucket, tmp_path, start_worker):
+    """The Dask worker process dies mid-batch; its nanny restarts it, the scheduler reruns the
+    task there (the model plugin is sent to the new worker), and every upload still gets its event."""
+    import os as os_module
+    import signal
+
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster:
+        settings = settings.with_overrides({"cluster": {"scheduler": cluster.scheduler_address}, "batch": {"size": 20}})
+        create_topics(settings)
+        uris = put_images(settings, tmp_path, 60)
+        worker = start_worker(settings)
+        worker.wait_ready()
+        deadline = time.monotonic() + 120
+        while worker.health()["counters"]["in_flight_batches"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with Client(cluster.scheduler_address) as client:
+            [pid] = client.run(os_module.getpid).values()
+        os_module.kill(pid, signal.SIGKILL)
+        events = collect_events(settings, uris, timeout_s=240)
+        assert uris <= events.keys(), worker.log_tail()
+        assert all(found[0]["schema"] == "visionstream.prediction/v1" for uri, found in events.items() if uri in uris)
