@@ -38,7 +38,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visionstream", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="visionstream",
+        description="Continuous image classification: S3 upload events -> Kafka -> a Dask cluster -> prediction events.",
+    )
     parser.set_defaults(run=lambda args, settings: parser.print_help())
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
