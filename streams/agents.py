@@ -59,7 +59,7 @@ class StreamService:
         self.live_slots = asyncio.Semaphore(in_flight)
         self.backfill_slots = asyncio.Semaphore(max(1, math.floor(in_flight * settings.worker.backfill_share)))
         self._cluster_started: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
         self.assigned = 0
         self._register()
 
@@ -122,10 +122,16 @@ class StreamService:
         delivery = await self.outputs[topic].send(key=key, value=value, force=True)
         return await delivery
 
+    @property
+    def ready(self) -> bool:
+        """The cluster is up and this worker has input partitions."""
+        started = self._cluster_started
+        cluster_up = started is not None and started.done() and not started.cancelled() and started.exception() is None
+        return cluster_up and self.assigned > 0
+
     def health(self) -> dict[str, Any]:
-        ready = self._cluster_started is not None and self._cluster_started.done() and not self._cluster_started.exception() and self.assigned > 0
         return {
-            "status": "ready" if ready else "starting",
+            "status": "ready" if self.ready else "starting",
             "cluster": self.cluster.address,
             "assigned_partitions": self.assigned,
             "counters": self.counters.snapshot(),
