@@ -164,6 +164,16 @@ class Settings(Section):
     filter: FilterSettings = FilterSettings()
     worker: WorkerSettings = WorkerSettings()
 
+    def secrets_env(self) -> dict[str, str]:
+        """The secrets that are set, as VISIONSTREAM_* variables: hand these to a child process
+        (a dumped config file carries only masked values)."""
+        env: dict[str, str] = {}
+        if self.storage.secret_access_key is not None:
+            env[f"{ENV_PREFIX}STORAGE__SECRET_ACCESS_KEY"] = self.storage.secret_access_key.get_secret_value()
+        if self.kafka.sasl_password is not None:
+            env[f"{ENV_PREFIX}KAFKA__SASL_PASSWORD"] = self.kafka.sasl_password.get_secret_value()
+        return env
+
     def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
         """A copy with nested overrides, e.g. ``{"batch": {"size": 8}}``; validated."""
         return _validate(_merge(self.model_dump(mode="json", exclude_none=False) | _secrets(self), overrides), "overrides")

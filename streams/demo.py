@@ -97,6 +97,7 @@ def _run(settings: Settings, stack: EmbeddedStack, work: Path, images: str | Non
         worker = subprocess.Popen(
             [sys.executable, "-m", "streams", "worker", "--config", str(config), "--log-level", "WARNING"],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=os.environ | settings.secrets_env(),
         )
     try:
         wait_ready(settings, worker, log_path, timeout_s=180)

@@ -114,8 +114,9 @@ def visionstream(*args: str, timeout_s: float = 300, env: dict[str, str] | None 
 class StreamWorker:
     """`visionstream worker` in its own process, as in production."""
 
-    def __init__(self, settings: Settings, workdir: Path, name: str = "worker") -> None:
+    def __init__(self, settings: Settings, workdir: Path, name: str = "worker", env: dict[str, str] | None = None) -> None:
         self.settings = settings
+        self.env = os.environ | (env or {})
         self.config = write_config(settings, workdir / f"{name}.yaml")
         self.log_path = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -129,6 +130,7 @@ class StreamWorker:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "streams", "worker", "--config", str(self.config), "--log-level", "INFO"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
+                env=self.env,
             )
         return self
 
@@ -170,8 +172,8 @@ class StreamWorker:
 def start_worker(tmp_path: Path) -> Iterator[Any]:
     workers: list[StreamWorker] = []
 
-    def start(settings: Settings, name: str = "worker") -> StreamWorker:
-        worker = StreamWorker(settings, tmp_path, name).start()
+    def start(settings: Settings, name: str = "worker", env: dict[str, str] | None = None) -> StreamWorker:
+        worker = StreamWorker(settings, tmp_path, name, env).start()
         workers.append(worker)
         return worker
 

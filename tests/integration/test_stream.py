@@ -13,6 +13,7 @@ from inference.samples import generate_dataset
 from streams.events import encode, now_iso
 from streams.kafka import start_producer
 from streams.s3events import ObjectRef, object_created_event
+from streams.stack import S3_TEST_CREDENTIALS
 from streams.uploads import upload_paths
 
 from .conftest import collect_events, create_topics
@@ -83,7 +84,8 @@ def test_every_input_shape_and_bad_input(settings, bucket, tmp_path, start_worke
     deleted["Records"][0]["eventName"] = "ObjectRemoved:Delete"
     send_raw(settings, [b"\x00\x01 not json", {"unexpected": "shape"}, aws, minio, eventbridge, not_image, missing, deleted])
 
-    worker = start_worker(settings)
+    secret = S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"]  # given as a setting: it must reach S3, never logs or events
+    worker = start_worker(settings, env={"VISIONSTREAM_STORAGE__SECRET_ACCESS_KEY": secret, "VISIONSTREAM_STORAGE__ACCESS_KEY_ID": S3_TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"]})
     worker.wait_ready()
     good = {f"s3://{bucket}/{key}" for key in keys.values()}
     failed = {f"s3://{bucket}/Images/notes.jpg", f"s3://{bucket}/Images/never-uploaded.jpg"}
@@ -101,6 +103,7 @@ def test_every_input_shape_and_bad_input(settings, bucket, tmp_path, start_worke
     # the worker keeps going after bad input
     more = put_images(settings, tmp_path, 3, prefix="after/")
     assert more <= collect_events(settings, more).keys()
+    assert secret not in json.dumps(events) and secret not in worker.log_path.read_text() and secret not in json.dumps(worker.health())
     counters = worker.health()["counters"]
     assert counters["malformed"] == 2 and counters["skipped"] == 1 and counters["image_errors"] == 2
 

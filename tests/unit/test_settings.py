@@ -79,3 +79,11 @@ def test_filter_accepts_prefix_and_suffixes_case_insensitively():
     assert settings.filter.accepts("dogs/a/B.JPG")
     assert not settings.filter.accepts("cats/a.jpg")
     assert not settings.filter.accepts("dogs/readme.txt")
+
+
+def test_secrets_reach_a_child_through_the_environment_not_a_dumped_config():
+    settings = load_settings(environ={"VISIONSTREAM_STORAGE__SECRET_ACCESS_KEY": "hunter2"})
+    assert "hunter2" not in yaml.safe_dump(settings.model_dump(mode="json"))
+    env = settings.secrets_env()
+    assert env == {"VISIONSTREAM_STORAGE__SECRET_ACCESS_KEY": "hunter2"}
+    assert load_settings(environ=env).storage.secret_access_key.get_secret_value() == "hunter2"
