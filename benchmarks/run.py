@@ -149,7 +149,7 @@ def ceiling(settings: Settings, paths: list[str]) -> dict[str, Any]:
 
 async def classify(settings: Settings, paths: list[str]) -> tuple[dict[str, Any], list[ImageResult]]:
     records: list[ImageResult] = []
-    async with InferenceCluster(settings.cluster, settings.model, settings.images, settings.storage, settings.truth.pattern) as cluster:
+    async with InferenceCluster.from_settings(settings) as cluster:
         await cluster.classify(paths[:2])  # the model is resident from here on; the timed run pays no start-up
         in_flight = sum((await cluster.threads()).values()) + 1
         tally = await classify_all(cluster, paths, settings.batch.size, in_flight, records.append)

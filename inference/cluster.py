@@ -10,7 +10,7 @@ from distributed import Client, LocalCluster
 
 from inference.errors import ClusterUnavailable, InferenceError
 from inference.results import ImageResult
-from inference.settings import ClusterSettings, ImageSettings, ModelSettings, StorageSettings
+from inference.settings import ClusterSettings, ImageSettings, ModelSettings, Settings, StorageSettings
 from inference.worker import ResidentModel, classify_batch
 
 log = logging.getLogger(__name__)
@@ -30,12 +30,17 @@ class InferenceCluster:
         images: ImageSettings,
         storage: StorageSettings,
         truth_pattern: str,
+        batch_size: int = 60,
     ) -> None:
         self.settings = cluster
-        self.plugin = ResidentModel(model, images, storage)
+        self.plugin = ResidentModel(model, images, storage, warmup_batch=batch_size)
         self.truth_pattern = truth_pattern
         self.client: Client | None = None
         self._local: Any = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> InferenceCluster:
+        return cls(settings.cluster, settings.model, settings.images, settings.storage, settings.truth.pattern, settings.batch.size)
 
     @property
     def address(self) -> str:

@@ -37,9 +37,10 @@ class ResidentModel(WorkerPlugin):
 
     idempotent = True  # a second stream worker with the same settings reuses the resident model
 
-    def __init__(self, model: ModelSettings, images: ImageSettings, storage: StorageSettings) -> None:
+    def __init__(self, model: ModelSettings, images: ImageSettings, storage: StorageSettings, warmup_batch: int = 60) -> None:
         self.model_settings, self.image_settings, self.storage_settings = model, images, storage
-        self.name = plugin_name(model, images, storage)
+        self.warmup_batch = warmup_batch  # the batch size a compiled model is specialised for at start-up
+        self.name = plugin_name(model, images, storage, warmup_batch)
         self.loaded: LoadedModel | None = None
         self.loads = 0
 
@@ -122,9 +123,10 @@ class ResidentModel(WorkerPlugin):
             return Failure("decode", f"{type(exc).__name__}: {exc}")
 
     def _warm_up(self) -> None:
-        """Pay torch.compile's cost at start-up, not on the first batch."""
+        """Pay torch.compile's cost at start-up, for the batch size the stream sends, not on the first batch."""
         spec = self.loaded.preprocessing  # type: ignore[union-attr]
-        self.loaded.predict(torch.zeros(2, 3, spec.crop_size, spec.crop_size))  # type: ignore[union-attr]
+        torch.set_num_threads(self.torch_threads)
+        self.loaded.predict(torch.zeros(self.warmup_batch, 3, spec.crop_size, spec.crop_size))  # type: ignore[union-attr]
 
 
 def build_result(
@@ -152,13 +154,13 @@ def build_result(
     )
 
 
-def plugin_name(model: ModelSettings, images: ImageSettings, storage: StorageSettings) -> str:
+def plugin_name(model: ModelSettings, images: ImageSettings, storage: StorageSettings, warmup_batch: int) -> str:
     """One plugin per distinct configuration: stream workers sharing a cluster with the same
     settings share one resident model (registration is idempotent), and a different model
     gets its own instead of replacing one that batches are using."""
     material = json.dumps(
         [model.model_dump(mode="json"), images.model_dump(mode="json"), storage.model_dump(mode="json"),
-         storage.secret_access_key.get_secret_value() if storage.secret_access_key else None],
+         storage.secret_access_key.get_secret_value() if storage.secret_access_key else None, warmup_batch],
         sort_keys=True,
     )
     return PLUGIN_PREFIX + hashlib.sha256(material.encode()).hexdigest()[:12]

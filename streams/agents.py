@@ -38,9 +38,7 @@ class StreamService:
         self.settings = settings
         self.app = create_app(settings)
         self.counters = Counters()
-        self.cluster = InferenceCluster(
-            settings.cluster, settings.model, settings.images, settings.storage, settings.truth.pattern
-        )
+        self.cluster = InferenceCluster.from_settings(settings)
         topics = settings.topics
         self.uploads = self.app.topic(topics.uploads, partitions=topics.partitions)
         self.backfill = self.app.topic(topics.backfill, partitions=topics.partitions)

@@ -116,7 +116,7 @@ def run_classify(args: argparse.Namespace, settings: Settings) -> int:
         progress.update(1)
 
     async def run() -> Any:
-        cluster = InferenceCluster(settings.cluster, settings.model, settings.images, settings.storage, settings.truth.pattern)
+        cluster = InferenceCluster.from_settings(settings)
         async with cluster:
             in_flight = max(settings.batch.max_in_flight, sum((await cluster.threads()).values()) + 1)
             return await classify_all(cluster, all_uris(), settings.batch.size, in_flight, write)
