@@ -65,7 +65,8 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     asyncio.run(ensure_topics(settings.kafka, settings.topics))
     service = StreamService(settings)
-    worker = faust.Worker(service.app, loglevel=args.log_level.lower(), quiet=True)
+    # keep our key=value log format (configure_logging) instead of Faust's own
+    worker = faust.Worker(service.app, loglevel=args.log_level.lower(), quiet=True, override_logging=False)
     worker.execute_from_commandline()
     return 0
 
