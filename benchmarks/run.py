@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from inference.cluster import InferenceCluster
+from inference.evaluation import percentile
 from inference.images import decode, preprocess
 from inference.job import classify_all
 from inference.model import load_model, resolve_device, resolve_precision
@@ -205,7 +206,7 @@ def stream(settings: Settings, folder: Path, work: Path, count: int) -> tuple[di
         "saturated_images_per_s": saturated,
         "paced_rate_per_s": half,
         "paced_images": len(paced),
-        "latency_ms": {q: pct(latencies, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
+        "latency_ms": {q: percentile(latencies, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
         "linger_s": settings.batch.linger_s,
     }, stages
 
@@ -240,10 +241,6 @@ def sustained_rate(events: dict[str, dict[str, Any]]) -> float:
     first = min(parse_time(e["event_time"]) for e in predictions)
     last = max(parse_time(e["predicted_at"]) for e in predictions)
     return len(predictions) / max((last - first).total_seconds(), 1e-6)
-
-
-def pct(ordered: list[float], q: float) -> float | None:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
 
 
 def ratios(results: dict[str, Any]) -> None:

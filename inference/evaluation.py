@@ -103,9 +103,9 @@ def summarize(outcomes: Iterable[Outcome], top_confusions: int = 10) -> dict[str
         },
         "reliability": _reliability(judged),
         "latency_ms": {
-            "p50": _percentile(latencies, 0.50),
-            "p95": _percentile(latencies, 0.95),
-            "p99": _percentile(latencies, 0.99),
+            "p50": percentile(latencies, 0.50),
+            "p95": percentile(latencies, 0.95),
+            "p99": percentile(latencies, 0.99),
             "samples": len(latencies),
         },
         "models": dict(models),
@@ -144,7 +144,8 @@ def _reliability(judged: list[Outcome]) -> dict[str, Any]:
     return {"bins": rows, "expected_calibration_error": ece if total else None}
 
 
-def _percentile(ordered: list[float], q: float) -> float | None:
+def percentile(ordered: list[float], q: float) -> float | None:
+    """The q-quantile of an already sorted list (nearest rank), None when empty."""
     if not ordered:
         return None
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

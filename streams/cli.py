@@ -109,7 +109,7 @@ def run_classify(args: argparse.Namespace, settings: Settings) -> int:
         yield from uris
 
     output: TextIO = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
-    progress = _progress_bar("classify", unit="img")
+    progress = progress_bar("classify", unit="img")
 
     def write(result: Any) -> None:
         output.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
@@ -133,7 +133,7 @@ def run_classify(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _progress_bar(description: str, **kwargs: Any) -> Any:
+def progress_bar(description: str, **kwargs: Any) -> Any:
     from tqdm import tqdm
 
     return tqdm(desc=description, file=sys.stderr, disable=None, dynamic_ncols=True, **kwargs)

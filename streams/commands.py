@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from inference.settings import Settings
+from streams.cli import progress_bar
 
 Command = Callable[[str, Callable[[argparse.Namespace, Settings], int | None], str], argparse.ArgumentParser]
 
@@ -138,7 +139,7 @@ def run_backfill(args: argparse.Namespace, settings: Settings) -> int:
         print(f"visionstream: error: {exc}", file=sys.stderr)
         return 2
     state = BackfillProgress()
-    progress = _progress("backfill", total=args.limit, unit="ev")
+    progress = progress_bar("backfill", total=args.limit, unit="ev")
 
     def tick(current: BackfillProgress) -> None:
         progress.n = current.published
@@ -198,7 +199,7 @@ async def _read_topic(settings: Settings, from_beginning: bool, idle_s: float, l
 
     consumer = await start_consumer(settings.kafka, settings.topics.predictions, settings.topics.dead_letter, from_beginning=from_beginning)
     records: list[dict[str, Any]] = []
-    progress = _progress("evaluate: reading", unit="ev")
+    progress = progress_bar("evaluate: reading", unit="ev")
     try:
         while limit is None or len(records) < limit:
             batch = await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=1000)
@@ -217,8 +218,3 @@ async def _read_topic(settings: Settings, from_beginning: bool, idle_s: float, l
         await consumer.stop()
     return records[:limit] if limit is not None else records
 
-
-def _progress(description: str, **kwargs: Any) -> Any:
-    from tqdm import tqdm
-
-    return tqdm(desc=description, file=sys.stderr, disable=None, dynamic_ncols=True, **kwargs)

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from inference.evaluation import percentile
 from inference.model import WeightsSpec
 from inference.settings import Settings
 from streams.commands import describe
@@ -166,7 +167,8 @@ def summary(events: dict[str, dict[str, Any]], expected: int, elapsed_s: float) 
     latencies = sorted(e["latency_ms"] for e in predictions if e.get("latency_ms") is not None)
 
     def pct(q: float) -> str:
-        return f"{latencies[min(len(latencies) - 1, int(q * len(latencies)))]:.0f} ms" if latencies else "n/a"
+        value = percentile(latencies, q)
+        return "n/a" if value is None else f"{value:.0f} ms"
 
     accuracy = f"{matches / len(judged):.1%} ({matches}/{len(judged)})" if judged else "n/a"
     lines = [

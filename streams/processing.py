@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from inference.evaluation import percentile
 from inference.results import ImageResult
 from inference.settings import BatchSettings, FilterSettings, TopicSettings
 from streams.errors import MalformedEvent
@@ -60,9 +61,9 @@ class Counters:
         data = {name: value for name, value in vars(self).items() if name != "latencies_ms"}
         ordered = sorted(self.latencies_ms)
         data["latency_ms"] = {
-            "p50": _percentile(ordered, 0.50),
-            "p95": _percentile(ordered, 0.95),
-            "p99": _percentile(ordered, 0.99),
+            "p50": percentile(ordered, 0.50),
+            "p95": percentile(ordered, 0.95),
+            "p99": percentile(ordered, 0.99),
             "samples": len(ordered),
         }
         return data
@@ -153,8 +154,3 @@ class BatchHandler:
         finally:
             self.counters.in_flight_batches -= 1
 
-
-def _percentile(ordered: list[float], q: float) -> float | None:
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
