@@ -44,6 +44,7 @@ class ImageSettings(Section):
     draft: bool = True
     decode_threads: int = Field(0, ge=0)
     fetch_concurrency: int = Field(32, ge=1)
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
 
 
 class StorageSettings(Section):
@@ -104,6 +105,7 @@ class BatchSettings(Section):
     max_in_flight: int = Field(2, ge=1)
     retry_timeout_s: float = Field(300.0, ge=0)
     retry_backoff_s: float = Field(1.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
 
 
 class ClusterSettings(Section):
@@ -124,6 +126,8 @@ class KafkaSettings(Section):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_cafile: str | None = None
+    enable_idempotence: bool = True
+    delivery_timeout_s: float = Field(60.0, gt=0)
 
 
 class TopicSettings(Section):
@@ -135,7 +139,14 @@ class TopicSettings(Section):
     replication_factor: int = Field(1, ge=1)
 
 
+class EventSettings(Section):
+    max_message_bytes: int = Field(1_048_576, ge=1024)
+    max_records: int = Field(100, ge=1)
+    dead_letter_original_bytes: int = Field(16_384, ge=0)
+
+
 class FilterSettings(Section):
+    buckets: tuple[str, ...] = ()
     prefix: str = ""
     suffixes: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -150,6 +161,9 @@ class WorkerSettings(Section):
     web_port: int = Field(6066, ge=0, le=65535)
     data_dir: str = ".visionstream"
     backfill_share: float = Field(0.5, gt=0, le=1)
+    stall_s: float = Field(300.0, gt=0)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    log_format: Literal["text", "json"] = "text"
 
 
 class Settings(Section):
@@ -161,6 +175,7 @@ class Settings(Section):
     cluster: ClusterSettings = ClusterSettings()
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
+    events: EventSettings = EventSettings()
     filter: FilterSettings = FilterSettings()
     worker: WorkerSettings = WorkerSettings()
 
