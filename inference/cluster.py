@@ -6,12 +6,12 @@ import asyncio
 import logging
 from typing import Any
 
-from distributed import Client, LocalCluster
+from distributed import Client, KilledWorker, LocalCluster
 
-from inference.errors import ClusterUnavailable, InferenceError
+from inference.errors import ClusterUnavailable, InferenceError, ModelNotResident, WorkerLost
 from inference.results import ImageResult
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, Settings, StorageSettings
-from inference.worker import ResidentModel, classify_batch
+from inference.worker import PLUGIN_PREFIX, ResidentModel, classify_batch, plugin_usage
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class InferenceCluster:
             await self.close()
             raise ClusterUnavailable(self.settings.scheduler or "embedded", str(exc) or type(exc).__name__) from exc
         try:
-            await self.client.register_plugin(self.plugin, name=self.plugin.name)
+            await self._register()
         except InferenceError:  # WeightsUnavailable, ConfigError: already one clear message
             await self.close()
             raise
@@ -83,20 +83,47 @@ class InferenceCluster:
         assert self.client is not None
         return dict(await self.client.nthreads())
 
+    async def _register(self) -> None:
+        """Register the model plugin: the scheduler keeps it and sets it up on every worker,
+        including workers that join later."""
+        assert self.client is not None
+        await self.client.register_plugin(self.plugin, name=self.plugin.name)
+
     async def classify(self, uris: list[str], priority: int = 0) -> list[ImageResult]:
-        """Run one batch on the cluster; per-image failures are inside the results."""
+        """Run one batch on the cluster; per-image failures are inside the results.
+
+        Raises ClusterUnavailable (scheduler gone), WorkerLost (Dask gave up: the batch kept
+        killing workers), or the task's own error (a failed forward pass, storage down).
+        Cancelling the caller cancels the batch on the cluster too.
+        """
+        for attempt in range(2):
+            try:
+                return await self._submit(uris, priority)
+            except ModelNotResident as exc:
+                # The scheduler restarted and its workers re-registered without the plugin.
+                if attempt:
+                    raise ClusterUnavailable(self.address, str(exc)) from exc
+                log.warning("%s; registering it again", exc)
+                await self._register()
+        raise AssertionError("unreachable")
+
+    async def _submit(self, uris: list[str], priority: int) -> list[ImageResult]:
         if self.settings.scheduler and (self.client is None or self.client.status in ("closing", "closed")):
             await self._reconnect()
         if self.client is None:
             raise ClusterUnavailable(self.address, "not started")
+        client = self.client
+        future = client.submit(classify_batch, self.plugin.name, list(uris), self.truth_pattern, pure=False, priority=priority)
         try:
-            future = self.client.submit(classify_batch, self.plugin.name, list(uris), self.truth_pattern, pure=False, priority=priority)
             records = await future
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
+                await asyncio.shield(_cancel(client, future))  # a deadline or shutdown: free the worker
                 raise
             raise ClusterUnavailable(self.address, "the batch was cancelled (scheduler connection lost)") from exc
+        except KilledWorker as exc:
+            raise WorkerLost(self.address, str(exc)[:300]) from exc
         except (OSError, TimeoutError) as exc:
             raise ClusterUnavailable(self.address, f"{type(exc).__name__}: {exc}") from exc
         return [ImageResult.from_dict(record) for record in records]
@@ -109,9 +136,29 @@ class InferenceCluster:
             await old.close()
         try:
             self.client = await Client(self.settings.scheduler, asynchronous=True, timeout=self.settings.connect_timeout_s)
-            await self.client.register_plugin(self.plugin, name=self.plugin.name)
+            await self._register()
         except (OSError, TimeoutError) as exc:
             raise ClusterUnavailable(self.address, f"reconnect failed: {exc}") from exc
+
+    async def retire_superseded(self, idle_s: float) -> list[str]:
+        """Unregister other visionstream model plugins that no batch used for ``idle_s``
+        on any worker: a new model configuration replaces the one it superseded, and the
+        workers release the old model."""
+        if self.client is None:
+            return []
+        usage: dict[str, dict[str, tuple[int, float]]] = await self.client.run(plugin_usage)
+        busy: set[str] = set()
+        seen: set[str] = set()
+        for per_plugin in usage.values():
+            for name, (active, idle) in per_plugin.items():
+                seen.add(name)
+                if active or idle < idle_s:
+                    busy.add(name)
+        retired = sorted(name for name in seen - busy if name != self.plugin.name and name.startswith(PLUGIN_PREFIX))
+        for name in retired:
+            log.info("unregistering superseded model plugin %s", name)
+            await self.client.unregister_worker_plugin(name)
+        return retired
 
     async def model_loads(self) -> dict[str, int]:
         """How many times each worker built the model (1 each for a persistent cluster)."""
@@ -140,7 +187,7 @@ async def _start_embedded(settings: ClusterSettings) -> Any:
             return await LocalCUDACluster(
                 asynchronous=True,
                 threads_per_worker=settings.threads_per_worker,
-                dashboard_address=":0",
+                dashboard_address="127.0.0.1:0",
                 ip="127.0.0.1",
             )
     n_workers = settings.n_workers or 1
@@ -150,9 +197,16 @@ async def _start_embedded(settings: ClusterSettings) -> Any:
         threads_per_worker=settings.threads_per_worker,
         processes=True,
         host="127.0.0.1",
-        dashboard_address=":0",
+        dashboard_address="127.0.0.1:0",
         env={"VISIONSTREAM_LOCAL_WORKERS": str(n_workers)},
     )
+
+
+async def _cancel(client: Client, future: Any) -> None:
+    try:
+        await client.cancel([future])
+    except Exception as exc:  # noqa: BLE001 - best effort: the scheduler may be gone already
+        log.debug("could not cancel a batch: %s", exc)
 
 
 def _gpus_visible() -> int:

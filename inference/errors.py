@@ -4,6 +4,10 @@
      ├── ConfigError            settings that cannot be used (bad YAML, bad value)
      ├── WeightsUnavailable     the asked-for weights cannot be loaded; fatal at start-up
      ├── ClusterUnavailable     no Dask scheduler at the address, or the cluster would not start
+     ├── ModelNotResident       a worker has no model plugin (its scheduler restarted); re-register
+     ├── WorkerLost             the batch's workers kept dying (Dask's KilledWorker): split to find the image
+     ├── BatchTimeout           a batch ran past batch.timeout_s; cancelled and retried
+     ├── StorageUnavailable     the object store failed as a whole (not one object); the batch is retried
      ├── SourceError            a classify SOURCE that names nothing readable
      └── ImageError             one image failed; becomes that image's error record
           ├── FetchError        the object could not be read (missing, denied, too large)
@@ -42,6 +46,48 @@ class ClusterUnavailable(InferenceError):
     def __init__(self, address: str, reason: str) -> None:
         super().__init__(f"Dask cluster {address} unavailable: {reason}")
         self.address, self.reason = address, reason
+
+
+class ModelNotResident(InferenceError):
+    """A worker was asked to classify with a model plugin it does not hold.
+
+    Happens after a scheduler restart: workers that re-register start without plugins.
+    The client registers the plugin again and retries.
+    """
+
+    def __init__(self, plugin: str, worker: str) -> None:
+        super().__init__(f"model plugin {plugin} is not set up on worker {worker}")
+        self.plugin, self.worker = plugin, worker
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # crosses the Dask boundary intact
+        return (type(self), (self.plugin, self.worker))
+
+
+class WorkerLost(InferenceError):
+    """Dask gave up on a batch because every worker that ran it died (KilledWorker)."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"workers of {address} died running the batch: {reason}")
+        self.address, self.reason = address, reason
+
+
+class BatchTimeout(InferenceError):
+    """A batch did not finish within ``batch.timeout_s``; its task was cancelled."""
+
+    def __init__(self, images: int, timeout_s: float) -> None:
+        super().__init__(f"batch of {images} images did not finish within {timeout_s:g} s (batch.timeout_s)")
+        self.images, self.timeout_s = images, timeout_s
+
+
+class StorageUnavailable(InferenceError):
+    """The object store failed as a whole: connection refused, throttled, 5xx, no credentials."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        super().__init__(f"object store {endpoint} unavailable: {reason}")
+        self.endpoint, self.reason = endpoint, reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.endpoint, self.reason))
 
 
 class SourceError(InferenceError):

@@ -1,77 +1,129 @@
-"""Fetch many objects concurrently through fsspec (adapter): local, file://, s3://, memory://."""
+"""Fetch many objects concurrently (adapter): s3:// by bucket and key, local files, other fsspec URLs.
+
+An ``s3://bucket/key`` URI is split once, at the first ``/`` after the bucket, and read with
+one ranged GetObject: no glob (``*``, ``?``, ``[``), no ``::`` chaining, no ``?versionId=``;
+a key is only ever the key. Other protocols (``memory://``, ``gs://``, local paths) are
+read one file at a time with fsspec's ``cat_file``, which never expands patterns either.
+Patterns are expanded only where a user asks for them: ``classify``'s command line
+(``inference.sources``).
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from typing import Any
 
+import boto3
+import botocore.config
+import botocore.exceptions
 import fsspec
-from fsspec.asyn import AsyncFileSystem
 
-from inference.errors import FetchError
+from inference.errors import FetchError, StorageUnavailable
 from inference.settings import ImageSettings, StorageSettings
 
+S3_SCHEMES = ("s3://", "s3a://")
+# S3 error codes that are about the object, not the service: the image's own failure.
+PERMANENT_S3_ERRORS = {
+    "NoSuchKey": "object not found",
+    "404": "object not found",
+    "NoSuchBucket": "bucket not found",
+    "AccessDenied": "access denied",
+    "403": "access denied",
+    "InvalidObjectState": "object archived (restore it first)",
+    "InvalidRange": "empty object",
+    "416": "empty object",
+    "NoSuchVersion": "version not found",
+    "InvalidBucketName": "invalid bucket name",
+    "KeyTooLongError": "key too long",
+}
+_client_lock = threading.Lock()
 
-def filesystem(uri: str, storage: StorageSettings) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem for ``uri`` (s3 gets the endpoint and credentials) and its path there."""
-    protocol = fsspec.utils.get_protocol(uri)
-    options: dict[str, Any] = storage.storage_options() if protocol in ("s3", "s3a") else {}
-    fs, path = fsspec.core.url_to_fs(uri, **options)
-    return fs, path
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key), the key taken verbatim."""
+    rest = uri.split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    return bucket, key
 
 
 def fetch_many(uris: list[str], storage: StorageSettings, images: ImageSettings) -> list[bytes | FetchError]:
-    """Read every object, in order; failures come back as FetchError values, never raised.
+    """Read every object, in order; per-object failures come back as FetchError values.
 
     At most ``images.max_bytes`` + 1 bytes are read of each, so a huge object is refused
-    without being pulled whole. Objects on the same filesystem are read concurrently.
+    without being pulled whole. Raises StorageUnavailable when the store itself fails
+    (connection refused, throttled, 5xx after botocore's retries): that is the batch's
+    transient failure, retried by the caller, never an image's dead letter.
     """
-    results: list[bytes | FetchError] = [FetchError(uri, "not fetched") for uri in uris]
-    groups: dict[int, tuple[fsspec.AbstractFileSystem, list[tuple[int, str]]]] = {}
-    positions: dict[int, list[tuple[int, str]]] = defaultdict(list)
-    for index, uri in enumerate(uris):
-        try:
-            fs, path = filesystem(uri, storage)
-        except (ValueError, ImportError) as exc:
-            results[index] = FetchError(uri, f"unsupported location: {exc}")
-            continue
-        groups.setdefault(id(fs), (fs, positions[id(fs)]))
-        positions[id(fs)].append((index, path))
-    for fs, members in groups.values():
-        paths = [path for _, path in members]
-        for (index, _), outcome in zip(members, _cat(fs, paths, images), strict=True):
-            results[index] = _checked(uris[index], outcome, images.max_bytes)
-    return results
+    if not uris:
+        return []
+    with ThreadPoolExecutor(max_workers=min(images.fetch_concurrency, len(uris)), thread_name_prefix="visionstream-fetch") as pool:
+        return list(pool.map(lambda uri: _fetch_one(uri, storage, images.max_bytes), uris))
 
 
-def _cat(fs: fsspec.AbstractFileSystem, paths: list[str], images: ImageSettings) -> list[Any]:
-    limit = images.max_bytes + 1
-    if isinstance(fs, AsyncFileSystem):
-        found = fs.cat(paths, on_error="return", start=0, end=limit, batch_size=images.fetch_concurrency)
-        if len(paths) == 1 and not isinstance(found, dict):
-            found = {paths[0]: found}
-        return [found.get(path, FileNotFoundError(path)) for path in paths]
-
-    def read(path: str) -> Any:
-        try:
-            return fs.cat_file(path, start=0, end=limit)
-        except Exception as exc:  # noqa: BLE001 - becomes this image's error record
-            return exc
-
-    with ThreadPoolExecutor(max_workers=min(images.fetch_concurrency, max(1, len(paths)))) as pool:
-        return list(pool.map(read, paths))
+def _fetch_one(uri: str, storage: StorageSettings, max_bytes: int) -> bytes | FetchError:
+    if uri.startswith(S3_SCHEMES):
+        outcome = _get_s3(uri, storage, max_bytes)
+    else:
+        outcome = _get_other(uri, max_bytes)
+    if isinstance(outcome, FetchError):
+        return outcome
+    if len(outcome) > max_bytes:
+        return FetchError(uri, f"object larger than the limit of {max_bytes} bytes")
+    return outcome
 
 
-def _checked(uri: str, outcome: Any, max_bytes: int) -> bytes | FetchError:
-    if isinstance(outcome, bytes | bytearray):
-        if len(outcome) > max_bytes:
-            return FetchError(uri, f"object larger than the limit of {max_bytes} bytes")
-        return bytes(outcome)
-    if isinstance(outcome, FileNotFoundError):
+def _get_s3(uri: str, storage: StorageSettings, max_bytes: int) -> bytes | FetchError:
+    bucket, key = split_s3_uri(uri)
+    if not bucket or not key:
+        return FetchError(uri, "not an s3://bucket/key URI")
+    try:
+        response = s3_client(storage).get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}")
+        with response["Body"] as body:
+            return body.read(max_bytes + 1)
+    except botocore.exceptions.ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code in PERMANENT_S3_ERRORS:
+            return FetchError(uri, PERMANENT_S3_ERRORS[code])
+        if str(status) in PERMANENT_S3_ERRORS:
+            return FetchError(uri, PERMANENT_S3_ERRORS[str(status)])
+        if 400 <= status < 500 and status not in (408, 429):
+            return FetchError(uri, f"refused by the store: {code or status}")
+        raise StorageUnavailable(storage.endpoint_url or "s3", f"{code or status} reading {uri}") from exc
+    except botocore.exceptions.ParamValidationError as exc:
+        return FetchError(uri, f"invalid bucket or key: {exc}"[:300])
+    except (botocore.exceptions.BotoCoreError, OSError) as exc:  # no credentials, connection refused, timeouts
+        raise StorageUnavailable(storage.endpoint_url or "s3", f"{type(exc).__name__} reading {uri}") from exc
+
+
+def _get_other(uri: str, max_bytes: int) -> bytes | FetchError:
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ValueError, ImportError) as exc:
+        return FetchError(uri, f"unsupported location: {exc}")
+    try:
+        return fs.cat_file(path, start=0, end=max_bytes + 1)
+    except FileNotFoundError:
         return FetchError(uri, "object not found")
-    if isinstance(outcome, IsADirectoryError):
+    except IsADirectoryError:
         return FetchError(uri, "is a directory, not an object")
-    if isinstance(outcome, PermissionError):
+    except PermissionError:
         return FetchError(uri, "access denied")
-    return FetchError(uri, f"{type(outcome).__name__}: {outcome}")
+    except Exception as exc:  # noqa: BLE001 - becomes this image's error record
+        return FetchError(uri, f"{type(exc).__name__}: {exc}")
+
+
+@lru_cache(maxsize=8)
+def s3_client(storage: StorageSettings) -> Any:
+    """One thread-safe client per storage configuration (credentials: the settings', else
+    this process's AWS environment or instance role)."""
+    config = botocore.config.Config(
+        retries={"mode": "standard", "max_attempts": 4},
+        max_pool_connections=64,
+        connect_timeout=10,
+        read_timeout=60,
+    )
+    with _client_lock:  # boto3's default session is not thread-safe; a session of our own is
+        return boto3.session.Session().client("s3", config=config, **storage.boto3_kwargs())

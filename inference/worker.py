@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from distributed import Worker, WorkerPlugin, get_worker
 
-from inference.errors import ImageError
+from inference.errors import ImageError, ModelNotResident
 from inference.fetch import fetch_many
 from inference.images import decode, preprocess
 from inference.labels import match_truth, parse_truth
 from inference.model import LoadedModel, load_model, top_k
 from inference.results import Failure, ImageResult, Prediction, Timings
-from inference.settings import ImageSettings, ModelSettings, StorageSettings
+from inference.settings import ImageSettings, ModelSettings, StorageSettings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,19 @@ class ResidentModel(WorkerPlugin):
     idempotent = True  # a second stream worker with the same settings reuses the resident model
 
     def __init__(self, model: ModelSettings, images: ImageSettings, storage: StorageSettings, warmup_batch: int = 60) -> None:
+        # The plugin is pickled to the scheduler and kept there: it carries no credentials.
+        # Each worker takes them from its own environment, config file or instance role.
+        storage = without_credentials(storage)
         self.model_settings, self.image_settings, self.storage_settings = model, images, storage
         self.warmup_batch = warmup_batch  # the batch size a compiled model is specialised for at start-up
         self.name = plugin_name(model, images, storage, warmup_batch)
         self.loaded: LoadedModel | None = None
         self.loads = 0
+        self.active_batches = 0
+        self.last_used = time.monotonic()
 
     def setup(self, worker: Worker) -> None:
+        self.storage_settings = with_local_credentials(self.storage_settings)
         cores = os.cpu_count() or 1
         self.torch_threads = max(1, cores // max(1, _local_workers(worker)))
         self.loaded = load_model(self.model_settings, self.storage_settings)
@@ -157,24 +163,56 @@ def build_result(
 def plugin_name(model: ModelSettings, images: ImageSettings, storage: StorageSettings, warmup_batch: int) -> str:
     """One plugin per distinct configuration: stream workers sharing a cluster with the same
     settings share one resident model (registration is idempotent), and a different model
-    gets its own instead of replacing one that batches are using."""
+    gets its own instead of replacing one that batches are using. Credentials are not part
+    of a configuration: a rotated secret keeps the same resident model."""
+    public = without_credentials(storage)
     material = json.dumps(
-        [model.model_dump(mode="json"), images.model_dump(mode="json"), storage.model_dump(mode="json"),
-         storage.secret_access_key.get_secret_value() if storage.secret_access_key else None, warmup_batch],
+        [model.model_dump(mode="json"), images.model_dump(mode="json"), public.model_dump(mode="json"), warmup_batch],
         sort_keys=True,
     )
     return PLUGIN_PREFIX + hashlib.sha256(material.encode()).hexdigest()[:12]
+
+
+def without_credentials(storage: StorageSettings) -> StorageSettings:
+    return storage.model_copy(update={"access_key_id": None, "secret_access_key": None})
+
+
+def with_local_credentials(storage: StorageSettings) -> StorageSettings:
+    """This worker's own storage credentials (VISIONSTREAM_STORAGE__* or its config file);
+    none set: boto3's chain (AWS_* variables, instance role) applies."""
+    local = load_settings().storage
+    if local.access_key_id is None and local.secret_access_key is None:
+        return storage
+    return storage.model_copy(update={"access_key_id": local.access_key_id, "secret_access_key": local.secret_access_key})
 
 
 def classify_batch(plugin: str, uris: list[str], truth_pattern: str) -> list[dict[str, Any]]:
     """The Dask task: classify ``uris`` with this worker's resident model ``plugin``.
 
     Returns plain JSON-ready dicts (no tensors, nothing pickled beyond Dask's own transport).
+    Raises ModelNotResident where the plugin is missing (the scheduler restarted and the
+    worker re-registered without it): the client registers it again and retries.
     """
-    resident = get_worker().plugins.get(plugin)
+    worker = get_worker()
+    resident = worker.plugins.get(plugin)
     if resident is None or resident.loaded is None:
-        raise RuntimeError(f"the visionstream model plugin {plugin} is not set up on this worker")
-    return [result.to_dict() for result in resident.classify(uris, truth_pattern)]
+        raise ModelNotResident(plugin, worker.address)
+    resident.active_batches += 1
+    try:
+        return [result.to_dict() for result in resident.classify(uris, truth_pattern)]
+    finally:
+        resident.active_batches -= 1
+        resident.last_used = time.monotonic()
+
+
+def plugin_usage(dask_worker: Worker) -> dict[str, tuple[int, float]]:
+    """Run on a worker: for each visionstream plugin, (batches running, seconds since last used)."""
+    now = time.monotonic()
+    return {
+        name: (getattr(plugin, "active_batches", 0), now - getattr(plugin, "last_used", now))
+        for name, plugin in dask_worker.plugins.items()
+        if name.startswith(PLUGIN_PREFIX)
+    }
 
 
 def _local_workers(worker: Worker) -> int:

@@ -5,10 +5,15 @@ for replayed ones. Backfill holds at most ``worker.backfill_share`` of the batch
 and its tasks run at a lower Dask priority, so a live upload never waits behind a backfill.
 
 Faust's ``Stream.take`` acks its buffer even when processing raised; we use ``noack_take``
-and ack each event ourselves, only after its batch's events are published. A batch that
-cannot be processed (the cluster unreachable past ``batch.retry_timeout_s``, the broker
-refusing our events) crashes the worker, which exits non-zero for its supervisor to restart:
-the unacknowledged events are then consumed again.
+and ack each event ourselves, only after its batch's events are published, and per
+partition only in offset order (``AckTracker``): a batch that finishes before an earlier
+one on the same partition waits for it, so a commit never covers an unfinished event.
+A batch that cannot be processed (the cluster unreachable past ``batch.retry_timeout_s``,
+the broker refusing our events) crashes the worker, which exits non-zero for its
+supervisor to restart: the unacknowledged events are then consumed again.
+
+On SIGTERM (``drain``) the worker stops taking events, lets in-flight batches finish and
+publish for up to ``worker.shutdown_grace_s``, commits, and exits 0.
 """
 
 from __future__ import annotations
@@ -19,46 +24,53 @@ import math
 from typing import Any
 
 import faust
-from faust.types import EventT, StreamT
+from aiokafka import AIOKafkaProducer
+from faust.types import TP, EventT, StreamT
 
 from inference.cluster import InferenceCluster
 from inference.settings import Settings
 from streams.app import create_app
-from streams.processing import BatchHandler, Counters, InputMessage
+from streams.kafka import start_producer
+from streams.metrics import CONTENT_TYPE, StreamMetrics
+from streams.processing import AckTracker, BatchHandler, InputMessage
 
 log = logging.getLogger(__name__)
 
 LIVE_PRIORITY, BACKFILL_PRIORITY = 10, 0
+LAG_INTERVAL_S = 10.0
+RETIRE_INTERVAL_S = 60.0
 
 
 class StreamService:
-    """The stream worker: a Faust app, its agents, the cluster client and the counters."""
+    """The stream worker: a Faust app, its agents, the cluster client, the producer and the metrics."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = create_app(settings)
-        self.counters = Counters()
+        self.counters = StreamMetrics()
         self.cluster = InferenceCluster.from_settings(settings)
         topics = settings.topics
+        self.inputs = (topics.uploads, topics.backfill)
         self.uploads = self.app.topic(topics.uploads, partitions=topics.partitions)
         self.backfill = self.app.topic(topics.backfill, partitions=topics.partitions)
-        self.outputs = {
-            name: self.app.topic(name, partitions=topics.partitions) for name in (topics.predictions, topics.dead_letter)
-        }
         self.handler = BatchHandler(
             classify=self.cluster.classify,
             publish=self.publish,
             batch=settings.batch,
             topics=topics,
-            filter=settings.filter,
+            filter=allowed_filter(settings),
+            events=settings.events,
             counters=self.counters,
         )
         in_flight = settings.batch.max_in_flight
         self.live_slots = asyncio.Semaphore(in_flight)
         self.backfill_slots = asyncio.Semaphore(max(1, math.floor(in_flight * settings.worker.backfill_share)))
-        self._cluster_started: asyncio.Task[None] | None = None
+        self.acks: AckTracker[EventT] = AckTracker(lambda event: event.message.tp)
+        self.producer: AIOKafkaProducer | None = None
+        self.draining = False
+        self._started: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
-        self.assigned = 0
+        self.assigned: set[TP] = set()
         self._register()
 
     def _register(self) -> None:
@@ -70,10 +82,39 @@ class StreamService:
         async def health(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
             return web.json(self.health())
 
+        @app.page("/livez")
+        async def livez(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+            alive, why = self.live()
+            return web.json({"status": "ok" if alive else "wedged", "reason": why}, status=200 if alive else 503)
+
+        @app.page("/readyz")
+        async def readyz(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+            ready, why = self.readiness()
+            return web.json({"status": "ready" if ready else "unready", "reason": why}, status=200 if ready else 503)
+
+        @app.page("/metrics")
+        async def metrics(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+            return web.bytes(self.counters.exposition(), content_type=CONTENT_TYPE)
+
         @app.on_partitions_assigned.connect
-        async def on_assigned(app: Any, assigned: set[Any], **kwargs: Any) -> None:
-            inputs = (self.settings.topics.uploads, self.settings.topics.backfill)
-            self.assigned = sum(1 for tp in assigned if tp.topic in inputs)
+        async def on_assigned(app: Any, assigned: set[TP], **kwargs: Any) -> None:
+            self.assigned = {tp for tp in assigned if tp.topic in self.inputs}
+
+        @app.on_partitions_revoked.connect
+        async def on_revoked(app: Any, revoked: set[TP], **kwargs: Any) -> None:
+            self.acks.forget(revoked)
+
+        @app.timer(LAG_INTERVAL_S)
+        async def measure_lag() -> None:
+            self._measure_lag()
+
+        @app.timer(RETIRE_INTERVAL_S)
+        async def retire_superseded_models() -> None:
+            if self._started is not None and self._started.done() and not self._started.exception():
+                try:
+                    await self.cluster.retire_superseded(idle_s=max(RETIRE_INTERVAL_S, self.settings.batch.timeout_s))
+                except Exception as exc:  # noqa: BLE001 - housekeeping; the next round tries again
+                    log.warning("could not retire superseded model plugins: %s", exc)
 
     async def _live_agent(self, stream: StreamT[bytes]) -> None:
         await self.run_agent(stream, self.live_slots, LIVE_PRIORITY)
@@ -83,10 +124,17 @@ class StreamService:
 
     async def run_agent(self, stream: StreamT[bytes], slots: asyncio.Semaphore, priority: int) -> None:
         batch = self.settings.batch
-        await self.ensure_cluster()
-        async for events in stream.noack_take(batch.size, within=batch.linger_s):
+        await self.ensure_started()
+        async for taken in stream.noack_take(batch.size, within=batch.linger_s):
+            if self.draining:
+                continue  # left unacknowledged: consumed again after the restart
             await slots.acquire()  # backpressure: lag stays in Kafka, memory stays flat
-            task = asyncio.create_task(self._process(stream, list(events), slots, priority))
+            if self.draining:
+                slots.release()
+                continue
+            events = list(taken)
+            self.acks.started(events)
+            task = asyncio.create_task(self._process(stream, events, slots, priority))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -94,8 +142,9 @@ class StreamService:
         try:
             messages = [_input_message(event) for event in events]
             await self.handler.handle(messages, priority)
-            for event in events:
+            for event in self.acks.finished(events):
                 await stream.ack(event)
+            self.counters.batch_completed()
         except asyncio.CancelledError:
             raise  # stopping: nothing acked, the events are consumed again
         except Exception as exc:  # noqa: BLE001
@@ -104,36 +153,103 @@ class StreamService:
         finally:
             slots.release()
 
-    async def ensure_cluster(self) -> None:
-        """Connect to (or start) the Dask cluster once, shared by both agents."""
-        if self._cluster_started is None:
-            self._cluster_started = asyncio.ensure_future(self.cluster.start())
+    async def ensure_started(self) -> None:
+        """Connect to (or start) the Dask cluster and start the producer, once, for both agents."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
         try:
-            await asyncio.shield(self._cluster_started)
+            await asyncio.shield(self._started)
         except Exception as exc:
             log.critical("cannot start: %s", exc)
             await self.app.crash(exc)
             raise
 
+    async def _start(self) -> None:
+        self.producer = await start_producer(self.settings.kafka)
+        await self.cluster.start()
+
     async def publish(self, topic: str, key: bytes, value: bytes) -> Any:
-        """Send, and return only once the broker has the event."""
-        delivery = await self.outputs[topic].send(key=key, value=value, force=True)
-        return await delivery
+        """Send, and return only once the broker has the event (or raise after kafka.delivery_timeout_s)."""
+        assert self.producer is not None, "publish before start"
+        return await asyncio.wait_for(
+            self.producer.send_and_wait(topic, value, key=key), timeout=self.settings.kafka.delivery_timeout_s
+        )
+
+    async def drain(self) -> None:
+        """Stop taking events, let in-flight batches finish and publish, commit what they acked."""
+        self.draining = True
+        grace = self.settings.worker.shutdown_grace_s
+        tasks = set(self._tasks)
+        log.info("stopping: %d batch(es) in flight, waiting up to %.0f s for them", len(tasks), grace)
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("%d batch(es) did not finish within worker.shutdown_grace_s; their events will be consumed again", len(pending))
+        try:
+            await self.app.consumer.commit()
+        except Exception as exc:  # noqa: BLE001 - the next owner of the partitions starts from the last commit
+            log.warning("final commit failed: %s", exc)
+        if self.producer is not None:
+            await self.producer.stop()
+            self.producer = None
+
+    def _measure_lag(self) -> None:
+        consumer = self.app.consumer
+        for tp in self.assigned:
+            try:
+                highwater = consumer.highwater(tp)
+            except Exception:  # noqa: BLE001 - not fetched yet, or the broker reports none
+                highwater = None
+            committed = consumer._committed_offset.get(tp)  # noqa: SLF001 - Faust keeps it; no public accessor
+            lag = None if highwater is None else highwater - (committed or 0)
+            self.counters.consumer_lag(tp.topic, tp.partition, lag)
+
+    @property
+    def started(self) -> bool:
+        started = self._started
+        return started is not None and started.done() and not started.cancelled() and started.exception() is None
+
+    def live(self) -> tuple[bool, str]:
+        """Wedged: work waiting, and no batch completed for ``worker.stall_s``."""
+        stalled = self.counters.seconds_stalled()
+        if stalled > self.settings.worker.stall_s:
+            return False, f"no batch completed for {stalled:.0f} s while {self.counters.in_flight_batches} batch(es) waited"
+        return True, ""
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "stopping"
+        if not self.started:
+            return False, "cluster not connected"
+        if self.cluster.client is None or self.cluster.client.status not in ("running", "connecting"):
+            return False, "cluster unreachable"
+        if not self.assigned:
+            return False, "no input partition assigned"
+        alive, why = self.live()
+        return alive, why
 
     @property
     def ready(self) -> bool:
-        """The cluster is up and this worker has input partitions."""
-        started = self._cluster_started
-        cluster_up = started is not None and started.done() and not started.cancelled() and started.exception() is None
-        return cluster_up and self.assigned > 0
+        return self.readiness()[0]
 
     def health(self) -> dict[str, Any]:
+        ready, why = self.readiness()
         return {
-            "status": "ready" if self.ready else "starting",
+            "status": "ready" if ready else "starting" if not self.started else "unready",
+            "reason": why,
             "cluster": self.cluster.address,
-            "assigned_partitions": self.assigned,
+            "assigned_partitions": len(self.assigned),
             "counters": self.counters.snapshot(),
         }
+
+
+def allowed_filter(settings: Settings) -> Any:
+    """``filter`` with its bucket allowlist resolved: empty means ``storage.bucket`` only."""
+    if settings.filter.buckets:
+        return settings.filter
+    return settings.filter.model_copy(update={"buckets": (settings.storage.bucket,)})
 
 
 def _input_message(event: EventT) -> InputMessage:

@@ -21,6 +21,7 @@ def create_app(settings: Settings) -> faust.App:
         processing_guarantee="at_least_once",  # exactly_once needs transactions, which not every broker has
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        producer_request_timeout=kafka.delivery_timeout_s,  # Faust's default would block a publish for 20 min
         key_serializer="raw",
         value_serializer="raw",
         topic_partitions=topics.partitions,

@@ -59,15 +59,14 @@ def register(command: Command) -> None:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    import faust
-
     from streams.agents import StreamService
     from streams.kafka import ensure_topics
+    from streams.process import GracefulWorker
 
     asyncio.run(ensure_topics(settings.kafka, settings.topics))
     service = StreamService(settings)
-    # keep our key=value log format (configure_logging) instead of Faust's own
-    worker = faust.Worker(service.app, loglevel=args.log_level.lower(), quiet=True, override_logging=False)
+    # keep our log format (configure_logging) instead of Faust's own
+    worker = GracefulWorker(service, loglevel=args.log_level.lower(), quiet=True, override_logging=False)
     worker.execute_from_commandline()
     return 0
 

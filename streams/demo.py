@@ -47,7 +47,7 @@ def run_demo(settings: Settings, images: str | None, count: int, timeout_s: floa
         with EmbeddedStack(log_dir=work / "logs") as stack:
             os.environ.update(S3_TEST_CREDENTIALS)
             say(f"broker {stack.bootstrap_servers}, S3 {stack.s3_endpoint}; starting a Dask cluster ...")
-            cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0")
+            cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
             try:
                 settings = demo_settings(settings, stack, cluster.scheduler_address, work, weights_given)
                 return _run(settings, stack, work, images, count, timeout_s)

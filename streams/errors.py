@@ -4,6 +4,7 @@
      ├── MalformedEvent      an input message that is not an S3 notification we can read;
      │                       becomes a dead-letter event, never a crash
      ├── BrokerUnavailable   Kafka could not be reached or a topic could not be created
+     ├── BatchRetryExhausted a batch kept failing for batch.retry_timeout_s; the worker stops
      └── EmbeddedStackError  the embedded broker / S3 server (demo, tests) did not start
 """
 
@@ -28,6 +29,14 @@ class BrokerUnavailable(StreamError):
     def __init__(self, servers: str, reason: str) -> None:
         super().__init__(f"Kafka at {servers} unavailable: {reason}")
         self.servers, self.reason = servers, reason
+
+
+class BatchRetryExhausted(StreamError):
+    """A batch kept failing (cluster, storage, model) for longer than ``batch.retry_timeout_s``."""
+
+    def __init__(self, images: int, retry_timeout_s: float, last_error: str) -> None:
+        super().__init__(f"batch of {images} images failed for {retry_timeout_s:g} s (batch.retry_timeout_s); last error: {last_error}")
+        self.images, self.retry_timeout_s, self.last_error = images, retry_timeout_s, last_error
 
 
 class EmbeddedStackError(StreamError):

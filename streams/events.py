@@ -18,6 +18,10 @@ PREDICTION_SCHEMA = "visionstream.prediction/v1"
 DEAD_LETTER_SCHEMA = "visionstream.dead-letter/v1"
 BACKFILL_HEADER = "visionstream-backfill"
 
+MAX_EVENT_BYTES = 900_000  # under the producers' default 1 MiB request limit, with room for headers
+MAX_REASON_CHARS = 2_000
+DEFAULT_ORIGINAL_BYTES = 16_384  # events.dead_letter_original_bytes
+
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -77,38 +81,71 @@ def prediction_event(
 def dead_letter_event(
     stage: str,
     reason: str,
-    original: bytes | dict[str, Any] | None,
+    original: bytes | None,
     source: dict[str, Any] | None = None,
     uri: str | None = None,
+    original_max_bytes: int = DEFAULT_ORIGINAL_BYTES,
 ) -> dict[str, Any]:
-    """A failed message (stage ``parse``) or image (``fetch``, ``decode``, ``inference``)."""
+    """A failed message (stage ``parse``) or image (``fetch``, ``decode``, ``worker``).
+
+    ``original`` is the input message cut to ``original_max_bytes``: the JSON object itself
+    where it is whole and valid, else ``{"text": ...}`` or ``{"base64": ...}``;
+    ``original_size_bytes`` and ``original_truncated`` say how much of it there was.
+    """
     return {
         "schema": DEAD_LETTER_SCHEMA,
         "stage": stage,
-        "reason": reason,
+        "reason": reason[:MAX_REASON_CHARS],
         "uri": uri,
-        "original": _original(original),
+        "original": _original(original, original_max_bytes),
+        "original_size_bytes": None if original is None else len(original),
+        "original_truncated": original is not None and len(original) > original_max_bytes,
         "source": source,
         "failed_at": now_iso(),
     }
 
 
 def encode(event: dict[str, Any]) -> bytes:
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    """ASCII-only JSON: any character a producer sent arrives escaped, never raw."""
+    return json.dumps(event, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def _original(original: bytes | dict[str, Any] | None) -> Any:
-    """The original input, as JSON where it was JSON, else as text or base64."""
-    if original is None or isinstance(original, dict):
-        return original
+def encode_dead_letter(event: dict[str, Any], max_bytes: int = MAX_EVENT_BYTES) -> bytes:
+    """``encode``, with the original cut further (as text) until the event fits ``max_bytes``."""
+    data = encode(event)
+    while len(data) > max_bytes and event.get("original"):
+        budget = max(0, len(encode(event["original"])) - (len(data) - max_bytes) - 64)
+        event = event | {"original": _shrunk(event["original"], budget), "original_truncated": True}
+        data = encode(event)
+    return data
+
+
+def _original(original: bytes | None, max_bytes: int) -> Any:
+    if original is None:
+        return None
+    cut = original[:max_bytes]
+    if len(cut) == len(original):
+        try:
+            document = json.loads(cut)
+            if isinstance(document, dict):
+                encode(document)  # lone surrogates and the like go as text below
+                return document
+        except (ValueError, RecursionError, UnicodeError):
+            pass
     try:
-        text = original.decode("utf-8")
-    except UnicodeDecodeError:
-        return {"base64": base64.b64encode(original).decode("ascii")}
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return {"text": text}
+        return {"text": cut.decode("utf-8")}
+    except UnicodeDecodeError as exc:
+        if len(cut) < len(original) and exc.start >= len(cut) - 3:  # a character cut in half at the cap
+            return {"text": cut[: exc.start].decode("utf-8", errors="replace")}
+        return {"base64": base64.b64encode(cut).decode("ascii")}
+
+
+def _shrunk(original: Any, budget: int) -> dict[str, str]:
+    """The original as text or base64 within about ``budget`` bytes of JSON."""
+    if isinstance(original, dict) and set(original) == {"base64"}:
+        return {"base64": original["base64"][: max(0, budget) // 4 * 4]}
+    text = original["text"] if isinstance(original, dict) and set(original) == {"text"} else json.dumps(original, ensure_ascii=True)
+    return {"text": text[: max(0, budget) // 6]}  # an escaped character takes at most 6 bytes
 
 
 def _plain(value: Any) -> Any:

@@ -61,7 +61,15 @@ async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings, names: list
 
 
 async def start_producer(kafka: KafkaSettings, **extra: Any) -> AIOKafkaProducer:
-    producer = AIOKafkaProducer(**client_options(kafka), acks="all", linger_ms=5, **extra)
+    """acks=all; idempotent (no duplicates from its own retries) where ``kafka.enable_idempotence``."""
+    producer = AIOKafkaProducer(
+        **client_options(kafka),
+        acks="all",
+        linger_ms=5,
+        enable_idempotence=kafka.enable_idempotence,
+        request_timeout_ms=int(min(kafka.delivery_timeout_s, 30.0) * 1000),
+        **extra,
+    )
     try:
         await producer.start()
     except (KafkaConnectionError, KafkaError, OSError) as exc:

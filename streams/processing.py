@@ -1,8 +1,20 @@
 """One batch of input messages -> classified on the cluster -> events published. No Faust here.
 
-``handle_batch`` returns only when every event for the batch has been published (and the
-broker confirmed it); the caller acknowledges the input after that. It raises when the
-batch could not be processed, and then nothing may be acknowledged.
+``BatchHandler.handle`` returns only when every event for the batch has been published (and
+the broker confirmed it); the caller acknowledges the input after that, through an
+``AckTracker`` so that a partition's offsets are acknowledged in order. ``handle`` raises
+only when the batch could not be processed for longer than ``batch.retry_timeout_s`` or a
+publish failed; then nothing may be acknowledged.
+
+Failures, and what becomes of them:
+  - a message that is not a readable notification, whatever its bytes: a dead letter
+    (stage ``parse``) for that message alone;
+  - an object that cannot be fetched or decoded: a dead letter for that image (``fetch``,
+    ``decode``); the rest of its batch is classified;
+  - an image whose batch keeps killing Dask workers: the batch is split until the image
+    is alone, and only it is dead-lettered (``worker``);
+  - anything else (cluster unreachable, a failed forward pass, storage down, a batch past
+    ``batch.timeout_s``): transient; the batch is retried with backoff.
 """
 
 from __future__ import annotations
@@ -12,21 +24,24 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from inference.evaluation import percentile
-from inference.results import ImageResult
-from inference.settings import BatchSettings, FilterSettings, TopicSettings
-from streams.errors import MalformedEvent
-from streams.events import dead_letter_event, encode, prediction_event
+from inference.errors import BatchTimeout, WorkerLost
+from inference.results import Failure, ImageResult
+from inference.settings import BatchSettings, EventSettings, FilterSettings, TopicSettings
+from streams.errors import BatchRetryExhausted, MalformedEvent
+from streams.events import dead_letter_event, encode, encode_dead_letter, prediction_event
+from streams.metrics import StreamMetrics
 from streams.s3events import ObjectRef, parse_notification
 
 log = logging.getLogger(__name__)
 
 Classify = Callable[[list[str], int], Awaitable[list[ImageResult]]]
 Publish = Callable[[str, bytes, bytes], Awaitable[Any]]  # topic, key, value; awaits the broker's ack
+
+WORKER_STAGE = "worker"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,35 +57,55 @@ class InputMessage:
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
-@dataclass
-class Counters:
-    """What the health endpoint reports."""
-
-    events_in: int = 0
-    objects_in: int = 0
-    skipped: int = 0
-    malformed: int = 0
-    batches: int = 0
-    images_classified: int = 0
-    image_errors: int = 0
-    batch_retries: int = 0
-    in_flight_batches: int = 0
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
-
-    def snapshot(self) -> dict[str, Any]:
-        data = {name: value for name, value in vars(self).items() if name != "latencies_ms"}
-        ordered = sorted(self.latencies_ms)
-        data["latency_ms"] = {
-            "p50": percentile(ordered, 0.50),
-            "p95": percentile(ordered, 0.95),
-            "p99": percentile(ordered, 0.99),
-            "samples": len(ordered),
-        }
-        return data
+Item = TypeVar("Item")
 
 
-class BatchRetryExhausted(Exception):
-    """The cluster kept failing for longer than ``batch.retry_timeout_s``."""
+class AckTracker(Generic[Item]):
+    """Acknowledge each partition's messages in offset order, never past one still in work.
+
+    ``started`` registers messages as they are consumed (in order); ``finished`` marks some
+    done and returns those that may now be acknowledged: per partition, the done prefix.
+    A batch that completes before an earlier one on the same partition waits for it, so a
+    committed offset never covers a message whose events were not published. Pure.
+    """
+
+    def __init__(self, partition_of: Callable[[Item], Hashable]) -> None:
+        self._partition_of = partition_of
+        self._pending: dict[Hashable, deque[list[Any]]] = {}  # partition -> [[item, done], ...] in consumption order
+        self._entries: dict[int, list[Any]] = {}
+
+    def started(self, items: Iterable[Item]) -> None:
+        for item in items:
+            entry = [item, False]
+            self._pending.setdefault(self._partition_of(item), deque()).append(entry)
+            self._entries[id(item)] = entry
+
+    def finished(self, items: Iterable[Item]) -> list[Item]:
+        touched = set()
+        for item in items:
+            entry = self._entries.get(id(item))
+            if entry is not None:
+                entry[1] = True
+                touched.add(self._partition_of(item))
+        ready: list[Item] = []
+        for partition in touched:
+            queue = self._pending.get(partition)
+            while queue and queue[0][1]:
+                item = queue.popleft()[0]
+                self._entries.pop(id(item), None)
+                ready.append(item)
+            if queue is not None and not queue:
+                del self._pending[partition]
+        return ready
+
+    def forget(self, partitions: Iterable[Hashable]) -> None:
+        """Partitions taken away by a rebalance: their messages will be consumed again elsewhere."""
+        for partition in partitions:
+            for entry in self._pending.pop(partition, ()):
+                self._entries.pop(id(entry[0]), None)
+
+    def waiting(self) -> int:
+        return len(self._entries)
 
 
 @dataclass
@@ -80,77 +115,108 @@ class BatchHandler:
     batch: BatchSettings
     topics: TopicSettings
     filter: FilterSettings
-    counters: Counters = field(default_factory=Counters)
-
-    async def __call__(self, messages: list[InputMessage], priority: int = 0) -> None:
-        await self.handle(messages, priority)
+    events: EventSettings = field(default_factory=EventSettings)
+    counters: StreamMetrics = field(default_factory=StreamMetrics)
 
     async def handle(self, messages: list[InputMessage], priority: int = 0) -> None:
         """Classify and publish everything in ``messages``; raise rather than lose anything."""
         pending: list[Awaitable[Any]] = []
         work: list[tuple[ObjectRef, InputMessage]] = []
         for message in messages:
-            self.counters.events_in += 1
-            try:
-                notification = parse_notification(message.value, self.filter)
-            except MalformedEvent as exc:
-                self.counters.malformed += 1
-                log.warning("dead-lettering malformed event at %s: %s", message.source, exc.reason)
-                event = dead_letter_event("parse", exc.reason, message.value, message.source)
-                pending.append(self.publish(self.topics.dead_letter, f"{message.topic}/{message.partition}/{message.offset}".encode(), encode(event)))
-                continue
-            self.counters.skipped += len(notification.skipped)
-            for what, why in notification.skipped:
-                log.debug("skipped %s: %s", what, why)
-            work.extend((ref, message) for ref in notification.objects)
-            self.counters.objects_in += len(notification.objects)
+            refs = self._read(message, pending)
+            work.extend((ref, message) for ref in refs)
         for start in range(0, len(work), self.batch.size):
             pending.extend(await self._run_batch(work[start : start + self.batch.size], priority))
         await asyncio.gather(*pending)
 
+    def _read(self, message: InputMessage, pending: list[Awaitable[Any]]) -> tuple[ObjectRef, ...]:
+        """The objects one message announces; a dead letter (queued on ``pending``) if it is unreadable."""
+        self.counters.event_consumed(message.topic)
+        try:
+            notification = parse_notification(message.value, self.filter, self.events)
+        except MalformedEvent as exc:
+            reason = exc.reason
+        except Exception as exc:  # noqa: BLE001 - a parser bug must not stop the stream either
+            log.exception("parser failed on the message at %s", message.source)
+            reason = f"unreadable notification: {type(exc).__name__}"
+        else:
+            for skipped in notification.skipped:
+                self.counters.object_skipped(skipped.reason)
+                log.debug("skipped %r: %s", skipped.what, skipped.detail)
+            self.counters.objects_announced(len(notification.objects))
+            return notification.objects
+        self.counters.message_malformed()
+        log.warning("dead-lettering the message at %s: %r", message.source, reason)
+        event = dead_letter_event("parse", reason, message.value, message.source, original_max_bytes=self.events.dead_letter_original_bytes)
+        key = f"{message.topic}/{message.partition}/{message.offset}".encode()
+        pending.append(self.publish(self.topics.dead_letter, key, encode_dead_letter(event)))
+        return ()
+
     async def _run_batch(self, work: list[tuple[ObjectRef, InputMessage]], priority: int) -> list[Awaitable[Any]]:
         batch_id = uuid.uuid4().hex[:16]
-        results = await self._classify_with_retry([ref.uri for ref, _ in work], priority)
-        self.counters.batches += 1
+        started = time.perf_counter()
+        outcomes = await self._classify_isolating([ref.uri for ref, _ in work], priority)
+        classified = [outcome for outcome in outcomes if isinstance(outcome, ImageResult)]
+        self.counters.batch_classified(len(work), time.perf_counter() - started, classified[0].timings if classified else None)
+        if classified:
+            self.counters.model(classified[0].model)
         sends: list[Awaitable[Any]] = []
-        for (ref, message), result in zip(work, results, strict=True):
+        for (ref, message), outcome in zip(work, outcomes, strict=True):
             key = ref.uri.encode("utf-8")
-            if result.error is None:
-                self.counters.images_classified += 1
-                event = prediction_event(ref, result, batch_id, len(work), message.timestamp_ms)
-                if event["latency_ms"] is not None:
-                    self.counters.latencies_ms.append(event["latency_ms"])
+            error = outcome if isinstance(outcome, Failure) else outcome.error
+            if error is None:
+                event = prediction_event(ref, outcome, batch_id, len(work), message.timestamp_ms)  # type: ignore[arg-type]
+                self.counters.image_predicted(event["latency_ms"])
                 sends.append(self.publish(self.topics.predictions, key, encode(event)))
             else:
-                self.counters.image_errors += 1
+                self.counters.image_failed(error.stage)
                 event = dead_letter_event(
-                    result.error.stage, result.error.message, message.value, message.source, uri=ref.uri
+                    error.stage, error.message, message.value, message.source, uri=ref.uri,
+                    original_max_bytes=self.events.dead_letter_original_bytes,
                 )
-                sends.append(self.publish(self.topics.dead_letter, key, encode(event)))
+                sends.append(self.publish(self.topics.dead_letter, key, encode_dead_letter(event)))
         return sends
+
+    async def _classify_isolating(self, uris: list[str], priority: int) -> list[ImageResult | Failure]:
+        """Classify; where the batch keeps killing workers, split it until the image that does is alone."""
+        try:
+            return list(await self._classify_with_retry(uris, priority))
+        except WorkerLost as exc:
+            if len(uris) == 1:
+                log.error("dead-lettering %r: every worker that classified it died (%s)", uris[0], exc.reason)
+                return [Failure(WORKER_STAGE, f"the Dask workers classifying this image died: {exc.reason}")]
+            middle = len(uris) // 2
+            log.warning("a batch of %d killed its workers; splitting it to find the image", len(uris))
+            return [
+                *await self._classify_isolating(uris[:middle], priority),
+                *await self._classify_isolating(uris[middle:], priority),
+            ]
 
     async def _classify_with_retry(self, uris: list[str], priority: int) -> list[ImageResult]:
         deadline = time.monotonic() + self.batch.retry_timeout_s
         pause = self.batch.retry_backoff_s
-        self.counters.in_flight_batches += 1
+        self.counters.batch_started()
         try:
             while True:
                 try:
-                    results = await self.classify(uris, priority)
+                    results = await self._attempt(uris, priority)
                     if len(results) != len(uris):
                         raise RuntimeError(f"cluster returned {len(results)} results for {len(uris)} images")
                     return results
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, WorkerLost):
                     raise
-                except Exception as exc:  # noqa: BLE001 - retried, then the worker stops
+                except Exception as exc:  # noqa: BLE001 - transient: retried, then the worker stops
                     if time.monotonic() + pause > deadline:
-                        raise BatchRetryExhausted(
-                            f"batch of {len(uris)} failed for {self.batch.retry_timeout_s:.0f} s: {exc}"
-                        ) from exc
-                    self.counters.batch_retries += 1
-                    log.warning("batch of %d failed (%s); retrying in %.1f s", len(uris), exc, pause)
+                        raise BatchRetryExhausted(len(uris), self.batch.retry_timeout_s, f"{type(exc).__name__}: {exc}") from exc
+                    self.counters.batch_retried()
+                    log.warning("batch of %d failed (%s: %s); retrying in %.1f s", len(uris), type(exc).__name__, exc, pause)
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, 30.0)
         finally:
-            self.counters.in_flight_batches -= 1
+            self.counters.batch_ended()
 
+    async def _attempt(self, uris: list[str], priority: int) -> list[ImageResult]:
+        try:
+            return await asyncio.wait_for(self.classify(uris, priority), timeout=self.batch.timeout_s)
+        except TimeoutError:
+            raise BatchTimeout(len(uris), self.batch.timeout_s) from None

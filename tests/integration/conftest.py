@@ -65,7 +65,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 def dask_scheduler(services: Services) -> Iterator[str]:
     from distributed import LocalCluster
 
-    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0")
+    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
     try:
         yield cluster.scheduler_address
     finally:

@@ -3,9 +3,12 @@ import json
 
 import pytest
 
+from inference.errors import WorkerLost
 from inference.results import Failure, ImageResult, ModelInfo, Prediction
 from inference.settings import BatchSettings, FilterSettings, TopicSettings
-from streams.processing import BatchHandler, BatchRetryExhausted, InputMessage
+from streams.errors import BatchRetryExhausted
+from streams.events import MAX_EVENT_BYTES
+from streams.processing import AckTracker, BatchHandler, InputMessage
 from streams.s3events import ObjectRef, object_created_event
 
 MODEL = ModelInfo("resnet18", "none", "fp32", "cpu")
@@ -75,6 +78,138 @@ def test_malformed_messages_and_bad_images_go_to_the_dead_letter_topic_and_the_r
     assert h.counters.malformed == 1 and h.counters.image_errors == 1 and h.counters.images_classified == 1
 
 
+HOSTILE = [
+    b'{"Records": [{"eventName": "\\udfff"}]}',
+    b"[" * 100_000,
+    json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "eventTime": 12, "s3": {"bucket": {"name": "b"}, "object": {"key": "a.jpg"}}}]}).encode(),
+    json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": "a.jpg", "size": 1e400}}}]}).encode(),
+    b"\xfe" * 760_000,
+    json.dumps({"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": f"missing/{i}.jpg"}}} for i in range(5000)]}).encode(),
+]
+
+
+def test_hostile_messages_each_become_one_bounded_dead_letter_and_the_good_ones_are_classified():
+    recorder = Recorder()
+    messages = [InputMessage(payload, "image-uploads", 0, offset) for offset, payload in enumerate(HOSTILE)]
+    messages.insert(3, upload("Images/good.jpg", 99))
+    h = handler(recorder)
+    asyncio.run(h.handle(messages))
+    dead = [(key, event) for topic, key, event in recorder.published if topic == TOPICS.dead_letter]
+    assert len(dead) == len(HOSTILE) and all(event["stage"] == "parse" for _, event in dead)
+    assert [event["uri"] for topic, _, event in recorder.published if topic == TOPICS.predictions] == ["s3://b/Images/good.jpg"]
+    assert all(len(json.dumps(event)) < MAX_EVENT_BYTES for _, event in dead)
+    assert all(event["original_size_bytes"] == len(HOSTILE[i]) for i, (_, event) in enumerate(dead))
+
+
+def test_a_dead_letter_never_multiplies_a_huge_message():
+    keys = [f"Images/bad{i}.jpg" for i in range(100)]
+    message = json.dumps({"Records": [object_created_event(ObjectRef("b", key))["Records"][0] for key in keys], "padding": "x" * 200_000}).encode()
+    recorder = Recorder()
+    asyncio.run(handler(recorder).handle([InputMessage(message, "image-uploads", 0, 0)]))
+    dead = [event for topic, _, event in recorder.published if topic == TOPICS.dead_letter]
+    assert len(dead) == 100 and all(event["stage"] == "decode" and event["original_truncated"] for event in dead)
+    assert sum(len(json.dumps(event)) for event in dead) < 100 * 40_000  # each carries at most the 16 KiB cap, not 200 KB
+
+
+class Flaky(Recorder):
+    """A cluster whose forward pass fails twice (CUDA out of memory), then works."""
+
+    def __init__(self, error: Exception, times: int) -> None:
+        super().__init__()
+        self.error, self.times = error, times
+
+    async def classify(self, uris, priority):
+        if self.times:
+            self.times -= 1
+            raise self.error
+        return await super().classify(uris, priority)
+
+
+def test_a_failed_forward_pass_is_retried_never_dead_lettered():
+    recorder = Flaky(RuntimeError("CUDA out of memory"), times=2)
+    h = handler(recorder)
+    asyncio.run(h.handle([upload(f"Images/{i}.jpg", i) for i in range(60)]))
+    assert h.counters.batch_retries == 2 and h.counters.image_errors == 0
+    assert {topic for topic, _, _ in recorder.published} == {TOPICS.predictions} and len(recorder.published) == 60
+
+
+class Hanging(Recorder):
+    def __init__(self, hangs: int) -> None:
+        super().__init__()
+        self.hangs = hangs
+        self.cancelled = 0
+
+    async def classify(self, uris, priority):
+        if self.hangs:
+            self.hangs -= 1
+            try:
+                await asyncio.Event().wait()  # a hung fetch, decode or GPU call
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        return await super().classify(uris, priority)
+
+
+def test_a_hung_batch_is_cancelled_at_its_deadline_and_retried():
+    recorder = Hanging(hangs=1)
+    h = handler(recorder, timeout_s=0.2)
+    asyncio.run(h.handle([upload("Images/a.jpg")]))
+    assert recorder.cancelled == 1 and h.counters.batch_retries == 1
+    assert [topic for topic, _, _ in recorder.published] == [TOPICS.predictions]
+
+
+class Killer(Recorder):
+    """Any batch holding the poisoned image kills its workers until Dask gives up."""
+
+    async def classify(self, uris, priority):
+        if any("poison" in uri for uri in uris):
+            self.batches.append(uris)
+            raise WorkerLost("tcp://scheduler", "KilledWorker: attempted 4 times")
+        return await super().classify(uris, priority)
+
+
+def test_an_image_that_kills_workers_is_isolated_and_alone_dead_lettered():
+    recorder = Killer()
+    keys = [f"Images/{i}.jpg" for i in range(60)]
+    keys[37] = "Images/poison.jpg"
+    h = handler(recorder)
+    asyncio.run(h.handle([upload(key, i) for i, key in enumerate(keys)]))
+    dead = [event for topic, _, event in recorder.published if topic == TOPICS.dead_letter]
+    assert [(event["stage"], event["uri"]) for event in dead] == [("worker", "s3://b/Images/poison.jpg")]
+    assert len([1 for topic, _, _ in recorder.published if topic == TOPICS.predictions]) == 59
+    assert len([b for b in recorder.batches if any("poison" in u for u in b)]) <= 7  # log2(60) splits, not 60 tries
+
+
+def test_ack_tracker_acknowledges_a_partition_only_up_to_its_first_unfinished_message():
+    tracker = AckTracker(lambda message: message.partition)
+    first = [InputMessage(b"", "t", 0, offset) for offset in range(0, 60)]  # a first batch at offset 0
+    second = [InputMessage(b"", "t", 0, offset) for offset in range(60, 120)]
+    other = [InputMessage(b"", "t", 1, offset) for offset in range(0, 5)]
+    tracker.started(first + other)
+    tracker.started(second)
+    assert tracker.finished(second) == []  # out of order: waits for the first batch
+    assert tracker.finished(other) == other  # another partition is independent
+    assert tracker.finished(first) == first + second
+    assert tracker.waiting() == 0
+
+
+def test_ack_tracker_holds_back_across_a_gap_of_one():
+    tracker = AckTracker(lambda message: message.partition)
+    messages = [InputMessage(b"", "t", 0, offset) for offset in range(120, 181)]
+    tracker.started(messages[:1])  # offset 120 alone in one batch
+    tracker.started(messages[1:])  # 121..180 in the next
+    assert tracker.finished(messages[1:]) == []
+    assert tracker.finished(messages[:1]) == messages
+
+
+def test_ack_tracker_forgets_revoked_partitions():
+    tracker = AckTracker(lambda message: message.partition)
+    messages = [InputMessage(b"", "t", 0, 0), InputMessage(b"", "t", 0, 1)]
+    tracker.started(messages)
+    tracker.forget({0})
+    assert tracker.finished(messages) == [] and tracker.waiting() == 0
+
+
 def test_a_failing_cluster_is_retried_until_it_answers():
     recorder = Recorder(failures=3)
     h = handler(recorder)
@@ -105,3 +240,10 @@ def test_skipped_events_are_counted_and_publish_nothing():
     h = BatchHandler(recorder.classify, recorder.publish, BatchSettings(), TOPICS, FilterSettings(suffixes=(".png",)))
     asyncio.run(h.handle([upload("Images/a.jpg")]))
     assert h.counters.skipped == 1 and recorder.published == [] and recorder.batches == []
+
+
+def test_events_for_a_bucket_outside_the_allowlist_are_skipped_never_fetched():
+    recorder = Recorder()
+    h = BatchHandler(recorder.classify, recorder.publish, BatchSettings(), TOPICS, FilterSettings(buckets=("images",)))
+    asyncio.run(h.handle([upload("Images/a.jpg")]))  # bucket "b"
+    assert h.counters.skipped == 1 and recorder.batches == [] and recorder.published == []

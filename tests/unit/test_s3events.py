@@ -4,7 +4,7 @@ import pytest
 
 from inference.settings import FilterSettings
 from streams.errors import MalformedEvent
-from streams.s3events import ObjectRef, object_created_event, parse_notification
+from streams.s3events import SKIP_BUCKET, SKIP_FILTERED, SKIP_NOT_CREATED, SKIP_TEST_EVENT, ObjectRef, object_created_event, parse_notification
 
 ALL = FilterSettings()
 
@@ -88,9 +88,10 @@ def test_other_event_types_and_test_events_are_skipped_not_errors():
     removed = json.loads(json.dumps(AWS))
     removed["Records"][0]["eventName"] = "ObjectRemoved:Delete"
     parsed = parse_notification(json.dumps(removed), ALL)
-    assert parsed.objects == () and "not ObjectCreated" in parsed.skipped[0][1]
+    assert parsed.objects == () and "not ObjectCreated" in parsed.skipped[0].detail and parsed.skipped[0].reason == SKIP_NOT_CREATED
     test_event = {"Service": "Amazon S3", "Event": "s3:TestEvent", "Bucket": "dogs"}
-    assert parse_notification(json.dumps(test_event), ALL).skipped == (("s3:TestEvent", "test event"),)
+    [skipped] = parse_notification(json.dumps(test_event), ALL).skipped
+    assert (skipped.what, skipped.reason) == ("s3:TestEvent", SKIP_TEST_EVENT)
     deleted = dict(EVENTBRIDGE, **{"detail-type": "Object Deleted"})
     assert parse_notification(json.dumps(deleted), ALL).objects == ()
 
@@ -98,7 +99,60 @@ def test_other_event_types_and_test_events_are_skipped_not_errors():
 def test_prefix_and_suffix_filter_skips_and_counts():
     only_png = FilterSettings(prefix="Images/", suffixes=(".png",))
     parsed = parse_notification(json.dumps(AWS), only_png)
-    assert parsed.objects == () and parsed.skipped[0][1] == "outside the prefix/suffix filter"
+    assert parsed.objects == () and parsed.skipped[0].reason == SKIP_FILTERED
+
+
+def test_buckets_outside_the_allowlist_are_skipped_never_returned():
+    parsed = parse_notification(json.dumps(AWS), FilterSettings(buckets=("images",)))
+    assert parsed.objects == () and parsed.skipped[0].reason == SKIP_BUCKET and "dogs" in parsed.skipped[0].detail
+    assert len(parse_notification(json.dumps(AWS), FilterSettings(buckets=("images", "dogs"))).objects) == 1
+    assert len(parse_notification(json.dumps(AWS), FilterSettings(buckets=("*",))).objects) == 1
+
+
+def _with_key(key: str) -> bytes:
+    doc = json.loads(json.dumps(AWS))
+    doc["Records"][0]["s3"]["object"]["key"] = key
+    return json.dumps(doc).encode()
+
+
+def _with_object_field(name: str, value) -> bytes:
+    doc = json.loads(json.dumps(AWS))
+    doc["Records"][0]["s3"]["object"][name] = value
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        # the triggers found against a running worker, each once a crash loop
+        (b'{"Records": "\\udfff"}', "not a list"),
+        (json.dumps({"Records": [{"eventName": "\udfff", "s3": {}}]}).encode(), "lacks"),
+        (_with_key("Images/\udfff.jpg"), "surrogate|unicode"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply|not JSON"),
+        (_with_object_field("size", 1e400), "size"),
+        (_with_object_field("size", "x" * 10), "size"),
+        (_with_object_field("size", -1), "size"),
+        (json.dumps(dict(AWS, Records=[dict(AWS["Records"][0], eventTime=12345)])).encode(), "eventTime"),
+        (json.dumps(dict(AWS, Records=[dict(AWS["Records"][0], eventTime="yesterday")])).encode(), "eventTime"),
+        (b"\xff" * 2_000_000, "limit is 1048576"),
+        # keys S3 could not hold, or that would mean something else to a reader
+        (_with_key("Images/" + "a" * 1100 + ".jpg"), "longer than S3's 1024 bytes"),
+        (_with_key("Images/a%00b.jpg"), "control characters"),
+        (_with_key("Images/line%0Abreak.jpg"), "control characters"),
+        (_with_key("Images/%1B%5B31mred.jpg"), "control characters"),
+        (_with_key("private/doc::x.jpg"), "'::'"),
+        (json.dumps({"Records": AWS["Records"] * 101}).encode(), "101 records in one message; the limit is 100"),
+    ],
+)
+def test_hostile_notifications_are_malformed_never_a_crash(payload: bytes, reason: str):
+    with pytest.raises(MalformedEvent, match=reason):
+        parse_notification(payload, ALL)
+
+
+def test_glob_characters_and_query_strings_stay_part_of_the_key():
+    for key in ("**/*.jpg", "a?versionId=1.jpg", "[abc].jpg"):
+        [ref] = parse_notification(_with_key(key.replace("?", "%3F")), ALL).objects
+        assert ref.key == key
 
 
 @pytest.mark.parametrize(
@@ -111,7 +165,7 @@ def test_prefix_and_suffix_filter_skips_and_counts():
         (b'{"Records": {"a": 1}}', "not a list"),
         (b'{"Records": [42]}', "not an object"),
         (b'{"Records": [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {}}}]}', "lacks s3.bucket.name"),
-        (b'{"detail-type": "Object Created", "detail": {"bucket": {"name": "b"}}}', "lacks detail.bucket.name or detail.object.key"),
+        (b'{"detail-type": "Object Created", "detail": {"bucket": {"name": "b"}}}', "detail.object"),
     ],
 )
 def test_malformed_messages_raise_with_a_reason(payload: bytes, reason: str):
