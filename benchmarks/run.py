@@ -166,7 +166,8 @@ def stage_breakdown(records: list[ImageResult]) -> dict[str, float]:
 
 
 def stream(settings: Settings, folder: Path, work: Path, count: int) -> tuple[dict[str, Any], dict[str, float]]:
-    from streams.demo import EMBEDDED_BROKER_KAFKA, collect, stop, wait_ready
+    from streams.demo import collect, stop, wait_ready
+    from streams.stack import EMBEDDED_BROKER_KAFKA
     from streams.kafka import ensure_topics
     from streams.stack import EmbeddedStack, free_port
     from streams.uploads import create_bucket, upload_paths

@@ -27,11 +27,10 @@ from inference.settings import Settings
 from streams.commands import describe
 from streams.errors import EmbeddedStackError
 from streams.kafka import ensure_topics, start_consumer
-from streams.stack import S3_TEST_CREDENTIALS, EmbeddedStack, free_port
+from streams.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port
 from streams.uploads import create_bucket, local_files, upload_paths
 
 # tansu waits half the session timeout for a group to form; real Kafka refuses sessions under 6 s.
-EMBEDDED_BROKER_KAFKA = {"session_timeout_s": 3.0, "heartbeat_interval_s": 0.3}
 
 
 def say(text: str) -> None:

@@ -74,7 +74,8 @@ async def start_producer(kafka: KafkaSettings, **extra: Any) -> AIOKafkaProducer
         await producer.start()
     except (KafkaConnectionError, KafkaError, OSError) as exc:
         await producer.stop()
-        raise BrokerUnavailable(kafka.bootstrap_servers, str(exc) or type(exc).__name__) from None
+        hint = " (if the broker has no idempotent producer, set kafka.enable_idempotence: false)" if kafka.enable_idempotence else ""
+        raise BrokerUnavailable(kafka.bootstrap_servers, f"{str(exc) or type(exc).__name__}{hint}") from exc
     return producer
 
 

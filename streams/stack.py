@@ -20,6 +20,9 @@ from pathlib import Path
 from streams.errors import EmbeddedStackError
 
 # Credentials moto accepts; they never leave this machine.
+# The embedded broker (tansu) forms a group in half the session timeout (real Kafka refuses
+# under 6 s) and has no idempotent producer.
+EMBEDDED_BROKER_KAFKA = {"session_timeout_s": 3.0, "heartbeat_interval_s": 0.3, "enable_idempotence": False}
 S3_TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "visionstream", "AWS_SECRET_ACCESS_KEY": "visionstream-local"}
 
 

@@ -29,7 +29,7 @@ import yaml
 
 from inference.settings import Settings
 from streams.kafka import ensure_topics, start_consumer
-from streams.stack import S3_TEST_CREDENTIALS, EmbeddedStack, free_port
+from streams.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,8 +53,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
         yield Services(
             bootstrap_servers=bootstrap or stack.bootstrap_servers,
             s3_endpoint=endpoint or stack.s3_endpoint,
-            # tansu forms a group in half the session timeout; real Kafka wants at least 6 s
-            kafka_timeouts={"session_timeout_s": 3.0, "heartbeat_interval_s": 0.3} if bootstrap is None
+            kafka_timeouts=EMBEDDED_BROKER_KAFKA if bootstrap is None
             else {"session_timeout_s": 10.0, "heartbeat_interval_s": 1.0},
         )
     finally:
