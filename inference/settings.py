@@ -1,7 +1,8 @@
 """Settings: one frozen object, and the only module that reads the environment.
 
-Sources, later wins: the defaults in ``configs/default.yaml`` (mirrored by the field
-defaults below; a test keeps the two equal), a ``--config`` YAML file, then
+Sources, later wins: the packaged defaults, ``inference/data/default.yaml`` (mirrored by the
+field defaults below; a test keeps the two equal; ``configs/default.yaml`` links to it), a
+``--config`` YAML file, then
 ``VISIONSTREAM_<SECTION>__<KEY>`` environment variables. Each function of the service
 receives the section it needs, never the whole object.
 """
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from inference.errors import ConfigError
 
 ENV_PREFIX = "VISIONSTREAM_"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "data" / "default.yaml"
 
 
 class Section(BaseModel):

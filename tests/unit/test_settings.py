@@ -1,8 +1,10 @@
+import importlib.resources
 from pathlib import Path
 
 import pytest
 import yaml
 
+import inference
 from inference.errors import ConfigError
 from inference.settings import DEFAULT_CONFIG, Settings, env_overrides, load_settings
 
@@ -23,6 +25,14 @@ def test_every_default_yaml_key_carries_a_comment():
         if line.startswith("  ") and ":" in line and "#" not in line and not previous.strip().startswith("#")
     ]
     assert uncommented == []
+
+
+def test_the_defaults_ship_inside_the_package_and_the_repository_copy_links_to_them():
+    packaged = importlib.resources.files("inference") / "data" / "default.yaml"
+    assert packaged.is_file()
+    assert DEFAULT_CONFIG.is_relative_to(Path(inference.__file__).resolve().parent)
+    assert DEFAULT_CONFIG.read_text() == packaged.read_text()
+    assert (Path(__file__).resolve().parents[2] / "configs" / "default.yaml").resolve() == DEFAULT_CONFIG
 
 
 def test_precedence_is_defaults_then_config_file_then_environment(tmp_path: Path):
