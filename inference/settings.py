@@ -1,30 +1,110 @@
 """Settings: one frozen object, and the only module that reads the environment.
 
-Sources, later wins: the defaults in ``configs/default.yaml`` (mirrored by the field
-defaults below; a test keeps the two equal), a ``--config`` YAML file, then
-``VISIONSTREAM_<SECTION>__<KEY>`` environment variables. Each function of the service
-receives the section it needs, never the whole object.
+``load_settings`` layers four sources with pydantic-settings, later wins (the order is stated
+once, in ``Settings.settings_customise_sources``):
+
+1. the packaged defaults, ``inference/data/default.yaml`` (``DEFAULT_CONFIG``; mirrored by the
+   field defaults below, a test keeps the two equal; ``configs/default.yaml`` links to it);
+2. a ``--config`` YAML file;
+3. ``VISIONSTREAM_<SECTION>__<KEY>`` environment variables, any case. A value is a string parsed
+   by the field's type, never as YAML: ``0123`` stays ``"0123"`` for a string field, a password
+   loads verbatim whatever it holds. Lists take a JSON array or comma-separated items. A
+   variable with ``__`` that names no setting is an error (pydantic-settings would ignore it);
+4. explicit values: ``Settings(...)`` keywords and ``Settings.with_overrides`` (the command line).
+
+``Settings()`` outside ``load_settings`` reads no file and no environment: it is the field
+defaults and the values given.
+
+Secrets (``SecretStr``) show as ``**********`` in ``repr``, ``str`` and ``model_dump(mode="json")``,
+and never in a ``ConfigError``. A pickled section leaves its credentials behind (arrives with
+them ``None``, as ``without_credentials()`` returns it): a secret crosses a process boundary only
+through the environment (``Settings.secrets_env()``), so a Dask worker, say, reads its own.
+
+Each function of the service receives the section it needs, never the whole object.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    YamlConfigSettingsSource,
+)
 
 from inference.errors import ConfigError
 
 ENV_PREFIX = "VISIONSTREAM_"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+ENV_NESTED_DELIMITER = "__"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "data" / "default.yaml"
+
+
+def _items(value: Any) -> Any:
+    """A list given as one string (the environment): a JSON array, or comma-separated items;
+    an empty string is the empty list."""
+    if not isinstance(value, str):
+        return value
+    if value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON array ({exc.msg} at character {exc.pos})") from None
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _auto_or_bool(value: Any) -> Any:
+    """``"auto"``, or a string pydantic reads as a bool ("true", "0", "no", ...) as that bool:
+    a ``Literal[True, False]`` alone refuses the environment's "true"."""
+    if isinstance(value, str) and value != "auto":
+        try:
+            return TypeAdapter(bool).validate_python(value)
+        except ValidationError:
+            return value  # the Literal reports it, with the choices
+    return value
+
+
+StrList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_items)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    _credentials: ClassVar[tuple[str, ...]] = ()
+    """Fields left behind by ``without_credentials()`` and by pickling."""
+
+    def without_credentials(self) -> Self:
+        """A copy with the credential fields ``None``: what may cross a process boundary."""
+        return self.model_copy(update=dict.fromkeys(self._credentials))
+
+    def __getstate__(self) -> dict[Any, Any]:
+        """Pickled, a section leaves its credentials behind (copies and ``model_copy`` keep them)."""
+        state = super().__getstate__()
+        if self._credentials:
+            state = {**state, "__dict__": {**state["__dict__"], **dict.fromkeys(self._credentials)}}
+        return state
 
 
 class ModelSettings(Section):
@@ -48,6 +128,8 @@ class ImageSettings(Section):
 
 
 class StorageSettings(Section):
+    _credentials = ("access_key_id", "secret_access_key")  # a key id without its secret is no use
+
     bucket: str = "images"
     endpoint_url: str | None = None
     region: str | None = None
@@ -112,11 +194,13 @@ class ClusterSettings(Section):
     scheduler: str | None = None
     n_workers: int = Field(0, ge=0)
     threads_per_worker: int = Field(2, ge=1)
-    gpu: Literal["auto", True, False] = "auto"
+    gpu: Annotated[Literal["auto", True, False], BeforeValidator(_auto_or_bool)] = "auto"
     connect_timeout_s: float = Field(30.0, gt=0)
 
 
 class KafkaSettings(Section):
+    _credentials = ("sasl_username", "sasl_password")
+
     bootstrap_servers: str = "localhost:9092"
     consumer_group: str = "visionstream"
     session_timeout_s: float = Field(60.0, gt=0)
@@ -146,9 +230,9 @@ class EventSettings(Section):
 
 
 class FilterSettings(Section):
-    buckets: tuple[str, ...] = ()
+    buckets: StrList = ()
     prefix: str = ""
-    suffixes: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+    suffixes: StrList = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
     def accepts(self, key: str) -> bool:
         if not key.startswith(self.prefix):
@@ -166,7 +250,16 @@ class WorkerSettings(Section):
     log_format: Literal["text", "json"] = "text"
 
 
-class Settings(Section):
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        frozen=True,
+        extra="forbid",
+        hide_input_in_errors=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        case_sensitive=False,
+    )
+
     model: ModelSettings = ModelSettings()
     images: ImageSettings = ImageSettings()
     storage: StorageSettings = StorageSettings()
@@ -179,61 +272,198 @@ class Settings(Section):
     filter: FilterSettings = FilterSettings()
     worker: WorkerSettings = WorkerSettings()
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Highest first: explicit values, the environment, the ``--config`` file, the packaged
+        defaults. No ``.env`` file (the repository's is docker-compose's) and no secrets dir.
+
+        The sources of one ``load_settings`` call arrive through ``_LOADING`` (this hook takes
+        no arguments of its own); without them only the explicit values count."""
+        loading = _LOADING.get()
+        if loading is None:
+            return (init_settings,)
+        return (init_settings, loading.environment, *loading.config_file, loading.defaults)
+
     def secrets_env(self) -> dict[str, str]:
         """The secrets that are set, as VISIONSTREAM_* variables: hand these to a child process
         (a dumped config file carries only masked values)."""
         env: dict[str, str] = {}
-        if self.storage.secret_access_key is not None:
-            env[f"{ENV_PREFIX}STORAGE__SECRET_ACCESS_KEY"] = self.storage.secret_access_key.get_secret_value()
-        if self.kafka.sasl_password is not None:
-            env[f"{ENV_PREFIX}KAFKA__SASL_PASSWORD"] = self.kafka.sasl_password.get_secret_value()
+        for section, key in _SECRETS:
+            value = getattr(getattr(self, section), key)
+            if value is not None:
+                env[_variable(section, key)] = value.get_secret_value()
         return env
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
-        """A copy with nested overrides, e.g. ``{"batch": {"size": 8}}``; validated."""
-        return _validate(_merge(self.model_dump(mode="json", exclude_none=False) | _secrets(self), overrides), "overrides")
+        """A copy with nested overrides, e.g. ``{"batch": {"size": 8}}``; validated; secrets kept."""
+        try:
+            return type(self).model_validate(_merge(self.model_dump(), overrides))  # python mode keeps SecretStr
+        except ValidationError as exc:
+            raise _config_error(exc, lambda loc: "overrides") from None
 
 
 def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """Defaults file, then ``config_file``, then the environment, in that order."""
-    data = _read_yaml(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else {}
-    if config_file is not None:
-        data = _merge(data, _read_yaml(Path(config_file)))
-    data = _merge(data, env_overrides(os.environ if environ is None else environ))
-    return _validate(data, str(config_file or DEFAULT_CONFIG))
-
-
-def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """``VISIONSTREAM_BATCH__SIZE=32`` -> ``{"batch": {"size": 32}}``; values parsed as YAML scalars."""
-    tree: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = [part.lower() for part in name[len(ENV_PREFIX):].split("__") if part]
-        if not path:
-            continue
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = yaml.safe_load(raw) if raw != "" else ""
-    return tree
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
+    """The packaged defaults, then ``config_file``, then ``environ`` (``os.environ`` unless
+    given), later wins. Any problem is a ``ConfigError`` of one line naming the key."""
+    loading = _Sources(
+        defaults=_YamlFile(Settings, DEFAULT_CONFIG),
+        config_file=() if config_file is None else (_YamlFile(Settings, Path(config_file)),),
+        environment=_Environment(Settings, os.environ if environ is None else environ),
+    )
+    token = _LOADING.set(loading)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of sections, not {type(data).__name__}")
+        return Settings()
+    except ValidationError as exc:
+        raise _config_error(exc, loading.origin) from None
+    except SettingsError as exc:  # a source failed before validation; its message names the field
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    finally:
+        _LOADING.reset(token)
+
+
+def _variable(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}{ENV_NESTED_DELIMITER}{key.upper()}"
+
+
+def _section_fields(section: str) -> Mapping[str, Any]:
+    field = Settings.model_fields.get(section)
+    return {} if field is None else field.annotation.model_fields
+
+
+_SECRETS: tuple[tuple[str, str], ...] = tuple(
+    (section, key)
+    for section in Settings.model_fields
+    for key, field in _section_fields(section).items()
+    if SecretStr in (field.annotation, *get_args(field.annotation))
+)
+
+
+def _hide_secrets(data: dict[str, Any]) -> dict[str, Any]:
+    """Wrap secret strings as ``SecretStr`` as soon as a source reads them, so that nothing
+    printing a source's data (pydantic-settings' debug log, an error) shows them."""
+    for section, key in _SECRETS:
+        values = data.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            data[section] = {**values, key: SecretStr(values[key])}
     return data
+
+
+class _Environment(EnvSettingsSource):
+    """``VISIONSTREAM_<SECTION>__<KEY>`` variables of ``environ``, parsed by pydantic-settings.
+
+    Only names with the delimiter are settings (``VISIONSTREAM_LOCAL_WORKERS`` and the compose
+    file's ``VISIONSTREAM_WEIGHTS`` are not); those must name a field, which pydantic-settings
+    does not check."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self.variables: dict[tuple[str, ...], str] = {}  # (section, key) -> the name as given
+        unknown: list[str] = []
+        for name in environ:
+            if not name.upper().startswith(ENV_PREFIX):
+                continue
+            rest = name[len(ENV_PREFIX):].lower()
+            path = tuple(rest.split(ENV_NESTED_DELIMITER))
+            if rest in Settings.model_fields:
+                unknown.append(f"({name}): {rest}: a whole section; set one key, {_variable(rest, '<KEY>')}")
+            elif len(path) == 1:
+                continue
+            elif len(path) != 2 or path[1] not in _section_fields(path[0]):
+                unknown.append(f"({name}): {'.'.join(path)}: unknown setting")
+            else:
+                self.variables[path] = name
+        if unknown:
+            raise ConfigError(f"invalid configuration {'; '.join(unknown)}")
+        self._environ = {name.lower(): environ[name] for name in self.variables.values()}
+        super().__init__(settings_cls)  # prefix, delimiter and case from Settings.model_config
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:  # the hook DotEnvSettingsSource overrides too
+        return self._environ
+
+    def __call__(self) -> dict[str, Any]:
+        return _hide_secrets(super().__call__())
+
+    def label(self, loc: tuple[str, ...]) -> str | None:
+        """The variable that set ``loc`` (section, key, ...), if one did."""
+        if len(loc) == 1:
+            return next((name for path, name in self.variables.items() if path[0] == loc[0]), None)
+        return self.variables.get(loc[:2])
+
+
+class _YamlFile(YamlConfigSettingsSource):
+    """One YAML file of settings. Unlike the library's source, a missing or unreadable file is
+    an error, and every error is one line that quotes nothing that could be a secret."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        self.path = path
+        super().__init__(settings_cls, yaml_file=path)
+
+    def _read_files(self, files: Any, deep_merge: bool = False) -> dict[str, Any]:
+        return self._read_file(self.path)
+
+    def _read_file(self, path: Any) -> dict[str, Any]:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(_yaml_problem(path, exc)) from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, not {type(data).__name__}")
+        # a section whose keys are all commented out reads as null: take it as empty
+        return _hide_secrets({section: {} if values is None else values for section, values in data.items()})
+
+    def label(self, loc: tuple[str, ...]) -> str | None:
+        """This file's path if it sets ``loc`` (section, key, ...)."""
+        node: Any = self.yaml_data
+        for part in loc[:2]:
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return str(self.path)
+
+
+def _yaml_problem(path: Any, exc: yaml.YAMLError) -> str:
+    """``FILE, line N, column M: not valid YAML: PROBLEM``. PyYAML quotes pieces of the document
+    in its problems (an alias, a tag: ``found undefined alias 'Sup3rSecret'``), and the document
+    may hold a secret, so quoted text is masked; its token names (``'<stream end>'``) are not."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    problem = re.sub(r"'(?![<\\])[^']{2,}'", "'...'", problem)
+    return f"{path}{where}: not valid YAML: {problem}"
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """The sources of one ``load_settings`` call, and which of them set a key."""
+
+    defaults: _YamlFile
+    config_file: tuple[_YamlFile, ...]
+    environment: _Environment
+
+    def origin(self, loc: tuple[str, ...]) -> str:
+        for source in (self.environment, *self.config_file, self.defaults):
+            label = source.label(loc)
+            if label is not None:
+                return label
+        return "defaults"
+
+
+_LOADING: ContextVar[_Sources | None] = ContextVar("visionstream_settings_sources", default=None)
 
 
 def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -246,25 +476,25 @@ def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, An
     return merged
 
 
-def _secrets(settings: Settings) -> dict[str, Any]:
-    """model_dump masks SecretStr; put the real values back for a round trip."""
-    out: dict[str, Any] = {}
-    if settings.storage.secret_access_key is not None:
-        out["storage"] = settings.storage.model_dump(mode="json") | {
-            "secret_access_key": settings.storage.secret_access_key.get_secret_value()
-        }
-    if settings.kafka.sasl_password is not None:
-        out["kafka"] = settings.kafka.model_dump(mode="json") | {
-            "sasl_password": settings.kafka.sasl_password.get_secret_value()
-        }
-    return out
+def _config_error(exc: ValidationError, origin: Callable[[tuple[str, ...]], str]) -> ConfigError:
+    """One line, grouped by where the bad values came from:
+    ``invalid configuration (SOURCE): section.key: what is wrong; ...``.
 
-
-def _validate(data: Mapping[str, Any], source: str) -> Settings:
-    try:
-        return Settings.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration ({source}): {problems}") from None
+    Built from each error's location and message only: pydantic's ``input`` (a secret, maybe)
+    is left out, and its messages state what was expected, never what was given."""
+    problems: dict[str, list[str]] = {}
+    for error in exc.errors(include_input=False, include_url=False):
+        loc = tuple(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        elif error["type"] == "value_error":  # a validator's own words, without "Value error, "
+            message = str(error["ctx"]["error"])
+        else:
+            message = error["msg"]
+        source = origin(loc)
+        if loc[:2] in _SECRETS and error["type"] == "string_type" and source != "overrides":
+            message += " (in YAML, quote it)"  # a file's 0123 is the number 83
+        problems.setdefault(source, []).append(f"{'.'.join(loc) or 'settings'}: {message}")
+    return ConfigError(
+        "invalid configuration " + "; ".join(f"({source}): {'; '.join(lines)}" for source, lines in problems.items())
+    )
