@@ -40,7 +40,7 @@ class ResidentModel(WorkerPlugin):
     def __init__(self, model: ModelSettings, images: ImageSettings, storage: StorageSettings, warmup_batch: int = 60) -> None:
         # The plugin is pickled to the scheduler and kept there: it carries no credentials.
         # Each worker takes them from its own environment, config file or instance role.
-        storage = without_credentials(storage)
+        storage = storage.without_credentials()
         self.model_settings, self.image_settings, self.storage_settings = model, images, storage
         self.warmup_batch = warmup_batch  # the batch size a compiled model is specialised for at start-up
         self.name = plugin_name(model, images, storage, warmup_batch)
@@ -165,16 +165,12 @@ def plugin_name(model: ModelSettings, images: ImageSettings, storage: StorageSet
     settings share one resident model (registration is idempotent), and a different model
     gets its own instead of replacing one that batches are using. Credentials are not part
     of a configuration: a rotated secret keeps the same resident model."""
-    public = without_credentials(storage)
+    public = storage.without_credentials()
     material = json.dumps(
         [model.model_dump(mode="json"), images.model_dump(mode="json"), public.model_dump(mode="json"), warmup_batch],
         sort_keys=True,
     )
     return PLUGIN_PREFIX + hashlib.sha256(material.encode()).hexdigest()[:12]
-
-
-def without_credentials(storage: StorageSettings) -> StorageSettings:
-    return storage.model_copy(update={"access_key_id": None, "secret_access_key": None})
 
 
 def with_local_credentials(storage: StorageSettings) -> StorageSettings:
