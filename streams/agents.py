@@ -223,7 +223,7 @@ class StreamService:
             return False, "stopping"
         if not self.started:
             return False, "cluster not connected"
-        if self.cluster.client is None or self.cluster.client.status not in ("running", "connecting"):
+        if self.cluster.client is None or self.cluster.client.status != "running":
             return False, "cluster unreachable"
         if not self.assigned:
             return False, "no input partition assigned"

@@ -14,6 +14,7 @@ from typing import Any, TextIO
 from inference.errors import InferenceError
 from inference.settings import Settings, load_settings
 from streams.errors import StreamError
+from streams.logs import configure_logging
 
 log = logging.getLogger("visionstream")
 
@@ -24,10 +25,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # before distributed is imported
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.worker__log_format or "text")
     try:
         settings = load_settings(args.config)
         settings = settings.with_overrides(_overrides(args))
+        configure_logging(args.log_level, settings.worker.log_format)
         return int(args.run(args, settings) or EXIT_OK)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
         sub.add_argument("--config", metavar="FILE", help="YAML file overriding configs/default.yaml")
         sub.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+        sub.add_argument("--log-format", dest="worker__log_format", choices=["text", "json"], help="text (key=value) or json, one record per line (default: worker.log_format)")
         sub.set_defaults(run=run)
         return sub
 
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from streams import commands as stream_commands
 
     stream_commands.register(command)
-    parser.set_defaults(config=None, log_level="WARNING")
+    parser.set_defaults(config=None, log_level="WARNING", worker__log_format=None)
     return parser
 
 
@@ -82,16 +85,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             section, key = name.split("__", 1)
             tree.setdefault(section, {})[key] = value
     return tree
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("distributed", "aiokafka", "faust", "mode", "botocore", "s3fs", "urllib3", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
 def run_classify(args: argparse.Namespace, settings: Settings) -> int:

@@ -12,6 +12,10 @@ from typing import Any
 
 from inference.settings import Settings
 from streams.cli import progress_bar
+from streams.events import DEAD_LETTER_SCHEMA
+from streams.logs import escape
+
+DEAD_LETTER_PREFIX = DEAD_LETTER_SCHEMA.rsplit("/", 1)[0]
 
 Command = Callable[[str, Callable[[argparse.Namespace, Settings], int | None], str], argparse.ArgumentParser]
 
@@ -96,7 +100,7 @@ def run_tail(args: argparse.Namespace, settings: Settings) -> int:
                     return
                 for records in batch.values():
                     for record in records:
-                        print(record.value.decode() if args.json else describe(json.loads(record.value)), flush=True)
+                        print(render(record.value, raw=args.json), flush=True)
                         seen += 1
                         if args.limit is not None and seen >= args.limit:
                             return
@@ -108,12 +112,33 @@ def run_tail(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def describe(event: dict[str, Any]) -> str:
-    """One readable line for a prediction or dead-letter event."""
-    if event.get("schema", "").startswith("visionstream.dead-letter"):
-        return f"{event.get('uri') or '(message)'}  FAILED at {event['stage']}: {event['reason']}"
+    """One readable line for a prediction or dead-letter event; control characters escaped,
+    so nothing in a key or a reason can move the cursor or repaint the terminal."""
+    return escape(_describe(event))
+
+
+def render(value: bytes | None, raw: bool = False) -> str:
+    """A record of the topic as one safe line: described, or raw JSON, or what it is if neither."""
+    try:
+        event = json.loads(value or b"")
+    except (ValueError, UnicodeDecodeError):
+        return escape(f"(not a visionstream event: {(value or b'')[:200]!r})")
+    if raw:
+        return json.dumps(event, ensure_ascii=True)
+    if not isinstance(event, dict):
+        return escape(f"(not a visionstream event: {event!r:.200})")
+    try:
+        return describe(event)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return escape(f"(unreadable event: {json.dumps(event, ensure_ascii=True)[:200]})")
+
+
+def _describe(event: dict[str, Any]) -> str:
+    if str(event.get("schema", "")).startswith(DEAD_LETTER_PREFIX):
+        return f"{event.get('uri') or '(message)'}  FAILED at {event.get('stage')}: {event.get('reason')}"
     prediction = event.get("prediction") or {}
     truth = event.get("ground_truth")
-    verdict = {True: "match", False: "MISS", None: "-"}[event.get("match")]
+    verdict = {True: "match", False: "MISS"}.get(event.get("match"), "-")
     truth_text = f"truth {truth.get('label') or truth['wnid']}" if truth else "no truth"
     latency = f"{event['latency_ms']:.0f} ms" if event.get("latency_ms") is not None else ""
     return (

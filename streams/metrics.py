@@ -22,7 +22,8 @@ from inference.results import ModelInfo, Timings
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, 600.0)
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 30, 40, 50, 60, 90, 120, 250, 500, 1000)
 STAGES = ("fetch", "decode", "queue", "inference")
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The Prometheus text format; aiohttp takes the charset apart from the type (and the body is ASCII).
+CONTENT_TYPE = CONTENT_TYPE_LATEST.split("; charset")[0]
 
 METRIC_NAMES = (
     "visionstream_events_consumed_total",

@@ -57,6 +57,15 @@ class InputMessage:
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
+def offset_ranges(messages: Iterable[InputMessage]) -> str:
+    """``topic/partition:first-last`` per partition, the input a batch came from."""
+    ranges: dict[tuple[str, int], list[int]] = {}
+    for message in messages:
+        span = ranges.setdefault((message.topic, message.partition), [message.offset, message.offset])
+        span[0], span[1] = min(span[0], message.offset), max(span[1], message.offset)
+    return ",".join(f"{topic}/{partition}:{first}-{last}" for (topic, partition), (first, last) in sorted(ranges.items()))
+
+
 Item = TypeVar("Item")
 
 
@@ -161,6 +170,7 @@ class BatchHandler:
         if classified:
             self.counters.model(classified[0].model)
         sends: list[Awaitable[Any]] = []
+        failed = 0
         for (ref, message), outcome in zip(work, outcomes, strict=True):
             key = ref.uri.encode("utf-8")
             error = outcome if isinstance(outcome, Failure) else outcome.error
@@ -169,12 +179,17 @@ class BatchHandler:
                 self.counters.image_predicted(event["latency_ms"])
                 sends.append(self.publish(self.topics.predictions, key, encode(event)))
             else:
+                failed += 1
                 self.counters.image_failed(error.stage)
                 event = dead_letter_event(
                     error.stage, error.message, message.value, message.source, uri=ref.uri,
                     original_max_bytes=self.events.dead_letter_original_bytes,
                 )
                 sends.append(self.publish(self.topics.dead_letter, key, encode_dead_letter(event)))
+        log.info("batch classified", extra={
+            "batch": batch_id, "offsets": offset_ranges(message for _, message in work), "images": len(work),
+            "predictions": len(work) - failed, "dead_letters": failed, "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+        })
         return sends
 
     async def _classify_isolating(self, uris: list[str], priority: int) -> list[ImageResult | Failure]:

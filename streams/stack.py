@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from streams.errors import EmbeddedStackError
 
@@ -95,11 +96,45 @@ def start_s3_server(log_dir: Path | None = None) -> ManagedProcess:
     )
 
 
+def start_dask_scheduler(log_dir: Path | None = None, port: int | None = None) -> ManagedProcess:
+    """A standalone ``dask scheduler`` on loopback (a fixed ``port`` to restart it in place)."""
+    return _spawn("dask-scheduler", "the Dask scheduler", log_dir, lambda port: [
+        sys.executable, "-m", "distributed.cli.dask_scheduler",
+        "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0",
+    ], port=port, timeout_s=60)
+
+
+def start_dask_worker(scheduler: str, log_dir: Path | None = None, threads: int = 2, env: dict[str, str] | None = None) -> ManagedProcess:
+    """A standalone ``dask worker`` without a nanny: killing it kills the worker, as a crash would."""
+    return _spawn("dask-worker", "the Dask worker", log_dir, lambda port: [
+        sys.executable, "-m", "distributed.cli.dask_worker", scheduler,
+        "--host", "127.0.0.1", "--worker-port", str(port), "--no-nanny", "--nthreads", str(threads),
+        "--dashboard-address", "127.0.0.1:0",
+    ], env=env, timeout_s=60)
+
+
+def start_stream_worker(settings: Any, workdir: Path, name: str = "worker", log_level: str = "INFO", env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``visionstream worker`` in its own process and session: its settings in a config file
+    (secrets masked there), the secrets through its environment."""
+    import yaml
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    with open(workdir / f"{name}.log", "ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streams", "worker", "--config", str(config), "--log-level", log_level],
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env=os.environ | settings.secrets_env() | (env or {}),
+        )
+
+
 def _spawn(
-    name: str, what: str, log_dir: Path | None, argv: Callable[[int], list[str]], env: dict[str, str] | None = None
+    name: str, what: str, log_dir: Path | None, argv: Callable[[int], list[str]], env: dict[str, str] | None = None,
+    port: int | None = None, timeout_s: float = 30.0,
 ) -> ManagedProcess:
     """Start a server on a free loopback port, in its own session, and wait until it listens."""
-    port = free_port()
+    port = port or free_port()
     log_path = log_dir / f"{name}.log" if log_dir else None
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,7 +145,7 @@ def _spawn(
         )
     managed = ManagedProcess(name, process, port, log_path)
     try:
-        wait_for_port(port, process, what)
+        wait_for_port(port, process, what, timeout_s)
     except EmbeddedStackError:
         managed.stop()
         raise

@@ -1,0 +1,251 @@
+"""Fault soak: uploads mixed with hostile messages while processes are SIGKILLed at random.
+
+    python -m benchmarks.soak [--images 2000] [--kills 12] [--model resnet18] [--seed 1]
+
+The embedded stack (tansu broker, moto S3) with a standalone ``dask scheduler`` and ``dask
+worker`` and one ``visionstream worker``. A supervisor restarts whatever dies, as systemd or
+compose's ``restart:`` would. While notifications (and malformed, hostile, missing and
+corrupt ones between them) are sent, the stream worker, the Dask worker and the scheduler
+are SIGKILLed at random moments. At the end every output event is read back and counted:
+distinct predictions, duplicates, dead letters by stage, and every good upload without a
+prediction (lost), which must be none. Not part of CI: it runs for minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from inference.samples import generate_dataset
+from inference.settings import Settings
+from streams.events import now_iso
+from streams.kafka import ensure_topics, start_consumer, start_producer
+from streams.s3events import ObjectRef, object_created_event
+from streams.stack import (
+    EMBEDDED_BROKER_KAFKA,
+    S3_TEST_CREDENTIALS,
+    EmbeddedStack,
+    free_port,
+    start_dask_scheduler,
+    start_dask_worker,
+    start_stream_worker,
+)
+
+
+def say(text: str) -> None:
+    print(f"[soak {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def hostile_messages(bucket: str, foreign: str) -> list[bytes]:
+    def note(key: str, bucket: str = bucket) -> bytes:
+        return json.dumps(object_created_event(ObjectRef(bucket, key, event_time=now_iso()))).encode()
+
+    record = object_created_event(ObjectRef(bucket, "Images/x.jpg", event_time=now_iso()))["Records"][0]
+    return [
+        b'{"Records": "\\udfff"}',
+        b"[" * 100_000 + b"]" * 100_000,
+        json.dumps({"Records": [dict(record, eventTime=12)]}).encode(),
+        json.dumps({"Records": [dict(record, s3=dict(record["s3"], object={"key": "Images/x.jpg", "size": "huge"}))]}).encode(),
+        bytes(range(128, 256)) * 6000,
+        note("private/doc::x.jpg"),
+        note("Images/*.jpg"),
+        note("Images/secret.jpg", foreign),
+        os.urandom(512),
+        json.dumps({"Records": [record] * 500}).encode(),
+    ]
+
+
+class Supervisor:
+    """Keeps the scheduler, the Dask worker and the stream worker running; kills on request."""
+
+    def __init__(self, settings: Settings, work: Path, scheduler_port: int) -> None:
+        self.settings, self.work, self.port = settings, work, scheduler_port
+        self.env = os.environ | S3_TEST_CREDENTIALS
+        self.scheduler = start_dask_scheduler(work / "logs", port=scheduler_port)
+        self.dask_worker = start_dask_worker(self.address, work / "logs", env=self.env)
+        self.stream = start_stream_worker(settings, work / "logs", "stream-worker")
+        self.kills: Counter[str] = Counter()
+        self.restarts: Counter[str] = Counter()
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def kill(self, which: str) -> None:
+        process = {"scheduler": self.scheduler.process, "dask-worker": self.dask_worker.process, "stream-worker": self.stream}[which]
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            self.kills[which] += 1
+            say(f"SIGKILL {which}")
+
+    def tend(self) -> None:
+        """Restart whatever is down (the Dask worker also goes when its scheduler does)."""
+        if self.scheduler.process.poll() is not None:
+            self.scheduler = start_dask_scheduler(self.work / "logs", port=self.port)
+            self.restarts["scheduler"] += 1
+        if self.dask_worker.process.poll() is not None:
+            self.dask_worker = start_dask_worker(self.address, self.work / "logs", env=self.env)
+            self.restarts["dask-worker"] += 1
+        if self.stream.poll() is not None:
+            self.stream = start_stream_worker(self.settings, self.work / "logs", "stream-worker")
+            self.restarts["stream-worker"] += 1
+
+    def stop(self) -> None:
+        if self.stream.poll() is None:
+            self.stream.send_signal(signal.SIGTERM)
+            try:
+                self.stream.wait(60)
+            except subprocess.TimeoutExpired:
+                self.stream.kill()
+        self.dask_worker.stop()
+        self.scheduler.stop()
+
+
+async def send(settings: Settings, messages: list[bytes], rate: float) -> None:
+    producer = await start_producer(settings.kafka)
+    try:
+        for message in messages:
+            await producer.send_and_wait(settings.topics.uploads, message)
+            await asyncio.sleep(1 / rate)
+    finally:
+        await producer.stop()
+
+
+async def read_all(settings: Settings, idle_s: float = 5.0) -> list[dict[str, Any]]:
+    topics = settings.topics
+    consumer = await start_consumer(settings.kafka, topics.predictions, topics.dead_letter, from_beginning=True)
+    events: list[dict[str, Any]] = []
+    try:
+        while batch := await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=5000):
+            events.extend(json.loads(record.value) for records in batch.values() for record in records)
+    finally:
+        await consumer.stop()
+    return events
+
+
+def predicted(settings: Settings, expected: set[str]) -> int:
+    events = asyncio.run(read_all(settings, idle_s=1.0))
+    return len({e["uri"] for e in events if e.get("uri") in expected})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--kills", type=int, default=12, help="SIGKILLs in all, spread over the three processes")
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--rate", type=float, default=40.0, help="notifications per second sent")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--output", default="benchmarks/results/soak.json")
+    args = parser.parse_args(argv)
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="visionstream-soak-") as scratch, EmbeddedStack(log_dir=Path(scratch) / "logs") as stack:
+        work = Path(scratch)
+        os.environ.update(S3_TEST_CREDENTIALS)
+        suffix = uuid.uuid4().hex[:6]
+        bucket, foreign = f"soak-{suffix}", f"soak-foreign-{suffix}"
+        scheduler_port = free_port()
+        settings = Settings().with_overrides({
+            "model": {"name": args.model, "weights": "none", "precision": "fp32"},
+            "kafka": {"bootstrap_servers": stack.bootstrap_servers, "consumer_group": f"soak-{suffix}", **EMBEDDED_BROKER_KAFKA},
+            "storage": {"endpoint_url": stack.s3_endpoint, "region": "us-east-1", "bucket": bucket},
+            "cluster": {"scheduler": f"tcp://127.0.0.1:{scheduler_port}", "connect_timeout_s": 10},
+            "batch": {"linger_s": 0.5, "timeout_s": 60},
+            "worker": {"web_port": free_port(), "data_dir": str(work / "worker-data")},
+        })
+        s3 = boto3.client("s3", **settings.storage.boto3_kwargs())
+        for name in (bucket, foreign):
+            s3.create_bucket(Bucket=name)
+        say(f"generating and uploading {args.images} images (+ corrupt ones) ...")
+        paths = generate_dataset(work / "images", args.images, seed=args.seed, bad_files=20)
+        good, corrupt = set(), set()
+        for path in paths:
+            key = path.relative_to(work / "images").as_posix()
+            s3.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+            (corrupt if "_bad" in path.name else good).add(f"s3://{bucket}/{key}")
+        s3.put_object(Bucket=foreign, Key="Images/secret.jpg", Body=paths[0].read_bytes())
+        missing = {f"s3://{bucket}/Images/never-uploaded-{i}.jpg" for i in range(20)}
+        messages = [json.dumps(object_created_event(ObjectRef(bucket, uri.split("/", 3)[3], event_time=now_iso()))).encode() for uri in sorted(good | corrupt | missing)]
+        hostile = hostile_messages(bucket, foreign) * 3
+        for message in hostile:
+            messages.insert(rng.randrange(len(messages) + 1), message)
+        asyncio.run(ensure_topics(settings.kafka, settings.topics))
+        supervisor = Supervisor(settings, work, scheduler_port)
+        started = time.monotonic()
+        sending = threading.Thread(target=lambda: asyncio.run(send(settings, messages, args.rate)), daemon=True)
+        sending.start()
+        kills_left = args.kills
+        deadline = started + args.timeout
+        next_kill = time.monotonic() + rng.uniform(5, 15)
+        try:
+            while time.monotonic() < deadline:
+                supervisor.tend()
+                if kills_left and time.monotonic() >= next_kill:
+                    supervisor.kill(rng.choice(["stream-worker", "stream-worker", "dask-worker", "scheduler"]))
+                    kills_left -= 1
+                    next_kill = time.monotonic() + rng.uniform(5, 20)
+                if not kills_left and not sending.is_alive():
+                    done = predicted(settings, good)
+                    say(f"{done}/{len(good)} good uploads predicted")
+                    if done == len(good):
+                        break
+                time.sleep(1.0)
+        finally:
+            supervisor.stop()
+        elapsed = time.monotonic() - started
+        events = asyncio.run(read_all(settings))
+    report = summarize(events, good, corrupt, missing, supervisor, elapsed, args)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0 if report["lost"] == 0 else 1
+
+
+def summarize(events: list[dict[str, Any]], good: set[str], corrupt: set[str], missing: set[str], supervisor: Supervisor, elapsed_s: float, args: argparse.Namespace) -> dict[str, Any]:
+    predictions = Counter(e["uri"] for e in events if e.get("schema", "").startswith("visionstream.prediction"))
+    dead = [e for e in events if e.get("schema", "").startswith("visionstream.dead-letter")]
+    lost = sorted(good - predictions.keys())
+    return {
+        "images": len(good),
+        "kills": dict(supervisor.kills),
+        "restarts": dict(supervisor.restarts),
+        "distinct_predictions": len(predictions.keys() & good),
+        "duplicate_predictions": sum(count - 1 for count in predictions.values()),
+        "dead_letters_by_stage": dict(Counter(e["stage"] for e in dead)),
+        "distinct_dead_lettered_images": len({e["uri"] for e in dead if e.get("uri")}),
+        "corrupt_uploads_dead_lettered": len(corrupt & {e["uri"] for e in dead if e.get("uri")}),
+        "missing_objects_dead_lettered": len(missing & {e["uri"] for e in dead if e.get("uri")}),
+        "lost": len(lost),
+        "lost_examples": lost[:10],
+        "elapsed_s": round(elapsed_s, 1),
+        "model": args.model,
+        "machine": _machine(),
+    }
+
+
+def _machine() -> str:
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

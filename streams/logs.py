@@ -1,0 +1,58 @@
+"""Log records as one line each: ``key=value`` text or JSON objects (``--log-format``).
+
+Whatever a message carries (an object key from the outside world, an exception text), a
+record stays one line: control characters are escaped in text, and JSON escapes them
+itself. Fields given with ``extra={"batch": ..., "topic": ...}`` are emitted as their own
+keys, so a batch can be followed from consume to ack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+
+NOISY = ("distributed", "aiokafka", "faust", "mode", "botocore", "s3fs", "urllib3", "asyncio")
+FIELDS = ("batch", "topic", "partition", "offsets", "images", "predictions", "dead_letters", "duration_ms")
+_CONTROL = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+
+
+def escape(text: str) -> str:
+    """Control characters as visible escapes: a key with a newline cannot forge a log line,
+    one with ANSI escapes cannot repaint a terminal."""
+    return text.translate(_CONTROL)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s level=%(levelname)s logger=%(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = escape(super().format(record))  # a traceback too stays on its line, its newlines shown as \n
+        extras = " ".join(f"{name}={escape(str(getattr(record, name)))}" for name in FIELDS if hasattr(record, name))
+        return f"{line} {extras}" if extras else line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update({name: getattr(record, name) for name in FIELDS if hasattr(record, name)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=True, default=str)
+
+
+def configure_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level))
+    for noisy in NOISY:
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
