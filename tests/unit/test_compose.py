@@ -94,7 +94,7 @@ needs_compose = pytest.mark.skipif(shutil.which("docker-compose") is None, reaso
 
 @needs_compose
 # ids spelled out: a bare "gpu" id would read as the gpu marker and skip without CUDA
-@pytest.mark.parametrize("profile", [None, "gpu", "cpu"], ids=lambda p: f"profile={p}")
+@pytest.mark.parametrize("profile", [None, "gpu", "cpu", "monitoring", "monitoring-gpu"], ids=lambda p: f"profile={p}")
 def test_docker_compose_accepts_the_file_with_its_secrets_set(tmp_path, profile):
     done = run_compose(tmp_path, SECRETS_FOR_TEST, *(["--profile", profile] if profile else []))
     assert done.returncode == 0, done.stderr
