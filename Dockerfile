@@ -1,5 +1,11 @@
 # One image for the stream worker and the Dask workers. PyPI's torch wheels for Linux x86_64
 # are CUDA builds: the same image runs on GPU hosts (with the NVIDIA container toolkit) and CPUs.
+#
+#   docker build -t visionstream:0.1.0 .                 # with the gpu extra (dask-cuda)
+#   docker build --build-arg EXTRAS= -t visionstream .   # without extras
+#
+# The build fails when an extra cannot be installed: an image without dask-cuda would only fail
+# later, on the GPU hosts, at `dask cuda worker`.
 FROM python:3.11-slim
 
 ENV PYTHONUNBUFFERED=1 \
@@ -13,11 +19,13 @@ COPY pyproject.toml README.md ./
 COPY requirements ./requirements
 COPY inference ./inference
 COPY streams ./streams
+ARG EXTRAS=gpu
+RUN pip install -c requirements/constraints.txt ".${EXTRAS:+[$EXTRAS]}" \
+    && rm -rf build ./*.egg-info
 COPY configs ./configs
-RUN pip install -c requirements/constraints.txt -e '.[gpu]' || pip install -c requirements/constraints.txt -e .
 
 RUN useradd --create-home --uid 10001 visionstream && mkdir -p /models/torch /var/lib/visionstream \
     && chown -R visionstream /models /var/lib/visionstream
 USER visionstream
-EXPOSE 6066 8786 8787
+EXPOSE 6066 8786 8787 8788
 CMD ["visionstream", "worker", "--config", "configs/compose.yaml"]

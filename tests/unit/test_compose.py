@@ -1,8 +1,12 @@
-"""docker-compose.yml: valid for docker-compose, and consistent with the settings it feeds."""
+"""docker-compose.yml: valid for docker-compose, secure by default, and consistent with the
+settings it feeds. Structural checks on the parsed YAML; no Docker engine needed."""
 
+import json
+import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,15 +16,97 @@ from inference.settings import load_settings
 from streams.kafka import all_topics
 
 REPO = Path(__file__).resolve().parents[2]
-COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+COMPOSE_TEXT = (REPO / "docker-compose.yml").read_text()
+COMPOSE = yaml.safe_load(COMPOSE_TEXT)
 SERVICES = COMPOSE["services"]
+ONE_SHOT = {name for name in SERVICES if name.endswith("-init")}
+LONG_RUNNING = sorted(SERVICES.keys() - ONE_SHOT)
+STORAGE_READERS = {"visionstream", "dask-worker", "dask-worker-cpu"}
+
+# ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message}, ${NAME:+alt}
+VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|KEY", re.IGNORECASE)
+LOOPBACK_HOST = re.compile(r"127\.0\.0\.1|\$\{STACK_BIND_ADDRESS:-127\.0\.0\.1\}")
+MUST_RESTART = {"unless-stopped", "always", "on-failure"}
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose client not installed (.ci/run installs it)")
-def test_docker_compose_accepts_the_file():
-    done = subprocess.run(["docker-compose", "-f", "docker-compose.yml", "config", "-q"], cwd=REPO, capture_output=True, text=True)
+def variables(text: str) -> list[re.Match[str]]:
+    return [match for match in VARIABLE.finditer(text) if text[match.start() - 1 : match.start()] != "$"]  # $${...} is escaped
+
+
+def required_variables() -> set[str]:
+    return {match["name"] for match in variables(COMPOSE_TEXT) if match["op"] == ":?"}
+
+
+def with_defaults(value: str) -> str:
+    """A compose value with every ${NAME:-default} replaced by its default."""
+    return VARIABLE.sub(lambda m: m["arg"] if m["op"] in (":-", "-") else m[0], str(value))
+
+
+def referenced(value: object) -> set[str]:
+    return {match["name"] for match in variables(str(value))}
+
+
+def script(service: str) -> str:
+    """The shell script a one-shot service runs, as the shell sees it ($$ is compose's $)."""
+    return SERVICES[service]["command"][0].replace("$$", "$")
+
+
+def environment(service: str) -> dict[str, str]:
+    return {key: str(value) for key, value in (SERVICES[service].get("environment") or {}).items()}
+
+
+def published(service: str) -> list[tuple[str, str, str]]:
+    """(host address, host port, container port) of each published port."""
+    ports = []
+    for entry in SERVICES[service].get("ports") or []:
+        if isinstance(entry, dict):
+            ports.append((str(entry.get("host_ip", "")), str(entry.get("published", "")), str(entry["target"])))
+            continue
+        parts = str(entry).rsplit(":", 2)  # [host address:][host port:]container port
+        ports.append(tuple(parts) if len(parts) == 3 else ("", parts[0] if len(parts) == 2 else "", parts[-1]))
+    return ports
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+# --- docker-compose accepts the file, and refuses it without its secrets -------------------------
+
+def run_compose(tmp_path: Path, values: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """docker-compose with only `values` for the required variables: an env file of our own (not
+    the checkout's .env, which may hold a developer's secrets) and none of them inherited."""
+    env_file = tmp_path / "test.env"
+    env_file.write_text("".join(f"{key}={value}\n" for key, value in values.items()))
+    inherited = {key: value for key, value in os.environ.items()
+                 if key not in required_variables() and not key.startswith(("STACK_", "COMPOSE_"))}
+    return subprocess.run(
+        ["docker-compose", "--env-file", str(env_file), "-f", "docker-compose.yml", *args, "config", "-q"],
+        cwd=REPO, env=inherited, capture_output=True, text=True,
+    )
+
+
+SECRETS_FOR_TEST = {name: f"test{index}0123456789" for index, name in enumerate(sorted(required_variables()))}
+needs_compose = pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose client not installed (.ci/run installs it)")
+
+
+@needs_compose
+# ids spelled out: a bare "gpu" id would read as the gpu marker and skip without CUDA
+@pytest.mark.parametrize("profile", [None, "gpu", "cpu", "monitoring", "monitoring-gpu"], ids=lambda p: f"profile={p}")
+def test_docker_compose_accepts_the_file_with_its_secrets_set(tmp_path, profile):
+    done = run_compose(tmp_path, SECRETS_FOR_TEST, *(["--profile", profile] if profile else []))
     assert done.returncode == 0, done.stderr
 
+
+@needs_compose
+def test_docker_compose_refuses_the_file_without_the_minio_root_password(tmp_path):
+    done = run_compose(tmp_path, {k: v for k, v in SECRETS_FOR_TEST.items() if k != "MINIO_ROOT_PASSWORD"})
+    assert done.returncode != 0 and "MINIO_ROOT_PASSWORD" in done.stderr, done.stderr
+
+
+# --- what is there ------------------------------------------------------------------------------
 
 def test_the_services_are_all_there():
     assert {"kafka", "kafka-init", "minio", "minio-init", "dask-scheduler", "dask-worker", "dask-worker-cpu", "visionstream"} <= SERVICES.keys()
@@ -35,23 +121,203 @@ def test_gpu_workers_reserve_nvidia_devices_and_a_cpu_profile_exists():
     assert "deploy" not in SERVICES["dask-worker-cpu"]
 
 
-def test_long_running_services_have_healthchecks_and_start_in_order():
-    for name in ("kafka", "minio", "dask-scheduler", "visionstream"):
-        assert "test" in SERVICES[name]["healthcheck"], name
+# --- exposure -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_every_published_port_binds_to_loopback_unless_the_operator_says_otherwise(service):
+    for host, host_port, container_port in published(service):
+        assert LOOPBACK_HOST.fullmatch(host), f"{service} publishes {host_port}:{container_port} on {host or 'every interface'}"
+
+
+def test_dask_is_reachable_only_on_the_compose_network_but_its_dashboard_on_loopback():
+    published_ports = {(service, container) for service in SERVICES for _, _, container in published(service)}
+    assert not any(container == "8786" for _, container in published_ports), "the Dask scheduler port runs code on the workers"
+    assert {container for service, container in published_ports if service == "dask-scheduler"} == {"8787"}
+    assert not any(service.startswith("dask-worker") for service, _ in published_ports)
+
+
+def test_kafka_publishes_only_its_scram_listener():
+    env = environment("kafka")
+    protocols = dict(pair.split(":") for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    ports = {listener.split("://")[0]: listener.rsplit(":", 1)[1] for listener in env["KAFKA_LISTENERS"].split(",")}
+    sasl = [name for name, protocol in protocols.items() if protocol in ("SASL_PLAINTEXT", "SASL_SSL")]
+    assert sasl, "no SASL listener"
+    [listener] = sasl
+    assert env[f"KAFKA_LISTENER_NAME_{listener}_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
+    assert "ScramLoginModule required" in env[f"KAFKA_LISTENER_NAME_{listener}_SCRAM___SHA___512_SASL_JAAS_CONFIG"]
+    assert {container for _, _, container in published("kafka")} == {ports[listener]}
+    assert f"{listener}://${{STACK_KAFKA_HOST:-localhost}}:{ports[listener]}" in env["KAFKA_ADVERTISED_LISTENERS"]
+
+
+def test_kafka_init_creates_the_scram_user_from_required_variables():
+    commands = script("kafka-init")
+    env = environment("kafka-init")
+    assert "--entity-type users" in commands and "SCRAM-SHA-512=[" in commands
+    assert '--entity-name "$SCRAM_USER"' in commands and "password=$SCRAM_PASSWORD]" in commands
+    for name in ("SCRAM_USER", "SCRAM_PASSWORD"):
+        [match] = variables(env[name])
+        assert match["op"] == ":?", f"{name} must be required"
+
+
+# --- secrets ------------------------------------------------------------------------------------
+
+def test_no_secret_has_a_default():
+    for match in variables(COMPOSE_TEXT):
+        if SECRET_NAME.search(match["name"]):
+            assert match["op"] == ":?", f"${{{match['name']}}} must be required (:?), not {match['op'] or 'optional'}"
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_every_secret_in_an_environment_is_a_required_variable(service):
+    for key, value in environment(service).items():
+        if SECRET_NAME.search(key):
+            assert re.fullmatch(r"\$\{[A-Z0-9_]+:\?[^}]*\}", value), f"{service}.{key} is not a required variable: {value!r}"
+    assert "env_file" not in SERVICES[service]
+
+
+def test_no_known_default_secret_is_left_anywhere():
+    for text in (COMPOSE_TEXT, (REPO / ".env").read_text(), (REPO / ".env.example").read_text()):
+        for default in ("visionstream-secret", "minioadmin", "admin-secret"):
+            assert default not in text
+
+
+def test_the_example_env_file_lists_every_required_variable_empty_and_env_holds_none():
+    example = read_env_file(REPO / ".env.example")
+    assert required_variables() <= example.keys()
+    assert all(example[name] == "" for name in required_variables())
+    committed = read_env_file(REPO / ".env")
+    assert not [key for key in committed if key in required_variables() or SECRET_NAME.search(key)]
+
+
+def test_secrets_stay_out_of_the_image_build_context():
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    assert ".env" in ignored and ".env.*" in ignored
+
+
+def test_the_scheduler_holds_no_storage_credentials():
+    env = environment("dask-scheduler")
+    assert not [key for key in env if key.startswith(("AWS_", "VISIONSTREAM_STORAGE__")) or SECRET_NAME.search(key)]
+    assert not referenced(env) & {"MINIO_SERVICE_USER", "MINIO_SERVICE_PASSWORD", "MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}
+
+
+def test_only_the_processes_that_read_the_bucket_get_storage_credentials():
+    for service in SERVICES:
+        env = environment(service)
+        has_credentials = any(key.startswith("AWS_") or key.startswith("VISIONSTREAM_STORAGE__") for key in env)
+        uses_service_user = bool(referenced(env) & {"MINIO_SERVICE_USER", "MINIO_SERVICE_PASSWORD"})
+        if service in STORAGE_READERS:
+            assert has_credentials, service
+        elif service != "minio-init":  # creates the user
+            assert not (has_credentials or uses_service_user), service
+
+
+def test_the_service_reads_storage_as_its_own_user_never_root():
+    for service in STORAGE_READERS:
+        env = environment(service)
+        assert referenced(env["AWS_ACCESS_KEY_ID"]) == {"MINIO_SERVICE_USER"}, service
+        assert referenced(env["AWS_SECRET_ACCESS_KEY"]) == {"MINIO_SERVICE_PASSWORD"}, service
+    root_users = {service for service in SERVICES if referenced(SERVICES[service]) & {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD"}}
+    assert root_users == {"minio", "minio-init"}
+
+
+def test_minio_init_creates_the_service_user_with_a_read_only_policy_on_the_bucket():
+    settings = load_settings(REPO / "configs" / "compose.yaml", environ={})
+    commands = script("minio-init")
+    [mount] = SERVICES["minio-init"]["volumes"]
+    source, target, _ = mount.split(":")
+    assert f"mc admin policy create local visionstream-read {target}" in commands
+    assert 'mc admin user add local "$SERVICE_USER" "$SERVICE_PASSWORD"' in commands
+    assert 'mc admin policy attach local visionstream-read --user "$SERVICE_USER"' in commands
+    policy = json.loads((REPO / source).read_text())
+    granted = {(action, resource) for statement in policy["Statement"] if statement["Effect"] == "Allow"
+               for action in statement["Action"] for resource in statement["Resource"]}
+    bucket = settings.storage.bucket
+    assert granted == {("s3:GetObject", f"arn:aws:s3:::{bucket}/*"), ("s3:ListBucket", f"arn:aws:s3:::{bucket}")}
+
+
+# --- images, restarts, health -------------------------------------------------------------------
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_every_image_tag_is_pinned(service):
+    image = with_defaults(SERVICES[service]["image"])
+    name = image.rsplit("/", 1)[-1]
+    assert "@sha256:" in name or (":" in name and name.rsplit(":", 1)[1] not in ("", "latest")), f"{service}: {image}"
+
+
+def test_the_service_image_carries_the_package_version():
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    for service in ("dask-scheduler", "visionstream", *sorted(STORAGE_READERS)):
+        assert with_defaults(SERVICES[service]["image"]) == f"visionstream:{version}", service
+
+
+@pytest.mark.parametrize("service", LONG_RUNNING)
+def test_every_long_running_service_restarts_and_has_a_healthcheck(service):
+    assert SERVICES[service].get("restart") in MUST_RESTART, f"{service} stays down after a crash"
+    healthcheck = SERVICES[service].get("healthcheck") or {}
+    assert healthcheck.get("test") and not healthcheck.get("disable"), service
+
+
+@pytest.mark.parametrize("service", sorted(ONE_SHOT))
+def test_one_shot_services_are_not_restarted_forever(service):
+    assert SERVICES[service].get("restart", "no") not in ("always", "unless-stopped")
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_dependencies_wait_for_health_or_completion(service):
+    depends = SERVICES[service].get("depends_on") or {}
+    assert isinstance(depends, dict), f"{service}: depends_on as a list waits for nothing"
+    for dependency, spec in depends.items():
+        if dependency in ONE_SHOT:
+            assert spec["condition"] == "service_completed_successfully", (service, dependency)
+        else:
+            assert spec["condition"] == "service_healthy", (service, dependency)
+            assert SERVICES[dependency]["healthcheck"]["test"], dependency
+
+
+def test_the_stream_worker_is_judged_by_livez():
     depends = SERVICES["visionstream"]["depends_on"]
     assert depends["kafka-init"]["condition"] == "service_completed_successfully"
     assert depends["dask-scheduler"]["condition"] == "service_healthy"
+    check = " ".join(SERVICES["visionstream"]["healthcheck"]["test"])
+    assert "localhost:6066/livez" in check
+    assert "os.kill(1, signal.SIGTERM)" in check  # a wedged worker exits, so that the restart policy acts
 
+
+# --- the image ----------------------------------------------------------------------------------
+
+def test_the_dockerfile_fails_when_the_extra_cannot_install_and_runs_unprivileged():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    instructions = re.sub(r"\\\n", " ", dockerfile).splitlines()
+    installs = [line for line in instructions if line.startswith("RUN") and "pip install" in line and "-c requirements" in line]
+    assert installs, "the package is not installed"
+    for line in installs:
+        assert "||" not in line and " -e " not in line, line
+        assert "EXTRAS" in line, line
+    assert "ARG EXTRAS=gpu" in instructions
+    users = [line.split()[1] for line in instructions if line.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+
+
+# --- consistent with the settings ---------------------------------------------------------------
 
 def test_minio_notifies_the_uploads_topic_and_init_creates_every_topic():
     settings = load_settings(REPO / "configs" / "compose.yaml", environ={})
     minio = SERVICES["minio"]["environment"]
     assert minio["MINIO_NOTIFY_KAFKA_TOPIC_PRIMARY"] == settings.topics.uploads
     assert minio["MINIO_NOTIFY_KAFKA_BROKERS_PRIMARY"] == settings.kafka.bootstrap_servers
-    script = SERVICES["kafka-init"]["command"][0]
-    created = re.search(r"for topic in ([^;]+);", script).group(1).split()
+    commands = script("kafka-init")
+    created = re.search(r"for topic in ([^;]+);", commands).group(1).split()
     assert sorted(created) == sorted(all_topics(settings.topics))
-    assert f"--partitions {settings.topics.partitions}" in script
+    assert f"--partitions {settings.topics.partitions}" in commands
+    assert f"--replication-factor {settings.topics.replication_factor}" in commands
+
+
+def test_one_broker_replicates_once_and_production_three_times():
+    compose = load_settings(REPO / "configs" / "compose.yaml", environ={})
+    production = load_settings(REPO / "configs" / "production.yaml", environ={})
+    assert compose.topics.replication_factor == 1  # a single broker cannot hold more copies
+    assert production.topics.replication_factor == 3
+    assert production.kafka.security_protocol == "SASL_SSL" and production.kafka.sasl_mechanism == "SCRAM-SHA-512"
 
 
 def test_every_setting_the_compose_file_passes_exists():
@@ -59,7 +325,15 @@ def test_every_setting_the_compose_file_passes_exists():
     for service in SERVICES.values():
         env.update({k: str(v) for k, v in (service.get("environment") or {}).items() if k.startswith("VISIONSTREAM_")})
     assert env, "the compose file sets no VISIONSTREAM_ variables?"
-    resolved = {k: re.sub(r"\$\{[^:}]+:-([^}]*)\}", r"\1", v) for k, v in env.items()}
+    resolved = {k: with_defaults(v) for k, v in env.items()}
+    assert not [v for v in resolved.values() if "${" in v], resolved
     settings = load_settings(REPO / "configs" / "compose.yaml", environ=resolved)  # unknown keys raise ConfigError
     assert settings.cluster.scheduler == "tcp://dask-scheduler:8786"
     assert settings.storage.endpoint_url == "http://minio:9000" and settings.storage.secret_access_key is None
+
+
+def test_the_compose_level_variables_are_no_settings():
+    """VISIONSTREAM_* names are read as settings by every `visionstream` command: a compose
+    variable named so, once exported in a shell, would make the CLI refuse to start."""
+    for match in variables(COMPOSE_TEXT):
+        assert not match["name"].startswith("VISIONSTREAM_"), match["name"]
