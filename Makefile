@@ -28,8 +28,8 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
-compose-check:
-	docker-compose -f docker-compose.yml config -q
+compose-check: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit/test_compose.py tests/unit/test_monitoring.py
 
 constraints: $(STAMP)
 	{ echo "# Tested versions; 'make install' uses these as constraints so pip need not search."; \
