@@ -21,7 +21,10 @@ def create_app(settings: Settings) -> faust.App:
         processing_guarantee="at_least_once",  # exactly_once needs transactions, which not every broker has
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
-        producer_request_timeout=kafka.delivery_timeout_s,  # Faust's default would block a publish for 20 min
+        producer_request_timeout=kafka.delivery_timeout_s,
+        # Events taken but not yet in a batch stay unacknowledged at a stop (consumed again);
+        # StreamService.drain finishes the batches in flight. Faust would wait for the rest forever.
+        stream_wait_empty=False,  # Faust's default would block a publish for 20 min
         key_serializer="raw",
         value_serializer="raw",
         topic_partitions=topics.partitions,

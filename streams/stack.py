@@ -96,12 +96,12 @@ def start_s3_server(log_dir: Path | None = None) -> ManagedProcess:
     )
 
 
-def start_dask_scheduler(log_dir: Path | None = None, port: int | None = None) -> ManagedProcess:
+def start_dask_scheduler(log_dir: Path | None = None, port: int | None = None, env: dict[str, str] | None = None) -> ManagedProcess:
     """A standalone ``dask scheduler`` on loopback (a fixed ``port`` to restart it in place)."""
     return _spawn("dask-scheduler", "the Dask scheduler", log_dir, lambda port: [
         sys.executable, "-m", "distributed.cli.dask_scheduler",
         "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0",
-    ], port=port, timeout_s=60)
+    ], env=env, port=port, timeout_s=60)
 
 
 def start_dask_worker(scheduler: str, log_dir: Path | None = None, threads: int = 2, env: dict[str, str] | None = None) -> ManagedProcess:

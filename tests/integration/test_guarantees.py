@@ -207,8 +207,11 @@ def test_a_commit_never_covers_an_earlier_batch_still_in_flight(settings, bucket
     """One partition, two batches in flight; the first hangs on a stopped Dask worker while the
     second finishes on another. After a commit has certainly happened (a control event on the
     backfill topic is committed), SIGKILL: a restart must still predict the first batch."""
+    from distributed import Client
+
     env = os.environ | S3_TEST_CREDENTIALS
-    scheduler = start_dask_scheduler(tmp_path)
+    # one task per thread: the second batch waits for a free thread instead of queueing on the stopped worker
+    scheduler = start_dask_scheduler(tmp_path, env=os.environ | {"DASK_DISTRIBUTED__SCHEDULER__WORKER_SATURATION": "1.0"})
     address = f"tcp://127.0.0.1:{scheduler.port}"
     stuck = start_dask_worker(address, tmp_path / "stuck", threads=1, env=env)
     other = None
@@ -225,6 +228,8 @@ def test_a_commit_never_covers_an_earlier_batch_still_in_flight(settings, bucket
         early = put_images(settings, tmp_path, 5, prefix="early/")  # offsets 0-4: onto the stopped worker
         wait_until(lambda: first.health()["counters"]["in_flight_batches"] == 1, 60, "the first batch in flight", first.log_tail)
         other = start_dask_worker(address, tmp_path / "other", threads=1, env=env)
+        with Client(address, timeout=30) as client:
+            client.wait_for_workers(2, timeout=60)
         late = put_images(settings, tmp_path, 5, prefix="late/")  # offsets 5-9: onto the running worker
         assert late <= collect_events(settings, late, timeout_s=180).keys(), first.log_tail()
         control = put_images(settings.with_overrides({"topics": {"uploads": settings.topics.backfill}}), tmp_path, 1, prefix="control/")
