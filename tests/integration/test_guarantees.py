@@ -218,7 +218,7 @@ def test_a_commit_never_covers_an_earlier_batch_still_in_flight(settings, bucket
     try:
         settings = settings.with_overrides({
             "cluster": {"scheduler": address},
-            "batch": {"size": 5, "max_in_flight": 2, "timeout_s": 600, "linger_s": 0.5},
+            "batch": {"size": 5, "max_in_flight": 2, "timeout_s": 600, "linger_s": 30},  # full batches of 5, never partial
             "topics": {"partitions": 1},
         })
         create_topics(settings)
@@ -226,13 +226,14 @@ def test_a_commit_never_covers_an_earlier_batch_still_in_flight(settings, bucket
         first.wait_ready()
         os.kill(stuck.pid, signal.SIGSTOP)
         early = put_images(settings, tmp_path, 5, prefix="early/")  # offsets 0-4: onto the stopped worker
-        wait_until(lambda: first.health()["counters"]["in_flight_batches"] == 1, 60, "the first batch in flight", first.log_tail)
+        wait_until(lambda: first.health()["counters"]["events_in"] == 5, 60, "the first batch in flight", first.log_tail)
+        assert first.health()["counters"]["in_flight_batches"] == 1
         other = start_dask_worker(address, tmp_path / "other", threads=1, env=env)
         with Client(address, timeout=30) as client:
             client.wait_for_workers(2, timeout=60)
         late = put_images(settings, tmp_path, 5, prefix="late/")  # offsets 5-9: onto the running worker
         assert late <= collect_events(settings, late, timeout_s=180).keys(), first.log_tail()
-        control = put_images(settings.with_overrides({"topics": {"uploads": settings.topics.backfill}}), tmp_path, 1, prefix="control/")
+        control = put_images(settings.with_overrides({"topics": {"uploads": settings.topics.backfill}}), tmp_path, 5, prefix="control/")
         assert control <= collect_events(settings, control, timeout_s=120).keys()
         wait_until(lambda: committed_offset(settings, settings.topics.backfill) >= 1, 60, "a commit after the later batch", first.log_tail)
         first.kill()

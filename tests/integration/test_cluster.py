@@ -1,0 +1,51 @@
+"""The model plugin on a real Dask cluster: no secret on the scheduler, one resident model per
+configuration whatever the credentials, and a superseded configuration released."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+
+from distributed import LocalCluster
+from pydantic import SecretStr
+
+from inference.cluster import InferenceCluster
+from inference.settings import ClusterSettings, ImageSettings, ModelSettings, StorageSettings
+from inference.worker import PLUGIN_PREFIX
+
+
+def resident(dask_worker) -> dict[str, bool]:
+    return {name: plugin.loaded is not None for name, plugin in dask_worker.plugins.items() if name.startswith(PLUGIN_PREFIX)}
+
+
+def test_rotated_secrets_share_one_model_and_a_new_configuration_retires_the_old(tmp_path):
+    async def run() -> None:
+        async with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                dashboard_address="127.0.0.1:0", asynchronous=True) as local:
+            settings = ClusterSettings(scheduler=local.scheduler_address)
+            model = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32")
+            clusters = []
+            for secret in ("first-secret-abc", "rotated-secret-xyz"):
+                cluster = InferenceCluster(settings, model, ImageSettings(), StorageSettings(access_key_id="K", secret_access_key=SecretStr(secret)), r"(?P<wnid>n\d{8})")
+                await cluster.start()
+                clusters.append(cluster)
+            client = clusters[0].client
+            [models] = (await client.run(resident)).values()
+            assert list(models.values()) == [True]  # one resident model for both secrets
+            stored = await client.run_on_scheduler(lambda dask_scheduler: dict(dask_scheduler.worker_plugins))
+            for blob in stored.values():  # what the scheduler keeps and hands to every worker
+                assert b"first-secret-abc" not in blob and b"rotated-secret-xyz" not in blob
+                assert b"first-secret-abc" not in pickle.dumps(blob)
+
+            newer = InferenceCluster(settings, model.model_copy(update={"top_k": 3}), ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
+            await newer.start()
+            [models] = (await client.run(resident)).values()
+            assert len(models) == 2
+            retired = await newer.retire_superseded(idle_s=0)
+            assert retired == [clusters[0].plugin.name]
+            [models] = (await client.run(resident)).values()
+            assert list(models) == [newer.plugin.name]  # the old model was released on the worker
+            for cluster in [*clusters, newer]:
+                await cluster.close()
+
+    asyncio.run(run())
