@@ -1,4 +1,4 @@
-"""The stream-side commands: worker, upload, tail, demo (registered into streams.cli)."""
+"""The ``visionstream`` commands: classify, worker, upload, tail, backfill, evaluate, demo."""
 
 from __future__ import annotations
 
@@ -8,19 +8,20 @@ import json
 import shlex
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 from inference.settings import Settings
-from streams.cli import progress_bar
-from streams.events import DEAD_LETTER_SCHEMA
-from streams.logs import escape
-
-DEAD_LETTER_PREFIX = DEAD_LETTER_SCHEMA.rsplit("/", 1)[0]
+from streams.console import progress_bar, render
 
 Command = Callable[[str, Callable[[argparse.Namespace, Settings], int | None], str], argparse.ArgumentParser]
 
 
 def register(command: Command) -> None:
+    classify = command("classify", run_classify, "classify files, folders, globs or s3:// prefixes; one JSON line per image")
+    classify.add_argument("sources", nargs="+", metavar="SOURCE")
+    classify.add_argument("--output", "-o", default="-", metavar="FILE", help="JSON lines to this file ('-' = stdout)")
+    _add_model_options(classify)
+
     worker = command("worker", run_worker, "run a stream worker: S3 events in, prediction events out")
     worker.add_argument("--web-port", type=int, dest="worker__web_port", metavar="PORT", help="health endpoint port")
     worker.add_argument("--scheduler", dest="cluster__scheduler", metavar="ADDRESS", help="Dask scheduler (tcp://host:8786)")
@@ -109,42 +110,6 @@ def run_tail(args: argparse.Namespace, settings: Settings) -> int:
 
     asyncio.run(tail())
     return 0
-
-
-def describe(event: dict[str, Any]) -> str:
-    """One readable line for a prediction or dead-letter event; control characters escaped,
-    so nothing in a key or a reason can move the cursor or repaint the terminal."""
-    return escape(_describe(event))
-
-
-def render(value: bytes | None, raw: bool = False) -> str:
-    """A record of the topic as one safe line: described, or raw JSON, or what it is if neither."""
-    try:
-        event = json.loads(value or b"")
-    except (ValueError, UnicodeDecodeError):
-        return escape(f"(not a visionstream event: {(value or b'')[:200]!r})")
-    if raw:
-        return json.dumps(event, ensure_ascii=True)
-    if not isinstance(event, dict):
-        return escape(f"(not a visionstream event: {event!r:.200})")
-    try:
-        return describe(event)
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return escape(f"(unreadable event: {json.dumps(event, ensure_ascii=True)[:200]})")
-
-
-def _describe(event: dict[str, Any]) -> str:
-    if str(event.get("schema", "")).startswith(DEAD_LETTER_PREFIX):
-        return f"{event.get('uri') or '(message)'}  FAILED at {event.get('stage')}: {event.get('reason')}"
-    prediction = event.get("prediction") or {}
-    truth = event.get("ground_truth")
-    verdict = {True: "match", False: "MISS"}.get(event.get("match"), "-")
-    truth_text = f"truth {truth.get('label') or truth['wnid']}" if truth else "no truth"
-    latency = f"{event['latency_ms']:.0f} ms" if event.get("latency_ms") is not None else ""
-    return (
-        f"{event.get('name', '?'):<28} {prediction.get('label', '?'):<28} {prediction.get('score', 0):6.1%}  "
-        f"{truth_text:<32} {verdict:<5} {latency}"
-    )
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -242,3 +207,51 @@ async def _read_topic(settings: Settings, from_beginning: bool, idle_s: float, l
         await consumer.stop()
     return records[:limit] if limit is not None else records
 
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, dest="batch__size", metavar="N")
+    parser.add_argument("--model", dest="model__name", metavar="NAME", help="torchvision model name (resnet50)")
+    parser.add_argument("--weights", dest="model__weights", metavar="SPEC", help="DEFAULT | IMAGENET1K_V2 | IMAGENET1K_V1 | FILE | s3://... | none")
+    parser.add_argument("--precision", dest="model__precision", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--device", dest="model__device", metavar="DEVICE", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--scheduler", dest="cluster__scheduler", metavar="ADDRESS", help="Dask scheduler (tcp://host:8786); default: embedded cluster")
+    parser.add_argument("--workers", type=int, dest="cluster__n_workers", metavar="N", help="workers of the embedded cluster")
+
+
+def run_classify(args: argparse.Namespace, settings: Settings) -> int:
+    from inference.cluster import InferenceCluster
+    from inference.job import classify_all
+    from inference.sources import iter_sources
+
+    uris = iter_sources(args.sources, settings.storage)
+    first = next(uris, None)  # fail fast on a source that names nothing
+    if first is None:
+        return 0
+
+    def all_uris():
+        yield first
+        yield from uris
+
+    output: TextIO = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    progress = progress_bar("classify", unit="img")
+
+    def write(result: Any) -> None:
+        output.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+        progress.update(1)
+
+    async def run() -> Any:
+        cluster = InferenceCluster.from_settings(settings)
+        async with cluster:
+            in_flight = max(settings.batch.max_in_flight, sum((await cluster.threads()).values()) + 1)
+            return await classify_all(cluster, all_uris(), settings.batch.size, in_flight, write)
+
+    try:
+        tally = asyncio.run(run())
+    finally:
+        progress.close()
+        if output is not sys.stdout:
+            output.close()
+        else:
+            output.flush()
+    print(f"visionstream classify: {tally.summary()}", file=sys.stderr)
+    return 0

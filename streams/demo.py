@@ -24,7 +24,7 @@ import yaml
 from inference.evaluation import percentile
 from inference.model import WeightsSpec
 from inference.settings import Settings
-from streams.commands import describe
+from streams.console import describe
 from streams.errors import EmbeddedStackError
 from streams.kafka import ensure_topics, start_consumer
 from streams.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port

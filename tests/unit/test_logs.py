@@ -3,7 +3,7 @@
 import json
 import logging
 
-from streams.commands import render
+from streams.console import render
 from streams.logs import JsonFormatter, TextFormatter, escape
 
 

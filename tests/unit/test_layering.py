@@ -1,0 +1,63 @@
+"""Imports run one way: no module of ours imports, even lazily, one that imports it back;
+``inference`` never imports ``streams``, Faust or Kafka clients."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("inference", "streams")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module this file imports, at the top or inside a function."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+GRAPH = {
+    module_name(path): imports(path)
+    for package in PACKAGES
+    for path in sorted((REPO / package).rglob("*.py"))
+}
+OURS = set(GRAPH)
+
+
+def edges(module: str) -> set[str]:
+    return {name for name in GRAPH[module] if name in OURS and name != module}
+
+
+def test_no_import_cycle():
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(edges(module)):
+            if state.get(target) == "open":
+                cycle = path[path.index(target):] + [target] if target in path else [module, target]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if target not in state:
+                visit(target, [*path, target])
+        state[module] = "done"
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module, [module])
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if m.startswith("inference")))
+def test_inference_never_imports_streams_faust_or_kafka(module):
+    forbidden = {name for name in GRAPH[module] if name.split(".")[0] in ("streams", "faust", "aiokafka", "confluent_kafka", "mode")}
+    assert not forbidden, f"{module} imports {sorted(forbidden)}"
