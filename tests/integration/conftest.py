@@ -204,3 +204,19 @@ def collect_events(settings: Settings, expected_uris: set[str], timeout_s: float
         return found
 
     return asyncio.run(run())
+
+
+def drain_topic(settings, topic: str, idle_s: float = 3.0) -> list[dict[str, Any]]:
+    """Every event on ``topic``, read until it stays quiet for ``idle_s`` (late duplicates included)."""
+
+    async def run() -> list[dict[str, Any]]:
+        consumer = await start_consumer(settings.kafka, topic, from_beginning=True)
+        events: list[dict[str, Any]] = []
+        try:
+            while batch := await consumer.getmany(timeout_ms=int(idle_s * 1000)):
+                events.extend(json.loads(record.value) for records in batch.values() for record in records)
+        finally:
+            await consumer.stop()
+        return events
+
+    return asyncio.run(run())

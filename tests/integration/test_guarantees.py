@@ -11,7 +11,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import boto3
@@ -22,7 +21,7 @@ from streams.kafka import start_consumer
 from streams.s3events import ObjectRef, object_created_event
 from streams.stack import S3_TEST_CREDENTIALS, start_dask_scheduler, start_dask_worker
 
-from .conftest import collect_events, create_topics
+from .conftest import collect_events, create_topics, drain_topic
 from .test_stream import put_images, send_raw
 
 
@@ -44,22 +43,6 @@ def status(url: str) -> int:
         return exc.code
     except OSError:
         return 0
-
-
-def drain_topic(settings, topic: str, idle_s: float = 3.0) -> list[dict[str, Any]]:
-    """Every event on ``topic``, read until it stays quiet for ``idle_s`` (late duplicates included)."""
-
-    async def run() -> list[dict[str, Any]]:
-        consumer = await start_consumer(settings.kafka, topic, from_beginning=True)
-        events: list[dict[str, Any]] = []
-        try:
-            while batch := await consumer.getmany(timeout_ms=int(idle_s * 1000)):
-                events.extend(json.loads(record.value) for records in batch.values() for record in records)
-        finally:
-            await consumer.stop()
-        return events
-
-    return asyncio.run(run())
 
 
 def notification(bucket: str, key: str) -> dict[str, Any]:
