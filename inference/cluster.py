@@ -204,7 +204,7 @@ async def _start_embedded(settings: ClusterSettings) -> Any:
 
 async def _cancel(client: Client, future: Any) -> None:
     try:
-        await client.cancel([future])
+        await asyncio.wait_for(client.cancel([future]), timeout=5.0)  # a hung scheduler must not extend the deadline
     except Exception as exc:  # noqa: BLE001 - best effort: the scheduler may be gone already
         log.debug("could not cancel a batch: %s", exc)
 

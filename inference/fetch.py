@@ -11,6 +11,7 @@ Patterns are expanded only where a user asks for them: ``classify``'s command li
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
@@ -37,7 +38,17 @@ PERMANENT_S3_ERRORS = {
     "NoSuchVersion": "version not found",
     "InvalidBucketName": "invalid bucket name",
     "KeyTooLongError": "key too long",
+    "PermanentRedirect": "bucket in another region or endpoint",
+    "301": "bucket in another region or endpoint",
 }
+# Codes that name the caller's credentials, clock or configuration, not the object: every
+# object would fail the same way, so the batch is retried (and the worker stops loudly).
+SERVICE_S3_ERRORS = {
+    "ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "InvalidToken", "InvalidAccessKeyId",
+    "SignatureDoesNotMatch", "RequestTimeTooSkewed", "AuthorizationHeaderMalformed", "InvalidSecurity",
+    "MissingSecurityHeader", "AccountProblem", "AllAccessDisabled",
+}
+CHUNK_BYTES = 1 << 20
 _client_lock = threading.Lock()
 
 
@@ -59,12 +70,12 @@ def fetch_many(uris: list[str], storage: StorageSettings, images: ImageSettings)
     if not uris:
         return []
     with ThreadPoolExecutor(max_workers=min(images.fetch_concurrency, len(uris)), thread_name_prefix="visionstream-fetch") as pool:
-        return list(pool.map(lambda uri: _fetch_one(uri, storage, images.max_bytes), uris))
+        return list(pool.map(lambda uri: _fetch_one(uri, storage, images.max_bytes, images.fetch_timeout_s), uris))
 
 
-def _fetch_one(uri: str, storage: StorageSettings, max_bytes: int) -> bytes | FetchError:
+def _fetch_one(uri: str, storage: StorageSettings, max_bytes: int, timeout_s: float) -> bytes | FetchError:
     if uri.startswith(S3_SCHEMES):
-        outcome = _get_s3(uri, storage, max_bytes)
+        outcome = _get_s3(uri, storage, max_bytes, timeout_s)
     else:
         outcome = _get_other(uri, max_bytes)
     if isinstance(outcome, FetchError):
@@ -74,17 +85,19 @@ def _fetch_one(uri: str, storage: StorageSettings, max_bytes: int) -> bytes | Fe
     return outcome
 
 
-def _get_s3(uri: str, storage: StorageSettings, max_bytes: int) -> bytes | FetchError:
+def _get_s3(uri: str, storage: StorageSettings, max_bytes: int, timeout_s: float) -> bytes | FetchError:
     bucket, key = split_s3_uri(uri)
     if not bucket or not key:
         return FetchError(uri, "not an s3://bucket/key URI")
     try:
         response = s3_client(storage).get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}")
         with response["Body"] as body:
-            return body.read(max_bytes + 1)
+            return _read_within(body, max_bytes + 1, time.monotonic() + timeout_s, uri, storage)
     except botocore.exceptions.ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code in SERVICE_S3_ERRORS:
+            raise StorageUnavailable(storage.endpoint_url or "s3", f"{code} reading {uri}") from exc
         if code in PERMANENT_S3_ERRORS:
             return FetchError(uri, PERMANENT_S3_ERRORS[code])
         if str(status) in PERMANENT_S3_ERRORS:
@@ -92,10 +105,26 @@ def _get_s3(uri: str, storage: StorageSettings, max_bytes: int) -> bytes | Fetch
         if 400 <= status < 500 and status not in (408, 429):
             return FetchError(uri, f"refused by the store: {code or status}")
         raise StorageUnavailable(storage.endpoint_url or "s3", f"{code or status} reading {uri}") from exc
-    except botocore.exceptions.ParamValidationError as exc:
-        return FetchError(uri, f"invalid bucket or key: {exc}"[:300])
+    except (botocore.exceptions.ParamValidationError, botocore.exceptions.UnsupportedS3AccesspointConfigurationError) as exc:
+        return FetchError(uri, f"invalid bucket or key: {type(exc).__name__}"[:300])
     except (botocore.exceptions.BotoCoreError, OSError) as exc:  # no credentials, connection refused, timeouts
         raise StorageUnavailable(storage.endpoint_url or "s3", f"{type(exc).__name__} reading {uri}") from exc
+
+
+def _read_within(body: Any, limit: int, deadline: float, uri: str, storage: StorageSettings) -> bytes:
+    """Read at most ``limit`` bytes, and give up at ``deadline`` however slowly the store sends them:
+    a batch's deadline cancels its Dask future, but only this frees the worker's thread."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        if time.monotonic() > deadline:
+            raise StorageUnavailable(storage.endpoint_url or "s3", f"reading {uri} took longer than images.fetch_timeout_s")
+        chunk = body.read(min(CHUNK_BYTES, limit - size))
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
 
 
 def _get_other(uri: str, max_bytes: int) -> bytes | FetchError:

@@ -124,6 +124,7 @@ class ImageSettings(Section):
     draft: bool = True
     decode_threads: int = Field(0, ge=0)
     fetch_concurrency: int = Field(32, ge=1)
+    fetch_timeout_s: float = Field(60.0, gt=0)
     decode: Literal["auto", "cpu", "gpu"] = "auto"
 
 

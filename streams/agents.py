@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 LIVE_PRIORITY, BACKFILL_PRIORITY = 10, 0
 LAG_INTERVAL_S = 10.0
 RETIRE_INTERVAL_S = 60.0
+STOP_STEP_S = 10.0  # the longest the final commit, or the producer's stop, may take
 
 
 class StreamService:
@@ -65,7 +66,7 @@ class StreamService:
         in_flight = settings.batch.max_in_flight
         self.live_slots = asyncio.Semaphore(in_flight)
         self.backfill_slots = asyncio.Semaphore(max(1, math.floor(in_flight * settings.worker.backfill_share)))
-        self.acks: AckTracker[EventT] = AckTracker(lambda event: event.message.tp)
+        self.acks: AckTracker[EventT] = AckTracker(lambda event: event.message.tp, lambda event: event.message.offset)
         self.producer: AIOKafkaProducer | None = None
         self.draining = False
         self._started: asyncio.Task[None] | None = None
@@ -188,11 +189,14 @@ class StreamService:
             if pending:
                 log.warning("%d batch(es) did not finish within worker.shutdown_grace_s; their events will be consumed again", len(pending))
         try:
-            await self.app.consumer.commit()
+            await asyncio.wait_for(self.app.consumer.commit(), timeout=STOP_STEP_S)
         except Exception as exc:  # noqa: BLE001 - the next owner of the partitions starts from the last commit
             log.warning("final commit failed: %s", exc)
         if self.producer is not None:
-            await self.producer.stop()
+            try:
+                await asyncio.wait_for(self.producer.stop(), timeout=STOP_STEP_S)
+            except Exception as exc:  # noqa: BLE001 - everything acknowledged was confirmed already
+                log.warning("producer did not stop cleanly: %s", exc)
             self.producer = None
 
     def _measure_lag(self) -> None:

@@ -32,19 +32,26 @@ def parse_time(text: str | None) -> datetime | None:
         return None
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+    except (ValueError, TypeError, AttributeError):
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def latency_ms(event_time: str | None, fallback_ms: int | None, published: datetime) -> float | None:
-    """Upload event to publish: from the S3 event time, else the Kafka message timestamp."""
+    """Upload event to publish: from the S3 event time, else the Kafka message timestamp
+    (which a producer sets freely: out-of-range values give no latency, never an error)."""
     start = parse_time(event_time)
     if start is None and fallback_ms is not None:
-        start = datetime.fromtimestamp(fallback_ms / 1000, UTC)
+        try:
+            start = datetime.fromtimestamp(fallback_ms / 1000, UTC)
+        except (OverflowError, ValueError, OSError):
+            return None
     if start is None:
         return None
-    return round((published - start).total_seconds() * 1000, 1)
+    try:
+        return round((published - start).total_seconds() * 1000, 1)
+    except OverflowError:
+        return None
 
 
 def prediction_event(
@@ -106,8 +113,9 @@ def dead_letter_event(
 
 
 def encode(event: dict[str, Any]) -> bytes:
-    """ASCII-only JSON: any character a producer sent arrives escaped, never raw."""
-    return json.dumps(event, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    """Strict, ASCII-only JSON: any character a producer sent arrives escaped, never raw;
+    no NaN or Infinity (ValueError instead: strict parsers refuse them)."""
+    return json.dumps(event, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def encode_dead_letter(event: dict[str, Any], max_bytes: int = MAX_EVENT_BYTES) -> bytes:
@@ -126,9 +134,10 @@ def _original(original: bytes | None, max_bytes: int) -> Any:
     cut = original[:max_bytes]
     if len(cut) == len(original):
         try:
-            document = json.loads(cut)
+            document = json.loads(cut, parse_constant=_refuse)
             if isinstance(document, dict):
-                encode(document)  # lone surrogates and the like go as text below
+                encode(document)
+                json.dumps(document, ensure_ascii=False).encode("utf-8")  # lone surrogates: as text below
                 return document
         except (ValueError, RecursionError, UnicodeError):
             pass
@@ -138,6 +147,10 @@ def _original(original: bytes | None, max_bytes: int) -> Any:
         if len(cut) < len(original) and exc.start >= len(cut) - 3:  # a character cut in half at the cap
             return {"text": cut[: exc.start].decode("utf-8", errors="replace")}
         return {"base64": base64.b64encode(cut).decode("ascii")}
+
+
+def _refuse(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _shrunk(original: Any, budget: int) -> dict[str, str]:

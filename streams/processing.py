@@ -78,21 +78,27 @@ class AckTracker(Generic[Item]):
     committed offset never covers a message whose events were not published. Pure.
     """
 
-    def __init__(self, partition_of: Callable[[Item], Hashable]) -> None:
-        self._partition_of = partition_of
+    def __init__(self, partition_of: Callable[[Item], Hashable], offset_of: Callable[[Item], int]) -> None:
+        self._partition_of, self._offset_of = partition_of, offset_of
         self._pending: dict[Hashable, deque[list[Any]]] = {}  # partition -> [[item, done], ...] in consumption order
-        self._entries: dict[int, list[Any]] = {}
+        self._entries: dict[tuple[Hashable, int], list[Any]] = {}
+
+    def _key(self, item: Item) -> tuple[Hashable, int]:
+        return self._partition_of(item), self._offset_of(item)
 
     def started(self, items: Iterable[Item]) -> None:
         for item in items:
+            key = self._key(item)
+            if key in self._entries:
+                continue  # the same message twice: tracked once
             entry = [item, False]
-            self._pending.setdefault(self._partition_of(item), deque()).append(entry)
-            self._entries[id(item)] = entry
+            self._pending.setdefault(key[0], deque()).append(entry)
+            self._entries[key] = entry
 
     def finished(self, items: Iterable[Item]) -> list[Item]:
         touched = set()
         for item in items:
-            entry = self._entries.get(id(item))
+            entry = self._entries.get(self._key(item))
             if entry is not None:
                 entry[1] = True
                 touched.add(self._partition_of(item))
@@ -101,7 +107,7 @@ class AckTracker(Generic[Item]):
             queue = self._pending.get(partition)
             while queue and queue[0][1]:
                 item = queue.popleft()[0]
-                self._entries.pop(id(item), None)
+                self._entries.pop(self._key(item), None)
                 ready.append(item)
             if queue is not None and not queue:
                 del self._pending[partition]
@@ -111,7 +117,7 @@ class AckTracker(Generic[Item]):
         """Partitions taken away by a rebalance: their messages will be consumed again elsewhere."""
         for partition in partitions:
             for entry in self._pending.pop(partition, ()):
-                self._entries.pop(id(entry[0]), None)
+                self._entries.pop(self._key(entry[0]), None)
 
     def waiting(self) -> int:
         return len(self._entries)
@@ -126,6 +132,11 @@ class BatchHandler:
     filter: FilterSettings
     events: EventSettings = field(default_factory=EventSettings)
     counters: StreamMetrics = field(default_factory=StreamMetrics)
+    _isolating: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
+    _not_isolating: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._not_isolating.set()
 
     async def handle(self, messages: list[InputMessage], priority: int = 0) -> None:
         """Classify and publish everything in ``messages``; raise rather than lose anything."""
@@ -175,17 +186,22 @@ class BatchHandler:
             key = ref.uri.encode("utf-8")
             error = outcome if isinstance(outcome, Failure) else outcome.error
             if error is None:
-                event = prediction_event(ref, outcome, batch_id, len(work), message.timestamp_ms)  # type: ignore[arg-type]
-                self.counters.image_predicted(event["latency_ms"])
-                sends.append(self.publish(self.topics.predictions, key, encode(event)))
-            else:
-                failed += 1
-                self.counters.image_failed(error.stage)
-                event = dead_letter_event(
-                    error.stage, error.message, message.value, message.source, uri=ref.uri,
-                    original_max_bytes=self.events.dead_letter_original_bytes,
-                )
-                sends.append(self.publish(self.topics.dead_letter, key, encode_dead_letter(event)))
+                try:
+                    event = prediction_event(ref, outcome, batch_id, len(work), message.timestamp_ms)  # type: ignore[arg-type]
+                    value = encode(event)
+                except (ValueError, TypeError, OverflowError) as exc:  # a NaN score, say: this image alone
+                    error = Failure("inference", f"the result cannot be published: {exc}")
+                else:
+                    self.counters.image_predicted(event["latency_ms"])
+                    sends.append(self.publish(self.topics.predictions, key, value))
+                    continue
+            failed += 1
+            self.counters.image_failed(error.stage)
+            event = dead_letter_event(
+                error.stage, error.message, message.value, message.source, uri=ref.uri,
+                original_max_bytes=self.events.dead_letter_original_bytes,
+            )
+            sends.append(self.publish(self.topics.dead_letter, key, encode_dead_letter(event)))
         log.info("batch classified", extra={
             "batch": batch_id, "offsets": offset_ranges(message for _, message in work), "images": len(work),
             "predictions": len(work) - failed, "dead_letters": failed, "duration_ms": round((time.perf_counter() - started) * 1000, 1),
@@ -193,27 +209,47 @@ class BatchHandler:
         return sends
 
     async def _classify_isolating(self, uris: list[str], priority: int) -> list[ImageResult | Failure]:
-        """Classify; where the batch keeps killing workers, split it until the image that does is alone."""
+        """Classify; where the batch keeps killing workers, split it until the image that does is alone.
+
+        Dask counts a worker's death against every task on it, so a batch beside the culprit
+        dies with it. The split therefore runs alone: one at a time, and no new batch of this
+        handler is submitted until it is over."""
         try:
             return list(await self._classify_with_retry(uris, priority))
-        except WorkerLost as exc:
-            if len(uris) == 1:
-                log.error("dead-lettering %r: every worker that classified it died (%s)", uris[0], exc.reason)
-                return [Failure(WORKER_STAGE, f"the Dask workers classifying this image died: {exc.reason}")]
-            middle = len(uris) // 2
-            log.warning("a batch of %d killed its workers; splitting it to find the image", len(uris))
-            return [
-                *await self._classify_isolating(uris[:middle], priority),
-                *await self._classify_isolating(uris[middle:], priority),
-            ]
+        except WorkerLost:
+            async with self._isolating:
+                self._not_isolating.clear()
+                try:
+                    if len(uris) == 1:
+                        return await self._alone(uris, priority)  # it may have died beside another batch
+                    return await self._halves(uris, priority)
+                finally:
+                    self._not_isolating.set()
 
-    async def _classify_with_retry(self, uris: list[str], priority: int) -> list[ImageResult]:
+    async def _halves(self, uris: list[str], priority: int) -> list[ImageResult | Failure]:
+        middle = len(uris) // 2
+        log.warning("a batch of %d killed its workers; splitting it to find the image", len(uris))
+        return [*await self._alone(uris[:middle], priority), *await self._alone(uris[middle:], priority)]
+
+    async def _alone(self, uris: list[str], priority: int) -> list[ImageResult | Failure]:
+        """Classify with nothing else of ours on the cluster; split further if the workers die."""
+        try:
+            return list(await self._classify_with_retry(uris, priority, isolated=True))
+        except WorkerLost as exc:
+            if len(uris) > 1:
+                return await self._halves(uris, priority)
+            log.error("dead-lettering %r: every worker that classified it, alone, died (%s)", uris[0], exc.reason)
+            return [Failure(WORKER_STAGE, f"the Dask workers classifying this image died: {exc.reason}")]
+
+    async def _classify_with_retry(self, uris: list[str], priority: int, isolated: bool = False) -> list[ImageResult]:
         deadline = time.monotonic() + self.batch.retry_timeout_s
         pause = self.batch.retry_backoff_s
         self.counters.batch_started()
         try:
             while True:
                 try:
+                    if not isolated:
+                        await self._not_isolating.wait()
                     results = await self._attempt(uris, priority)
                     if len(results) != len(uris):
                         raise RuntimeError(f"cluster returned {len(results)} results for {len(uris)} images")

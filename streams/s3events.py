@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Annotated, Any
 from urllib.parse import quote_plus, unquote_plus
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from inference.settings import EventSettings, FilterSettings
 from streams.errors import MalformedEvent
@@ -27,7 +27,12 @@ MAX_FIELD_CHARS = 1024  # etags, version ids, event names, times
 MAX_SIZE_BYTES = 5 * 1024**4 * 10  # larger than any object S3 stores (5 TiB)
 
 # Why an announced object is not classified; the labels of the skipped-events metric.
-SKIP_NOT_CREATED, SKIP_TEST_EVENT, SKIP_FILTERED, SKIP_BUCKET = "not_object_created", "test_event", "filtered", "bucket_not_allowed"
+SKIP_NOT_CREATED, SKIP_TEST_EVENT, SKIP_FILTERED, SKIP_BUCKET, SKIP_EMPTY = (
+    "not_object_created", "test_event", "filtered", "bucket_not_allowed", "no_records",
+)
+# S3 bucket names (legacy ones included: upper case, underscores); no '/' or ':' that would
+# make ``s3://bucket/key`` name another bucket, or an access point ARN.
+BUCKET_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +85,7 @@ def _iso_time(text: str) -> str:
 
 Text = Annotated[str, Field(max_length=MAX_FIELD_CHARS), AfterValidator(_printable)]
 Time = Annotated[str, Field(max_length=64), AfterValidator(_printable), AfterValidator(_iso_time)]
-Size = Annotated[int, Field(ge=0, le=MAX_SIZE_BYTES)]
+Size = Annotated[StrictInt, Field(ge=0, le=MAX_SIZE_BYTES)]
 
 
 class _Model(BaseModel):
@@ -88,7 +93,7 @@ class _Model(BaseModel):
 
 
 class _Bucket(_Model):
-    name: Annotated[str, Field(min_length=1, max_length=MAX_BUCKET_CHARS), AfterValidator(_printable)]
+    name: Annotated[str, Field(min_length=1, max_length=MAX_BUCKET_CHARS, pattern=BUCKET_PATTERN)]
 
 
 class _S3Object(_Model):
@@ -164,6 +169,8 @@ def _parse(payload: bytes | str | dict[str, Any], filter: FilterSettings, limits
         records = document["Records"]
         if not isinstance(records, list):
             raise MalformedEvent("'Records' is not a list")
+        if not records:
+            return Notification(skipped=(Skipped("Records: []", SKIP_EMPTY, "a notification without records"),))
         if len(records) > limits.max_records:
             raise MalformedEvent(f"{len(records)} records in one message; the limit is {limits.max_records} (events.max_records)")
         refs = [_from_record(record, index) for index, record in enumerate(records)]
@@ -236,7 +243,10 @@ def _from_eventbridge(document: dict[str, Any]) -> ObjectRef | Skipped:
 
 def _decoded_key(encoded: str, where: str) -> str:
     """S3 URL-encodes keys in notifications; the decoded key must be one S3 could store."""
-    key = unquote_plus(encoded)
+    try:
+        key = unquote_plus(encoded, errors="strict")
+    except UnicodeDecodeError:
+        raise MalformedEvent(f"{where}: object key is not URL-encoded UTF-8") from None
     try:
         _printable(key)
     except ValueError as exc:

@@ -181,7 +181,7 @@ def test_an_image_that_kills_workers_is_isolated_and_alone_dead_lettered():
 
 
 def test_ack_tracker_acknowledges_a_partition_only_up_to_its_first_unfinished_message():
-    tracker = AckTracker(lambda message: message.partition)
+    tracker = AckTracker(lambda message: message.partition, lambda message: message.offset)
     first = [InputMessage(b"", "t", 0, offset) for offset in range(0, 60)]  # a first batch at offset 0
     second = [InputMessage(b"", "t", 0, offset) for offset in range(60, 120)]
     other = [InputMessage(b"", "t", 1, offset) for offset in range(0, 5)]
@@ -194,7 +194,7 @@ def test_ack_tracker_acknowledges_a_partition_only_up_to_its_first_unfinished_me
 
 
 def test_ack_tracker_holds_back_across_a_gap_of_one():
-    tracker = AckTracker(lambda message: message.partition)
+    tracker = AckTracker(lambda message: message.partition, lambda message: message.offset)
     messages = [InputMessage(b"", "t", 0, offset) for offset in range(120, 181)]
     tracker.started(messages[:1])  # offset 120 alone in one batch
     tracker.started(messages[1:])  # 121..180 in the next
@@ -203,7 +203,7 @@ def test_ack_tracker_holds_back_across_a_gap_of_one():
 
 
 def test_ack_tracker_forgets_revoked_partitions():
-    tracker = AckTracker(lambda message: message.partition)
+    tracker = AckTracker(lambda message: message.partition, lambda message: message.offset)
     messages = [InputMessage(b"", "t", 0, 0), InputMessage(b"", "t", 0, 1)]
     tracker.started(messages)
     tracker.forget({0})
@@ -247,3 +247,55 @@ def test_events_for_a_bucket_outside_the_allowlist_are_skipped_never_fetched():
     h = BatchHandler(recorder.classify, recorder.publish, BatchSettings(), TOPICS, FilterSettings(buckets=("images",)))
     asyncio.run(h.handle([upload("Images/a.jpg")]))  # bucket "b"
     assert h.counters.skipped == 1 and recorder.batches == [] and recorder.published == []
+
+
+def strict_json(value: bytes) -> dict:
+    def refuse(constant: str):
+        raise ValueError(constant)
+
+    return json.loads(value, parse_constant=refuse)
+
+
+def test_found_in_review_out_of_range_kafka_timestamps_nan_and_empty_notifications_never_stop_a_batch():
+    recorder = Recorder()
+    no_time = json.loads(json.dumps(object_created_event(ObjectRef("b", "Images/a.jpg"))))
+    del no_time["Records"][0]["eventTime"]
+    nan_original = b'{"Records": [{"eventName": "ObjectCreated:Put", "eventTime": NaN}]}'
+    messages = [
+        InputMessage(json.dumps(no_time).encode(), "image-uploads", 0, 0, 253402300800000),  # year 10000
+        InputMessage(json.dumps(no_time).encode().replace(b"a.jpg", b"b.jpg"), "image-uploads", 0, 1, -(2**62)),
+        InputMessage(nan_original, "image-uploads", 0, 2),
+        InputMessage(b'{"Records": []}', "image-uploads", 0, 3),
+    ]
+    h = handler(recorder)
+    asyncio.run(h.handle(messages))
+    predictions = [event for topic, _, event in recorder.published if topic == TOPICS.predictions]
+    assert sorted(e["uri"] for e in predictions) == ["s3://b/Images/a.jpg", "s3://b/Images/b.jpg"]
+    assert all(e["latency_ms"] is None for e in predictions)
+    [dead] = [event for topic, _, event in recorder.published if topic == TOPICS.dead_letter]
+    assert dead["stage"] == "parse" and "text" in dead["original"]  # NaN is not JSON: kept as text
+    assert h.counters.skipped == 1  # the empty notification is counted, not silently consumed
+
+
+def test_a_score_that_cannot_be_published_as_json_is_that_image_s_dead_letter():
+    class NaNScores(Recorder):
+        async def classify(self, uris, priority):
+            results = await super().classify(uris, priority)
+            best = Prediction(151, "n02085620", "Chihuahua", float("nan"))
+            return [results[0].__class__(**{**{f: getattr(results[0], f) for f in results[0].__slots__}, "prediction": best, "top_k": (best,)}), *results[1:]]
+
+    recorder = NaNScores()
+    asyncio.run(handler(recorder).handle([upload("Images/a.jpg", 0), upload("Images/b.jpg", 1)]))
+    by_topic = {topic: event for topic, _, event in recorder.published}
+    assert by_topic[TOPICS.dead_letter]["stage"] == "inference" and by_topic[TOPICS.predictions]["uri"] == "s3://b/Images/b.jpg"
+    for _, _, event in recorder.published:
+        strict_json(json.dumps(event, allow_nan=False).encode())
+
+
+def test_ack_tracker_tracks_a_message_seen_twice_once():
+    tracker = AckTracker(lambda message: message.partition, lambda message: message.offset)
+    first, again, second = InputMessage(b"", "t", 0, 1), InputMessage(b"", "t", 0, 1), InputMessage(b"", "t", 0, 2)
+    tracker.started([first])
+    tracker.started([again, second])
+    assert tracker.finished([first]) == [first]
+    assert tracker.finished([second]) == [second] and tracker.waiting() == 0

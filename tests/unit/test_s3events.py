@@ -179,3 +179,24 @@ def test_object_created_event_round_trips_keys_with_spaces_plus_and_unicode():
     assert event["Records"][0]["s3"]["object"]["key"] == "a+dir/x%2By+%C3%BC.jpg"
     [parsed] = parse_notification(json.dumps(event), ALL).objects
     assert parsed == ref
+
+
+def _with_bucket(name: str) -> bytes:
+    doc = json.loads(json.dumps(AWS))
+    doc["Records"][0]["s3"]["bucket"]["name"] = name
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        _with_bucket("dogs/secret"),  # would read s3://dogs/secret/... as bucket dogs
+        _with_bucket("arn:aws-cn:s3:cn-north-1:123456789012:accesspoint:x"),
+        _with_key("Images/%ffa.jpg"),  # not UTF-8 once decoded: never silently replaced
+        _with_object_field("size", True),
+        _with_object_field("size", "12"),
+    ],
+)
+def test_found_in_review_odd_buckets_keys_and_sizes_are_malformed(payload: bytes):
+    with pytest.raises(MalformedEvent):
+        parse_notification(payload, FilterSettings(buckets=("*",)))
