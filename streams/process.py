@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 class GracefulWorker(faust.Worker):
     def __init__(self, service: StreamService, **options: Any) -> None:
         super().__init__(service.app, **options)
+        self.spinner = None  # its terminal escapes would prefix the next log line (and break JSON logs)
         self.service = service
         self._stopping = False
 

@@ -110,6 +110,7 @@ def _env(settings) -> dict[str, str]:
         "VISIONSTREAM_STORAGE__ENDPOINT_URL": settings.storage.endpoint_url,
         "VISIONSTREAM_STORAGE__REGION": "us-east-1",
         "VISIONSTREAM_TOPICS__BACKFILL": settings.topics.backfill,
+        "VISIONSTREAM_KAFKA__ENABLE_IDEMPOTENCE": str(settings.kafka.enable_idempotence).lower(),
     }
 
 
