@@ -87,7 +87,7 @@ def settings(services: Services, dask_scheduler: str, tmp_path: Path) -> Setting
             "storage": {"endpoint_url": services.s3_endpoint, "region": "us-east-1", "bucket": f"bucket-{suffix}"},
             "cluster": {"scheduler": dask_scheduler},
             "batch": {"linger_s": 0.5, "retry_timeout_s": 60},
-            "worker": {"web_port": free_port(), "data_dir": str(tmp_path / "worker-data")},
+            "worker": {"web_port": free_port(), "data_dir": str(tmp_path / "worker-data"), "shutdown_grace_s": 5},
         }
     )
 

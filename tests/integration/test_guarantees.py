@@ -160,7 +160,7 @@ def test_a_scheduler_restart_mid_stream_loses_nothing_and_the_model_comes_back(s
 
 
 def test_sigterm_lets_in_flight_batches_finish_and_a_restart_duplicates_nothing(settings, bucket, tmp_path, start_worker):
-    settings = settings.with_overrides({"batch": {"size": 10, "max_in_flight": 2}, "topics": {"partitions": 1}})
+    settings = settings.with_overrides({"batch": {"size": 10, "max_in_flight": 2}, "topics": {"partitions": 1}, "worker": {"shutdown_grace_s": 60}})
     create_topics(settings)
     uris = put_images(settings, tmp_path, 60)
     first = start_worker(settings, "first")
