@@ -4,7 +4,7 @@ A batch's plain JPEGs decode in one ``decode_jpeg(list, device="cuda")`` call, t
 crop (and, on the model's device, normalise) there, equal to the weights' transforms within
 rounding. decode_jpeg returns nothing when any image of the list fails, so a failed batch is
 retried one image at a time to find which; those, and what the header already rules out (other
-formats, CMYK), take the CPU path (``images.decode_crop``), which reports what is wrong. The
+formats, CMYK, truncated files), take the CPU path (``images.decode_crop``), which reports what is wrong. The
 code is device-agnostic: with ``device="cpu"`` it runs on libjpeg-turbo, which is how the unit
 tests check it without a GPU.
 """
@@ -28,9 +28,12 @@ def jpeg_decoder(device: torch.device | str) -> Decoder:
     return functools.partial(decode_jpeg, mode=ImageReadMode.RGB, device=device)
 
 
-def device_decodable(header: ImageHeader) -> bool:
-    """Worth trying on the device: a JPEG whose colours decode the same there (YCbCr or gray)."""
-    return header.plain_jpeg
+def device_decodable(header: ImageHeader, data: bytes) -> bool:
+    """Worth trying on the device: a JPEG whose colours decode the same there (YCbCr or gray)
+    and that ends where a JPEG ends (its EOI marker). A truncated JPEG, or one with bytes after
+    its end, takes the CPU path: libjpeg-turbo and Pillow say what is wrong with it, where a
+    lenient GPU decoder might hand back a half-grey picture to classify."""
+    return header.plain_jpeg and data.endswith(b"\xff\xd9")
 
 
 def decode_each(encoded: list[Tensor], decoder: Decoder) -> list[Tensor | Exception]:

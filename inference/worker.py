@@ -136,7 +136,7 @@ class ResidentModel(WorkerPlugin):
             except ImageError as exc:
                 outcomes[index] = Failure(exc.stage, exc.reason)
                 continue
-            if device_decodable(header):
+            if device_decodable(header, data):
                 on_device.append(index)
                 items.append((data, header))
             else:

@@ -34,6 +34,12 @@ def jpeg(seed: int, size: tuple[int, int] = (320, 260), mode: str = "RGB", orien
     return buffer.getvalue()
 
 
+def corrupt(data: bytes) -> bytes:
+    """A JPEG with a sound header and end marker and broken scan data (two SOF markers)."""
+    scan = data.index(b"\xff\xda")
+    return data[: scan + 200] + b"\xff\xc0" * 50 + data[scan + 300 :]
+
+
 def sample_set(count: int) -> list[bytes]:
     """Sizes from 200 to 1600 px, grayscale, progressive, 4:4:4 and rotated ones among them."""
     rng = np.random.default_rng(11)
@@ -71,7 +77,7 @@ def test_decode_each_finds_the_image_that_failed_the_batch():
 def test_device_crops_equal_the_cpu_path_and_none_marks_a_refusal():
     items = [jpeg(1), jpeg(2, orientation=6), jpeg(3, mode="L"), jpeg(4)[:-300]]
     headers = [read_header(d, "x", 10**8) for d in items]
-    assert all(device_decodable(h) for h in headers)
+    assert [device_decodable(h, d) for h, d in zip(headers, items, strict=True)] == [True, True, True, False]
     crops = device_crops(list(zip(items, headers, strict=True)), SPEC, jpeg_decoder("cpu"))
     assert crops[3] is None
     for data, crop in zip(items[:3], crops[:3], strict=True):
@@ -81,8 +87,9 @@ def test_device_crops_equal_the_cpu_path_and_none_marks_a_refusal():
 def test_cmyk_and_png_are_not_for_the_device():
     buffer = io.BytesIO()
     Image.new("RGB", (20, 20)).save(buffer, "PNG")
-    assert not device_decodable(read_header(buffer.getvalue(), "x.png", 10**8))
-    assert not device_decodable(read_header(jpeg(1, mode="CMYK"), "x.jpg", 10**8))
+    assert not device_decodable(read_header(buffer.getvalue(), "x.png", 10**8), buffer.getvalue())
+    cmyk = jpeg(1, mode="CMYK")
+    assert not device_decodable(read_header(cmyk, "x.jpg", 10**8), cmyk)
 
 
 def test_batch_on_keeps_the_order():
@@ -150,11 +157,11 @@ def test_the_worker_decodes_on_the_gpu_and_falls_back_per_image(tmp_path):
     plugin.setup(SimpleNamespace(address="tcp://127.0.0.1:1"))
     try:
         assert plugin.device_decoder is not None and isinstance(plugin.predict.__self__, GraphedModel)
-        files = {"a.jpg": jpeg(1), "b.jpg": jpeg(2, mode="CMYK"), "c.jpg": jpeg(3)[:-300], "d.jpg": b"text", "e.jpg": jpeg(5, orientation=6)}
+        files = {"a.jpg": jpeg(1), "b.jpg": jpeg(2, mode="CMYK"), "c.jpg": jpeg(3)[:-300], "d.jpg": b"text", "e.jpg": jpeg(5, orientation=6), "f.jpg": corrupt(jpeg(6))}
         for name, content in files.items():
             (tmp_path / name).write_bytes(content)
         results = plugin.classify([str(tmp_path / name) for name in files], r"(?P<wnid>n\d{8})")
-        assert [r.error.stage if r.error else None for r in results] == [None, None, "decode", "decode", None]
+        assert [r.error.stage if r.error else None for r in results] == [None, None, "decode", "decode", None, "decode"]
         cpu = ResidentModel(settings.model_copy(update={"device": "cpu", "precision": "fp32"}), ImageSettings(decode="cpu"), StorageSettings())
         cpu.setup(SimpleNamespace(address="tcp://127.0.0.1:1"))
         expected = cpu.classify([str(tmp_path / name) for name in files], r"(?P<wnid>n\d{8})")

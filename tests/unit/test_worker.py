@@ -104,14 +104,16 @@ def test_the_device_path_falls_back_per_image_to_the_cpu_path(resident: Resident
         return decode(encoded)
 
     resident.device_decoder = recording
-    corrupt = jpeg(3)[:-400]  # header intact, data cut: libjpeg-turbo refuses it
-    data: list[bytes | FetchError] = [jpeg(1), _png(), jpeg(2, "L"), corrupt, jpeg(4, "CMYK"), FetchError("s3://b/k", "object not found"), jpeg(5)]
+    data: list[bytes | FetchError] = [
+        jpeg(1), _png(), jpeg(2, "L"), corrupt(jpeg(3)), jpeg(4, "CMYK"), FetchError("s3://b/k", "object not found"), jpeg(5), jpeg(6)[:-300],
+    ]
     uris = [f"u{i}" for i in range(len(data))]
     outcomes = resident._prepare_all(uris, data)
-    assert calls == [4, 1, 1, 1, 1]  # the plain JPEGs in one call, then one at a time
-    assert [type(o).__name__ for o in outcomes] == ["Tensor", "Tensor", "Tensor", "Failure", "Tensor", "Failure", "Tensor"]
+    assert calls == [4, 1, 1, 1, 1]  # the plain, complete JPEGs in one call, then one at a time
+    assert [type(o).__name__ for o in outcomes] == ["Tensor", "Tensor", "Tensor", "Failure", "Tensor", "Failure", "Tensor", "Failure"]
     assert outcomes[3].stage == "decode" and "corrupt or truncated" in outcomes[3].message
     assert outcomes[5].stage == "fetch"
+    assert outcomes[7].stage == "decode"  # truncated: straight to the CPU path, which says so
     resident.device_decoder = None
     cpu_only = resident._prepare_all(uris, data)
     for device_path, cpu_path in zip(outcomes, cpu_only, strict=True):
@@ -126,6 +128,12 @@ def test_gpu_decode_on_a_cpu_model_is_a_configuration_error():
     with pytest.raises(ConfigError, match="images.decode is gpu"):
         plugin.setup(SimpleNamespace(address="tcp://127.0.0.1:1"))
     plugin.teardown(None)
+
+
+def corrupt(data: bytes) -> bytes:
+    """A JPEG with a sound header and end marker and broken scan data (two SOF markers)."""
+    scan = data.index(b"\xff\xda")
+    return data[: scan + 200] + b"\xff\xc0" * 50 + data[scan + 300 :]
 
 
 def _png() -> bytes:
