@@ -1,9 +1,18 @@
 """`make bench`: the tutorial's method, `visionstream classify`, the stream path and the ceiling,
-on the same images and the same kind of Dask cluster, in one run.
+on the same images and the same hardware, in one run.
 
-    python -m benchmarks.run [--images N] [--source DIR] [--device cpu|cuda] [--precision P]
+    python -m benchmarks.run [--images N] [--runs R] [--device cpu|cuda] [--source DIR] ...
 
-Writes benchmarks/results/latest.md, latest.json and stage_breakdown.png, and prints the table.
+Every method gets one untimed warm-up batch first, then R timed runs over all the images;
+each figure is the median of the R runs, with their min and max. The ceiling (the model alone)
+is measured R times before the methods and R times after, and is the median of all 2R. The tutorial's method runs on
+a Dask cluster shaped like the tutorial's (one worker per GPU, or one on a CPU machine, with all
+the host's cores as threads, and OpenMP given those cores); visionstream on the cluster its
+embedded default starts (``LocalCUDACluster`` / ``LocalCluster``, ``cluster.threads_per_worker``).
+
+Writes benchmarks/results/<cpu|cuda>.{md,json} (one table per device, labelled with its
+machine), latest.md (every device's table found there) and stage_breakdown.png, and prints
+the table.
 """
 
 from __future__ import annotations
@@ -18,35 +27,42 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torchvision
 import yaml
 
 from inference.cluster import InferenceCluster
 from inference.evaluation import percentile
-from inference.images import decode, preprocess
+from inference.images import decode_crop
 from inference.job import classify_all
-from inference.model import load_model, resolve_device, resolve_precision
+from inference.model import GraphedModel, load_model, resolve_device, resolve_precision
 from inference.results import ImageResult
-from inference.samples import generate_dataset
 from inference.settings import Settings
 from inference.sources import iter_sources
 
 RESULTS = Path(__file__).resolve().parent / "results"
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=300, help="generated images (default 300)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per method; figures are their median (default 3)")
     parser.add_argument("--source", help="a folder of real images instead (Stanford Dogs layout)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--batch-size", type=int, default=60)
+    parser.add_argument("--decode", choices=["auto", "cpu", "gpu"], default=None, help="images.decode for visionstream (default: the setting's)")
+    parser.add_argument("--threads-per-worker", type=int, default=None, help="visionstream's cluster (default: cluster.threads_per_worker)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model once per worker")
     parser.add_argument("--skip-tutorial", action="store_true")
     parser.add_argument("--skip-stream", action="store_true")
+    parser.add_argument("--paced-s", type=float, default=40.0, help="how long the stream path's paced (latency) phase lasts (default 40)")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
@@ -54,59 +70,53 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.update(S3_TEST_CREDENTIALS)  # before the Dask workers start: they read the embedded S3 server
 
-    from distributed import Client, LocalCluster
-
     with tempfile.TemporaryDirectory(prefix="visionstream-bench-") as scratch:
         work = Path(scratch)
         folder = Path(args.source) if args.source else work / "images"
         if not args.source:
+            from benchmarks.images import generate
+
             say(f"generating {args.images} Stanford-Dogs-like images (200-800 px, JPEG q90) ...")
-            generate_dataset(folder, args.images, seed=1)
+            generate(folder, args.images)
         paths = sorted(str(p) for p in iter_sources([str(folder)], Settings().storage))
         checkpoint = work / "resnet50.pt"
         torch.manual_seed(0)
-        import torchvision
-
         torch.save(torchvision.models.resnet50().state_dict(), checkpoint)  # same weights for every method
         device = resolve_device(args.device)
         precision = resolve_precision(args.precision, device)
-        settings = Settings().with_overrides({
+        overrides: dict[str, Any] = {
             "model": {"weights": str(checkpoint), "device": str(device), "precision": precision, "compile": args.compile},
             "batch": {"size": args.batch_size},
-        })
-        results: dict[str, Any] = {"machine": machine(device, precision), "images": len(paths), "batch_size": args.batch_size}
+        }
+        if args.decode:
+            overrides["images"] = {"decode": args.decode}
+        if args.threads_per_worker:
+            overrides["cluster"] = {"threads_per_worker": args.threads_per_worker}
+        settings = Settings().with_overrides(overrides)
+        results: dict[str, Any] = {
+            "machine": machine(device, precision),
+            "images": len(paths),
+            "batch_size": args.batch_size,
+            "runs": args.runs,
+            "visionstream": {"threads_per_worker": settings.cluster.threads_per_worker, "decode": settings.images.decode, "compile": args.compile},
+        }
 
-        say("measuring the ceiling: the model alone on pre-decoded tensors, and decode alone ...")
-        results["ceiling"] = ceiling(settings, paths)
+        say("measuring the ceiling: the model alone on pre-decoded uint8 crops, and decode alone ...")
+        before = ceiling(settings, paths, args.runs)
 
-        if device.type == "cuda":
-            from dask_cuda import LocalCUDACluster
-
-            cluster = LocalCUDACluster(threads_per_worker=2, dashboard_address=":0", ip="127.0.0.1")
-        else:
-            cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0")
-        try:
+        if not args.skip_tutorial:
+            say("running the tutorial's method (dask.delayed, model rebuilt per batch, pickles) on a tutorial-shaped cluster ...")
+            results["tutorial"] = tutorial_runs(device, paths, checkpoint, work, args.runs, args.batch_size)
+        with visionstream_cluster(device, settings.cluster.threads_per_worker) as cluster:
             settings = settings.with_overrides({"cluster": {"scheduler": cluster.scheduler_address}})
-            if not args.skip_tutorial:
-                say("running the tutorial's method (dask.delayed, model rebuilt per batch, pickles) ...")
-                from benchmarks import tutorial
-
-                classes = [f"{i}: {name}" for i, name in enumerate(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"])]
-                with Client(cluster.scheduler_address) as client:
-                    out = work / "pickles"
-                    out.mkdir()
-                    started = time.perf_counter()
-                    done = tutorial.run(client, paths, str(checkpoint), classes, str(out))
-                    elapsed = time.perf_counter() - started
-                results["tutorial"] = {"images": done, "seconds": elapsed, "images_per_s": done / elapsed}
-            say("running visionstream classify on the same cluster ...")
-            results["classify"], records = asyncio.run(classify(settings, paths))
+            say("running visionstream classify ...")
+            results["classify"], records = asyncio.run(classify_runs(settings, paths, args.runs))
             results["stages"] = {"classify": stage_breakdown(records)}
             if not args.skip_stream:
                 say("running the stream path on the embedded broker and S3 server ...")
-                results["stream"], results["stages"]["stream"] = stream(settings, folder, work, len(paths))
-        finally:
-            cluster.close()
+                results["stream"], results["stages"]["stream"] = stream(settings, folder, work, len(paths), args.runs, args.paced_s)
+        say("measuring the ceiling again (a shared machine's load drifts; the figure is the median of both sets of runs) ...")
+        results["ceiling"] = merged(before, ceiling(settings, paths, args.runs))
     ratios(results)
     write(results, Path(args.output))
     return 0
@@ -117,11 +127,18 @@ def say(text: str) -> None:
 
 
 def machine(device: torch.device, precision: str) -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = platform.processor()
+    flags = ""
+    if Path("/proc/cpuinfo").exists():
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
+        flags = next((line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")), "")
+    vector = "AMX" if "amx_bf16" in flags else "AVX-512 bf16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+        "vector": vector,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "device": str(device),
         "precision": precision,
         "torch": torch.__version__,
@@ -129,32 +146,142 @@ def machine(device: torch.device, precision: str) -> dict[str, Any]:
     }
 
 
-def ceiling(settings: Settings, paths: list[str]) -> dict[str, Any]:
+def spread(count: int, seconds: list[float]) -> dict[str, Any]:
+    """Images per second over several runs: the median, min and max, and the runs' seconds."""
+    rates = sorted(count / s for s in seconds)
+    return {"images": count, "runs_s": [round(s, 3) for s in seconds], "images_per_s": statistics.median(rates), "min": rates[0], "max": rates[-1]}
+
+
+def timed(run: Callable[[], Any], runs: int) -> list[float]:
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def ceiling(settings: Settings, paths: list[str], runs: int) -> dict[str, Any]:
+    """The model alone (crops already decoded, uint8 on the host, as visionstream hands them
+    over; CUDA-graphed too on a GPU) and the CPU decode path alone on one core."""
     torch.set_num_threads(os.cpu_count() or 1)
     model = load_model(settings.model)
     spec = model.preprocessing
     sample = [Path(p).read_bytes() for p in paths[: min(len(paths), 120)]]
-    started = time.perf_counter()
-    tensors = [preprocess(decode(data, "x", settings.images.max_pixels, spec.resize_size), spec) for data in sample]
-    decode_per_core = len(sample) / (time.perf_counter() - started)
+    torch.set_num_threads(1)
+    decode_s = timed(lambda: [decode_crop(data, "x", spec, settings.images.max_pixels, settings.images.draft) for data in sample], runs)
+    torch.set_num_threads(os.cpu_count() or 1)
+    crops = [decode_crop(data, "x", spec, settings.images.max_pixels) for data in sample]
     size = settings.batch.size
-    batch = torch.stack((tensors * (size // len(tensors) + 1))[:size])
-    model.predict(batch)  # warm-up
-    rounds = 3 if model.device.type == "cpu" else 20
-    started = time.perf_counter()
-    for _ in range(rounds):
-        model.predict(batch)
-    model_alone = rounds * size / (time.perf_counter() - started)
-    return {"model_images_per_s": model_alone, "decode_images_per_s_per_core": decode_per_core}
+    batch = torch.stack((crops * (size // len(crops) + 1))[:size])
+    rounds = 1 if model.device.type == "cpu" else 20
+    out: dict[str, Any] = {"decode_one_core": spread(len(sample), decode_s)}
+    forwards = {"eager": model.predict}
+    if model.device.type == "cuda" and not settings.model.compile:
+        forwards["cuda_graph"] = GraphedModel.capture(model, size).predict
+    for name, predict in forwards.items():
+        predict(batch)  # warm-up
+        seconds = timed(lambda predict=predict: [predict(batch) for _ in range(rounds)], runs)
+        out[f"model_{name}"] = spread(rounds * size, seconds)
+    out["model"] = max((v for k, v in out.items() if k.startswith("model_")), key=lambda v: v["images_per_s"])
+    return out
 
 
-async def classify(settings: Settings, paths: list[str]) -> tuple[dict[str, Any], list[ImageResult]]:
+def merged(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two ceiling measurements as one: every figure over the runs of both."""
+    out = {key: spread(value["images"], value["runs_s"] + second[key]["runs_s"]) for key, value in first.items() if key != "model" and key in second}
+    out["model"] = max((v for k, v in out.items() if k.startswith("model_")), key=lambda v: v["images_per_s"])
+    return out
+
+
+@contextmanager
+def thread_env(threads: int | None) -> Iterator[None]:
+    """OMP/MKL/OpenBLAS threads for the worker processes a cluster spawns inside this block.
+
+    Dask's nannies export ``distributed.nanny.pre-spawn-environ`` (OMP_NUM_THREADS=1 ...) to
+    their workers, but take a value from the environment first, and write theirs back into it:
+    set ours (None: Dask's default) around the spawn and restore the environment after."""
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    for name in THREAD_VARIABLES:
+        if threads is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = str(threads)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def dask_cluster(device: torch.device, workers: int, threads: int, omp_threads: int | None, env: dict[str, str] | None = None) -> Iterator[Any]:
+    with thread_env(omp_threads):
+        if device.type == "cuda":
+            from dask_cuda import LocalCUDACluster
+
+            cluster = LocalCUDACluster(threads_per_worker=threads, dashboard_address=":0", ip="127.0.0.1")
+        else:
+            from distributed import LocalCluster
+
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1", dashboard_address=":0", env=env)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def visionstream_cluster(device: torch.device, threads: int) -> Any:
+    """What inference.cluster starts when no scheduler is given: one worker per GPU, or one
+    worker on a CPU, with ``threads`` task threads, Dask's thread defaults (visionstream sets
+    torch's threads itself)."""
+    return dask_cluster(device, 1, threads, None, env={"VISIONSTREAM_LOCAL_WORKERS": "1"})
+
+
+def tutorial_runs(device: torch.device, paths: list[str], checkpoint: Path, work: Path, runs: int, batch_size: int) -> dict[str, Any]:
+    """The tutorial's cluster: one worker per GPU (one on a CPU machine) with every core of
+    the host as threads, and torch allowed those cores."""
+    from distributed import Client
+
+    from benchmarks import tutorial
+
+    cores = os.cpu_count() or 1
+    workers = max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
+    threads = max(1, cores // workers)
+    classes = [f"{i}: {name}" for i, name in enumerate(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"])]
+    with dask_cluster(device, workers, threads, threads) as cluster, Client(cluster.scheduler_address) as client:
+        out = work / "pickles"
+        out.mkdir(exist_ok=True)
+        target = "cuda" if device.type == "cuda" else "cpu"
+        tutorial.run(client, paths[:batch_size], str(checkpoint), classes, str(out), target)  # warm-up, untimed
+        done: list[int] = []
+        seconds = timed(lambda: done.append(tutorial.run(client, paths, str(checkpoint), classes, str(out), target)), runs)
+    result = spread(done[-1], seconds)
+    result["cluster"] = {"workers": workers, "threads_per_worker": threads, "omp_threads": threads}
+    return result
+
+
+async def classify_runs(settings: Settings, paths: list[str], runs: int) -> tuple[dict[str, Any], list[ImageResult]]:
     records: list[ImageResult] = []
+    seconds: list[float] = []
     async with InferenceCluster.from_settings(settings) as cluster:
-        await cluster.classify(paths[:2])  # the model is resident from here on; the timed run pays no start-up
-        in_flight = sum((await cluster.threads()).values()) + 1
-        tally = await classify_all(cluster, paths, settings.batch.size, in_flight, records.append)
-    return {"images": tally.images, "errors": tally.errors, "seconds": tally.elapsed_s, "images_per_s": tally.images_per_s}, records
+        await cluster.classify(paths[: settings.batch.size])  # warm-up, untimed: the model is resident from here on
+        threads = sum((await cluster.threads()).values())
+        in_flight = max(settings.batch.max_in_flight, threads + 1)  # what `visionstream classify` uses
+        errors = 0
+        for run in range(runs):
+            kept: list[ImageResult] = []
+            tally = await classify_all(cluster, paths, settings.batch.size, in_flight, kept.append)
+            seconds.append(tally.elapsed_s)
+            errors += tally.errors
+            if run == runs - 1:
+                records = kept
+    result = spread(len(paths), seconds)
+    result.update({"errors": errors, "in_flight": in_flight, "task_threads": threads})
+    return result, records
 
 
 def stage_breakdown(records: list[ImageResult]) -> dict[str, float]:
@@ -165,7 +292,7 @@ def stage_breakdown(records: list[ImageResult]) -> dict[str, float]:
     }
 
 
-def stream(settings: Settings, folder: Path, work: Path, count: int) -> tuple[dict[str, Any], dict[str, float]]:
+def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, paced_s: float) -> tuple[dict[str, Any], dict[str, float]]:
     from streams.demo import collect, stop, wait_ready
     from streams.stack import EMBEDDED_BROKER_KAFKA
     from streams.kafka import ensure_topics
@@ -189,22 +316,33 @@ def stream(settings: Settings, folder: Path, work: Path, count: int) -> tuple[di
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_ready(settings, worker, log_path, timeout_s=180)
-            asyncio.run(upload_paths([str(folder)], "saturated/", settings, notify=True))
-            events = asyncio.run(collect_quiet(collect, settings, count, 600))
-            saturated = sustained_rate(events)
-            half = max(1.0, saturated / 2)
-            moderate = asyncio.run(paced_uploads(settings, folder, half, min(count, int(half * 40) + 1)))
-            events_moderate = asyncio.run(collect_quiet(collect, settings, count + moderate, 600))
+            warm = asyncio.run(paced_uploads(settings, folder, 1e9, settings.batch.size, "warmup/"))  # warm-up batch, untimed
+            seen = warm
+            rates: list[float] = []
+            events: dict[str, Any] = {}
+            for run in range(runs):
+                asyncio.run(upload_paths([str(folder)], f"saturated{run}/", settings, notify=True))
+                seen += count
+                events = asyncio.run(collect_quiet(collect, settings, seen, 600))
+                rates.append(sustained_rate({u: e for u, e in events.items() if f"/saturated{run}/" in u}))
+            half = max(1.0, statistics.median(rates) / 2)
+            moderate = asyncio.run(paced_uploads(settings, folder, half, min(count, int(half * paced_s) + 1), "paced/"))
+            events_moderate = asyncio.run(collect_quiet(collect, settings, seen + moderate, 600))
         finally:
             stop(worker)
     paced = [e for uri, e in events_moderate.items() if "/paced/" in uri]
     latencies = sorted(e["latency_ms"] for e in paced if e.get("latency_ms") is not None)
-    timings = [e["timings"] for e in events.values() if e.get("timings")]
+    saturated = [e for uri, e in events.items() if "/saturated" in uri]
+    timings = [e["timings"] for e in saturated if e.get("timings")]
     stages = {stage: statistics.mean(t[f"{stage}_ms"] for t in timings) if timings else 0.0 for stage in ("fetch", "decode", "queue", "inference")}
-    total_latency = [e["latency_ms"] for e in events.values() if e.get("latency_ms") is not None]
+    total_latency = [e["latency_ms"] for e in saturated if e.get("latency_ms") is not None]
     stages["wait_and_publish"] = max(0.0, statistics.mean(total_latency) - sum(stages.values())) if total_latency else 0.0
+    ordered = sorted(rates)
     return {
-        "saturated_images_per_s": saturated,
+        "images": count,
+        "images_per_s": statistics.median(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
         "paced_rate_per_s": half,
         "paced_images": len(paced),
         "latency_ms": {q: percentile(latencies, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
@@ -220,7 +358,7 @@ async def collect_quiet(collect: Any, settings: Settings, expected: int, timeout
         return await collect(settings, expected, timeout_s)
 
 
-async def paced_uploads(settings: Settings, folder: Path, rate: float, count: int) -> int:
+async def paced_uploads(settings: Settings, folder: Path, rate: float, count: int, prefix: str) -> int:
     """Upload ``count`` images at ``rate`` per second, each with its S3 event."""
     from streams.uploads import local_files, upload_paths
 
@@ -230,7 +368,7 @@ async def paced_uploads(settings: Settings, folder: Path, rate: float, count: in
         ahead = index / rate - (time.perf_counter() - started)
         if ahead > 0:
             await asyncio.sleep(ahead)
-        await upload_paths([path], f"paced/{index}-", settings, notify=True)
+        await upload_paths([path], f"{prefix}{index}-", settings, notify=True)
     return len(files)
 
 
@@ -239,48 +377,59 @@ def sustained_rate(events: dict[str, dict[str, Any]]) -> float:
     from streams.events import parse_time
 
     predictions = [e for e in events.values() if e["schema"].startswith("visionstream.prediction")]
+    if not predictions:
+        return 0.0
     first = min(parse_time(e["event_time"]) for e in predictions)
     last = max(parse_time(e["predicted_at"]) for e in predictions)
     return len(predictions) / max((last - first).total_seconds(), 1e-6)
 
 
 def ratios(results: dict[str, Any]) -> None:
-    ceiling_rate = results["ceiling"]["model_images_per_s"]
-    classify_rate = results["classify"]["images_per_s"]
-    results["classify"]["fraction_of_ceiling"] = classify_rate / ceiling_rate
-    if "tutorial" in results:
-        results["classify"]["x_tutorial"] = classify_rate / results["tutorial"]["images_per_s"]
-    if "stream" in results:
-        results["stream"]["fraction_of_ceiling"] = results["stream"]["saturated_images_per_s"] / ceiling_rate
-        if "tutorial" in results:
-            results["stream"]["x_tutorial"] = results["stream"]["saturated_images_per_s"] / results["tutorial"]["images_per_s"]
+    ceiling_rate = results["ceiling"]["model"]["images_per_s"]
+    tutorial = results.get("tutorial", {}).get("images_per_s")
+    for method in ("tutorial", "classify", "stream"):
+        if method in results:
+            results[method]["fraction_of_ceiling"] = results[method]["images_per_s"] / ceiling_rate
+            if tutorial:
+                results[method]["x_tutorial"] = results[method]["images_per_s"] / tutorial
 
 
 def table(results: dict[str, Any]) -> str:
     m = results["machine"]
+    hardware = f"GPU {m['gpu']}, " if m["gpu"] else "no GPU, "
+    vs = results.get("visionstream", {})
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, GPU {m['gpu'] or 'none'}; torch {m['torch']}, {m['device']}, {m['precision']}; "
-        f"{results['images']} images, batch {results['batch_size']}",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m.get('vector', '?')}), {hardware}torch {m['torch']}; {m['device']} at {m['precision']}; "
+        f"{results['images']} images, batch {results['batch_size']}; median of {results.get('runs', 1)} runs after one warm-up batch each "
+        f"(min-max in brackets); visionstream: {vs.get('threads_per_worker', '?')} task threads per worker, decode {vs.get('decode', '?')}",
         "",
-        "| method | images/s | x tutorial | of ceiling | latency p50 / p95 / p99 |",
+        "| method | images/s (min-max) | x tutorial | of ceiling | latency p50 / p95 / p99 |",
         "| --- | ---: | ---: | ---: | --- |",
     ]
     if "tutorial" in results:
-        lines.append(f"| tutorial's method (dask.delayed, model per batch) | {results['tutorial']['images_per_s']:.1f} | 1.0x | {results['tutorial']['images_per_s'] / results['ceiling']['model_images_per_s']:.0%} | |")
+        t = results["tutorial"]
+        shape = t.get("cluster", {})
+        lines.append(f"| tutorial's method (dask.delayed, model per batch; {shape.get('workers', 1)} worker x {shape.get('threads_per_worker', '?')} threads) | {_rate(t)} | 1.0x | {t['fraction_of_ceiling']:.0%} | |")
     c = results["classify"]
-    lines.append(f"| visionstream classify | {c['images_per_s']:.1f} | {_x(c.get('x_tutorial'))} | {c['fraction_of_ceiling']:.0%} | |")
+    lines.append(f"| visionstream classify | {_rate(c)} | {_x(c.get('x_tutorial'))} | {c['fraction_of_ceiling']:.0%} | |")
     if "stream" in results:
         s = results["stream"]
         lat = s["latency_ms"]
         lat_text = " / ".join("n/a" if lat[q] is None else f"{lat[q]:.0f}" for q in ("p50", "p95", "p99")) + f" ms at {s['paced_rate_per_s']:.1f} img/s"
-        lines.append(f"| stream path (saturated; latency paced at half) | {s['saturated_images_per_s']:.1f} | {_x(s.get('x_tutorial'))} | {s['fraction_of_ceiling']:.0%} | {lat_text} |")
+        lines.append(f"| stream path (saturated; latency paced at half) | {_rate(s)} | {_x(s.get('x_tutorial'))} | {s['fraction_of_ceiling']:.0%} | {lat_text} |")
     ceiling_ = results["ceiling"]
-    lines.append(f"| ceiling: model alone, pre-decoded tensors | {ceiling_['model_images_per_s']:.1f} | | 100% | |")
-    lines.append(f"| decode + preprocess alone, one core | {ceiling_['decode_images_per_s_per_core']:.1f} | | | |")
-    lines += ["", "Stage breakdown, mean ms per batch:", "", "| path | " + " | ".join(results["stages"]["classify"]) + " | wait + publish |", "| --- |" + " ---: |" * 5]
+    for key, label in (("model_eager", "ceiling: model alone, uint8 crops from the host"), ("model_cuda_graph", "ceiling: model alone, CUDA graph")):
+        if key in ceiling_:
+            lines.append(f"| {label} | {_rate(ceiling_[key])} | | {ceiling_[key]['images_per_s'] / ceiling_['model']['images_per_s']:.0%} | |")
+    lines.append(f"| decode + resize + crop alone (CPU path), one core | {_rate(ceiling_['decode_one_core'])} | | | |")
+    lines += ["", f"Stage breakdown, mean ms per batch of {results['batch_size']}:", "", "| path | fetch | decode | queue | inference | wait + publish |", "| --- |" + " ---: |" * 5]
     for path, stages in results["stages"].items():
         lines.append(f"| {path} | " + " | ".join(f"{stages.get(s, 0):.0f}" for s in ("fetch", "decode", "queue", "inference")) + f" | {stages.get('wait_and_publish', 0):.0f} |")
     return "\n".join(lines)
+
+
+def _rate(figure: dict[str, Any]) -> str:
+    return f"{figure['images_per_s']:.1f} ({figure['min']:.1f}-{figure['max']:.1f})"
 
 
 def _x(value: float | None) -> str:
@@ -289,12 +438,18 @@ def _x(value: float | None) -> str:
 
 def write(results: dict[str, Any], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    kind = "cuda" if results["machine"]["device"].startswith("cuda") else "cpu"
     text = table(results)
-    (folder / "latest.json").write_text(json.dumps(results, indent=2))
-    (folder / "latest.md").write_text(text + "\n")
+    (folder / f"{kind}.json").write_text(json.dumps(results, indent=2))
+    (folder / f"{kind}.md").write_text(text + "\n")
+    sections = []
+    for name, title in (("cpu", "CPU"), ("cuda", "GPU")):
+        if (folder / f"{name}.md").exists():
+            sections.append(f"## {title}\n\n" + (folder / f"{name}.md").read_text())
+    (folder / "latest.md").write_text("\n".join(sections))
     chart(results, folder / "stage_breakdown.png")
     print(text)
-    say(f"wrote {folder / 'latest.md'}, latest.json, stage_breakdown.png")
+    say(f"wrote {folder / f'{kind}.md'}, {kind}.json, latest.md, stage_breakdown.png")
 
 
 def chart(results: dict[str, Any], path: Path) -> None:
@@ -312,7 +467,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.barh(paths, values, left=left, label=stage)
         left = [a + b for a, b in zip(left, values, strict=True)]
     ax.set_xlabel("ms per batch (mean)")
-    ax.set_title("Where a batch's time goes")
+    ax.set_title(f"Where a batch's time goes ({results['machine']['gpu'] or results['machine']['cpu']})")
     ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.25))
     fig.tight_layout()
     fig.savefig(path, dpi=100)

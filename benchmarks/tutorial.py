@@ -1,11 +1,14 @@
 """The tutorial's method, re-implemented faithfully as the baseline (bugs included).
 
 Per image: open, decode, Resize(256) + CenterCrop(250) + ToTensor, no normalisation; the
-paths in batches of 60 as dask.delayed tasks; inside every batch the model is rebuilt and
-its weights reloaded, fp32; the first image's softmax used for every image; a regex on
-breed names as the match; one pickle written per image. Only the weights source differs:
-the tutorial downloaded them (``pretrained=True``), this reads the same state_dict from a
-local file each batch, since nothing may be downloaded here.
+paths in batches of 60 as dask.delayed tasks; inside every batch the model is rebuilt, its
+weights reloaded and moved to the device with the batch (``resnet.to(device)``,
+``images.to(device)``: the GPU where there is one, as the tutorial ran), fp32; the first
+image's softmax used for every image; a regex on breed names as the match; one pickle written
+per image. Only the weights source differs: the tutorial downloaded them
+(``pretrained=True``), this reads the same state_dict from a local file each batch, since
+nothing may be downloaded here. The cluster it runs on is the caller's (benchmarks.run gives
+it the tutorial's shape: one worker per GPU, all the host's cores as threads).
 """
 
 from __future__ import annotations
@@ -57,13 +60,15 @@ def is_match(la, ev):
 
 
 @dask.delayed
-def run_batch_to_disk(iteritem: list, weights_path: str, classes: list[str], out_dir: str) -> list:
+def run_batch_to_disk(iteritem: list, weights_path: str, classes: list[str], out_dir: str, device_name: str = "cpu") -> list:
     names, images, truelabels = iteritem
-    images = torch.stack(images)
+    device = torch.device(device_name)
+    images = torch.stack(images).to(device)
     with torch.no_grad():
         resnet = models.resnet50()
         resnet.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
         resnet.eval()
+        resnet.to(device)
         pred_batch = resnet(images)
         preds, labslist = evaluate_pred_batch(pred_batch, truelabels, classes)
         for j in range(0, len(images)):
@@ -73,8 +78,8 @@ def run_batch_to_disk(iteritem: list, weights_path: str, classes: list[str], out
     return names
 
 
-def run(client, paths: list[str], weights_path: str, classes: list[str], out_dir: str) -> int:
+def run(client, paths: list[str], weights_path: str, classes: list[str], out_dir: str, device: str = "cpu") -> int:
     batches = [paths[i : i + 60] for i in range(0, len(paths), 60)]
     image_batches = [reformat([preprocess(p) for p in batch]) for batch in batches]
-    futures = client.compute([run_batch_to_disk(b, weights_path, classes, out_dir) for b in image_batches])
+    futures = client.compute([run_batch_to_disk(b, weights_path, classes, out_dir, device) for b in image_batches])
     return sum(len(names) for names in client.gather(futures))

@@ -1,4 +1,12 @@
-"""bytes -> RGB image -> normalised tensor, through the weights' own transforms. Pure."""
+"""bytes -> upright uint8 crop -> normalised batch, equal to the weights' own transforms. Pure.
+
+The weights' ``transforms()`` resize a Pillow image (in uint8), center-crop it, then scale and
+normalise. This module stops at the uint8 crop [3, crop, crop]: it is 4x smaller than float32
+to stack, pin and copy, and ``normalize`` finishes the job on the model's device. JPEG goes
+through ``torchvision.io.decode_jpeg`` (libjpeg-turbo here; nvJPEG on a GPU, in
+``inference.gpu``); other formats, odd modes and whatever decode_jpeg refuses go through Pillow.
+The byte limit is the fetcher's; the pixel limit is checked on the header, before any decode.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +17,24 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
+from torchvision.transforms.v2 import functional as F2
 
 from inference.errors import ImageDecodeError
 
 # Pillow refuses nothing itself: we apply our own configurable limit below.
 Image.MAX_IMAGE_PIXELS = None
+# torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still work,
+# and TorchCodec is not on the GPU hosts. Silence that one notice, not image warnings in general.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated")
+
+EXIF_ORIENTATION = 0x0112
+# JPEGs whose short side is at least this many times the resize target decode faster through
+# Pillow's draft mode (libjpeg's DCT scaling: 1/2, 1/4, 1/8) than in full through decode_jpeg;
+# below it decode_jpeg wins. Measured on this project's CPU (BENCHMARKS.md, "CPU decode").
+DRAFT_MIN_SCALE = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +61,47 @@ class Preprocessing:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ImageHeader:
+    """What an image's header says, read without decoding its pixels."""
+
+    format: str | None  # Pillow's name: "JPEG", "PNG", ...
+    mode: str  # Pillow's mode: "RGB", "L", "CMYK", "P", ...
+    width: int  # as stored, before EXIF orientation
+    height: int
+    orientation: int = 1  # EXIF orientation, 1-8
+
+    @property
+    def plain_jpeg(self) -> bool:
+        """A JPEG that decode_jpeg turns into the same RGB as Pillow: YCbCr/RGB or grayscale, not CMYK."""
+        return self.format == "JPEG" and self.mode in ("RGB", "L")
+
+    def draft_scale(self, resize_size: int) -> float:
+        return min(self.width, self.height) / resize_size
+
+
+def read_header(data: bytes, uri: str, max_pixels: int) -> ImageHeader:
+    """Format, mode, size and orientation from the header; ImageDecodeError for empty or
+    unrecognised data, or more than ``max_pixels`` pixels (a decompression bomb is refused here)."""
+    if not data:
+        raise ImageDecodeError(uri, "empty object")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(uri, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image.format in ("JPEG", "MPO") else 1
+            return ImageHeader(image.format, image.mode, width, height, orientation if orientation in range(1, 9) else 1)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError(uri, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from None
+
+
 def decode(data: bytes, uri: str, max_pixels: int, draft_size: int | None = None) -> Image.Image:
-    """Decode bytes into an upright RGB image, or raise ImageDecodeError.
+    """Decode bytes into an upright RGB Pillow image, or raise ImageDecodeError.
 
     ``draft_size`` lets JPEG decode at 1/2, 1/4 or 1/8 scale while the short side stays at
     least that large: the resize that follows is then cheaper and nearly identical.
@@ -88,9 +146,72 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def as_bytes_tensor(data: bytes) -> Tensor:
+    """The encoded bytes as the 1-d uint8 CPU tensor decode_jpeg takes (a writable copy)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_crop(data: bytes, uri: str, spec: Preprocessing, max_pixels: int, draft: bool = True) -> Tensor:
+    """The CPU path: bytes -> upright uint8 crop [3, crop, crop], or ImageDecodeError.
+
+    Plain JPEGs decode through torchvision.io (libjpeg-turbo, about twice Pillow's rate with the
+    tensor resize), except large ones that Pillow's draft mode decodes at reduced scale; the
+    rest, and any JPEG decode_jpeg refuses, through Pillow, whose errors name what is wrong.
+    """
+    header = read_header(data, uri, max_pixels)
+    if header.plain_jpeg and not (draft and header.draft_scale(spec.resize_size) >= DRAFT_MIN_SCALE):
+        try:
+            image = decode_jpeg(as_bytes_tensor(data), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # corrupt, truncated or unusual: Pillow decides, and says why if it fails too
+        else:
+            return resize_crop(orient(image, header.orientation), spec)
+    image = decode(data, uri, max_pixels, spec.resize_size if draft else None)
+    return resize_crop(F.pil_to_tensor(image), spec)
+
+
+def orient(image: Tensor, orientation: int) -> Tensor:
+    """Apply an EXIF orientation (1-8) to an image [..., H, W], as ``ImageOps.exif_transpose`` does."""
+    if orientation == 2:
+        return image.flip(-1)  # mirrored left-right
+    if orientation == 3:
+        return image.flip(-2, -1)  # upside down
+    if orientation == 4:
+        return image.flip(-2)  # mirrored top-bottom
+    if orientation == 5:
+        return image.transpose(-2, -1)  # mirrored along the main diagonal
+    if orientation == 6:
+        return image.rot90(-1, (-2, -1))  # stored turned left: turn it right
+    if orientation == 7:
+        return image.transpose(-2, -1).flip(-2, -1)  # mirrored along the other diagonal
+    if orientation == 8:
+        return image.rot90(1, (-2, -1))  # stored turned right: turn it left
+    return image
+
+
+def resize_crop(image: Tensor, spec: Preprocessing) -> Tensor:
+    """uint8 [3, H, W] (CPU or CUDA) -> uint8 [3, crop, crop]: antialiased resize of the short
+    side, then center crop, as the weights' transforms do on a Pillow image (within rounding)."""
+    image = F2.resize(image, [spec.resize_size], interpolation=spec.interpolation, antialias=True)
+    return F2.center_crop(image, [spec.crop_size, spec.crop_size])
+
+
+def crop(image: Image.Image, spec: Preprocessing) -> Tensor:
+    """RGB Pillow image -> uint8 crop [3, crop, crop] through Pillow's own resize: the reference."""
+    image = F.resize(image, [spec.resize_size], interpolation=spec.interpolation, antialias=True)
+    return F.pil_to_tensor(F.center_crop(image, [spec.crop_size]))
+
+
+def normalization(spec: Preprocessing, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """The mean and std as [3, 1, 1] tensors on ``device``; made once per model, not per batch."""
+    return (torch.tensor(spec.mean, device=device).view(3, 1, 1), torch.tensor(spec.std, device=device).view(3, 1, 1))
+
+
+def normalize(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """uint8 [..., 3, h, w] -> float32 scaled to [0, 1] and normalised, as ToTensor + Normalize do."""
+    return batch.float().div_(255).sub_(mean).div_(std)
+
+
 def preprocess(image: Image.Image, spec: Preprocessing) -> Tensor:
     """RGB image -> float tensor [3, crop, crop], exactly as the weights' transforms do."""
-    image = F.resize(image, [spec.resize_size], interpolation=spec.interpolation, antialias=True)
-    image = F.center_crop(image, [spec.crop_size])
-    tensor = F.convert_image_dtype(F.pil_to_tensor(image), torch.float)
-    return F.normalize(tensor, mean=list(spec.mean), std=list(spec.std))
+    return normalize(crop(image, spec), *normalization(spec))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torchvision
 from torch import Tensor, nn
 
 from inference.errors import ConfigError, WeightsUnavailable
-from inference.images import Preprocessing
+from inference.images import Preprocessing, normalization, normalize
 from inference.labels import ClassTable
 from inference.results import ModelInfo
 from inference.settings import ModelSettings, StorageSettings
@@ -55,22 +56,91 @@ class LoadedModel:
     precision: str
     info: ModelInfo
     channels_last: bool
+    mean_std: tuple[Tensor, Tensor] = field(default_factory=lambda: normalization(Preprocessing()), compare=False, repr=False)
 
     @torch.inference_mode()
     def predict(self, batch: Tensor) -> Tensor:
-        """Float32 logits [n, classes] on the CPU for a normalised batch [n, 3, h, w]."""
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        if self.device.type == "cuda":
+        """Float32 logits [n, classes] on the CPU, for a batch [n, 3, h, w] of uint8 crops
+        (scaled and normalised here, on the model's device) or of already normalised floats."""
+        return self.forward(self.to_device(batch)).float().cpu()
+
+    def to_device(self, batch: Tensor) -> Tensor:
+        """The batch on the model's device; from the CPU to a GPU through pinned memory, without
+        blocking the host (keep the uint8 batch: a quarter of float32's bytes)."""
+        if batch.device == self.device:
+            return batch
+        if self.device.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory()
-        batch = batch.to(self.device, non_blocking=True, memory_format=memory_format)
+        return batch.to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def forward(self, batch: Tensor) -> Tensor:
+        """Logits on the device for a batch already there: normalise uint8, then the model."""
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        batch = batch.contiguous(memory_format=memory_format)  # on uint8, before it grows 4x
+        if batch.dtype == torch.uint8:
+            batch = normalize(batch, *self.mean_std)  # keeps the memory format
         with self._autocast():
-            logits = self.module(batch)
-        return logits.float().cpu()
+            return self.module(batch)
 
     def _autocast(self) -> Any:
         if self.precision == "fp32":
             return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.precision])
+        # no weight-cast cache: it would only hold copies for parameters that need grad, and it
+        # is not allowed while a CUDA graph is captured
+        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.precision], cache_enabled=False)
+
+
+@dataclass
+class GraphedModel:
+    """``predict`` through one captured CUDA graph for a fixed batch shape.
+
+    ResNet50's forward pass is several hundred kernel launches; from Python, each takes the
+    GIL, which the decode threads of the same worker also want, so launching, not the GPU,
+    sets the pace. Replaying a graph is one launch. Smaller batches are padded up to the
+    captured size (rows past the real ones are ignored; in eval mode images do not interact),
+    so a partial batch never captures again; larger ones run eagerly.
+    """
+
+    model: LoadedModel
+    batch_size: int
+    graph: Any = field(repr=False)
+    static_input: Tensor = field(repr=False)
+    static_output: Tensor = field(repr=False)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    @torch.inference_mode()
+    def capture(cls, model: LoadedModel, batch_size: int) -> GraphedModel:
+        """Warm up on a side stream (cudnn picks its kernels), then capture; raises if capture fails."""
+        if model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {model.device}")
+        crop = model.preprocessing.crop_size
+        static_input = torch.randint(0, 256, (batch_size, 3, crop, crop), dtype=torch.uint8, device=model.device)
+        side = torch.cuda.Stream(model.device)
+        side.wait_stream(torch.cuda.current_stream(model.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model.forward(static_input)
+        torch.cuda.current_stream(model.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the worker's other threads may use CUDA (decode) while this one captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            static_output = model.forward(static_input)
+        torch.cuda.synchronize(model.device)
+        return cls(model, batch_size, graph, static_input, static_output)
+
+    @torch.inference_mode()
+    def predict(self, batch: Tensor) -> Tensor:
+        """Float32 logits [n, classes] on the CPU, like ``LoadedModel.predict``."""
+        count = len(batch)
+        if count > self.batch_size or batch.dtype != torch.uint8:
+            return self.model.predict(batch)
+        batch = self.model.to_device(batch)
+        with self.lock:  # one replay at a time: the graph's input and output are shared
+            self.static_input[:count].copy_(batch)
+            self.graph.replay()
+            return self.static_output[:count].float().cpu()
 
 
 @torch.inference_mode()
@@ -110,14 +180,16 @@ def load_model(settings: ModelSettings, storage: StorageSettings | None = None) 
         name=settings.name, weights=_describe(spec), precision=precision, device=str(device)
     )
     log.info("model %s weights=%s on %s at %s", info.name, info.weights, info.device, precision)
+    preprocessing = Preprocessing.from_transforms(reference.transforms())
     return LoadedModel(
         module=module,
         classes=classes,
-        preprocessing=Preprocessing.from_transforms(reference.transforms()),
+        preprocessing=preprocessing,
         device=device,
         precision=precision,
         info=info,
         channels_last=settings.channels_last,
+        mean_std=normalization(preprocessing, device),
     )
 
 

@@ -1,29 +1,36 @@
 """Dask worker side: the plugin that keeps the model resident, and the batch task.
 
 Each worker builds the model once, in ``ResidentModel.setup``; ``classify_batch`` tasks
-use it and never rebuild it. A worker runs two task threads: while one batch holds the
-model (one at a time, under a lock), the next batch is fetched and decoded.
+use it and never rebuild it. A worker runs several task threads: while one batch holds the
+model (one at a time, under a lock), the next is fetched and decoded (on the GPU where the
+model is on one, each task thread on a CUDA stream of its own) and the last one's results go
+back. Crops travel as uint8 and are normalised on the model's device.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from distributed import Worker, WorkerPlugin, get_worker
+from PIL import Image
 
-from inference.errors import ImageError, ModelNotResident
+from inference.errors import ConfigError, ImageError, ModelNotResident
 from inference.fetch import fetch_many
-from inference.images import decode, preprocess
+from inference.gpu import Decoder, batch_on, device_crops, device_decodable, jpeg_decoder
+from inference.images import ImageHeader, decode_crop, read_header
 from inference.labels import match_truth, parse_truth
-from inference.model import LoadedModel, load_model, top_k
+from inference.model import GraphedModel, LoadedModel, load_model, top_k
 from inference.results import Failure, ImageResult, Prediction, Timings
 from inference.settings import ImageSettings, ModelSettings, StorageSettings, load_settings
 
@@ -57,42 +64,46 @@ class ResidentModel(WorkerPlugin):
         self.loads += 1
         self.model_lock = threading.Lock()
         threads = self.image_settings.decode_threads or cores
-        self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="visionstream-decode")
+        # one torch thread per decode thread: the pool itself is the parallelism
+        self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="visionstream-decode", initializer=torch.set_num_threads, initargs=(1,))
         self.worker_address = worker.address
-        if self.model_settings.compile:
+        self.device_decoder = _device_decoder(self.image_settings.decode, self.loaded.device)
+        self.predict: Callable[[torch.Tensor], torch.Tensor] = self.loaded.predict
+        self.streams = threading.local()
+        if self.model_settings.compile or self.loaded.device.type == "cuda":
             self._warm_up()
 
     def teardown(self, worker: Worker) -> None:
         pool = getattr(self, "decode_pool", None)  # absent when setup failed
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+        self.predict = None  # type: ignore[assignment]
         self.loaded = None
 
     def classify(self, uris: list[str], truth_pattern: str) -> list[ImageResult]:
+        """Fetch, decode and classify one batch. Per-image fetch and decode failures become those
+        images' records; a failed forward pass (out of memory, a lost device, any exception from
+        the model) raises, so that the caller retries the whole batch."""
         assert self.loaded is not None, "ResidentModel used before setup"
         loaded = self.loaded
         started = time.perf_counter()
         fetched = fetch_many(uris, self.storage_settings, self.image_settings)
         fetched_at = time.perf_counter()
-        tensors = list(self.decode_pool.map(self._prepare, uris, fetched))
-        decoded_at = time.perf_counter()
-        good = [index for index, item in enumerate(tensors) if isinstance(item, torch.Tensor)]
-        scores = indices = None
-        inference_failure: str | None = None
-        with self.model_lock:
-            locked_at = time.perf_counter()
-            # OpenMP thread counts are per calling thread, and Dask's nannies export
-            # OMP_NUM_THREADS=1: set it in the task thread that runs the model.
-            if torch.get_num_threads() != self.torch_threads:
-                torch.set_num_threads(self.torch_threads)
-            if good:
-                try:
-                    logits = loaded.predict(torch.stack([tensors[i] for i in good]))
-                    scores, indices = top_k(logits, self.model_settings.top_k)
-                except Exception as exc:  # noqa: BLE001 - out of memory, bad kernel: every image says so
-                    log.exception("inference failed for a batch of %d", len(good))
-                    inference_failure = f"{type(exc).__name__}: {exc}"
-        done_at = time.perf_counter()
+        with self._task_stream():
+            outcomes = self._prepare_all(uris, fetched)
+            good = [index for index, item in enumerate(outcomes) if isinstance(item, torch.Tensor)]
+            batch = batch_on([outcomes[i] for i in good], loaded.device) if good else None  # type: ignore[misc]
+            if batch is not None and batch.is_cuda:
+                torch.cuda.current_stream(batch.device).synchronize()  # decoded and on the device before the model is ours
+            decoded_at = time.perf_counter()
+            with self.model_lock:
+                locked_at = time.perf_counter()
+                # OpenMP thread counts are per calling thread, and Dask's nannies export
+                # OMP_NUM_THREADS=1: set it in the task thread that runs the model.
+                if torch.get_num_threads() != self.torch_threads:
+                    torch.set_num_threads(self.torch_threads)
+                logits = self.predict(batch) if batch is not None else None  # raises: not a per-image failure
+            done_at = time.perf_counter()
         timings = Timings(
             fetch_ms=_ms(started, fetched_at),
             decode_ms=_ms(fetched_at, decoded_at),
@@ -100,39 +111,125 @@ class ResidentModel(WorkerPlugin):
             inference_ms=_ms(locked_at, done_at),
             batch_size=len(uris),
         )
-        outcomes: list[Any] = list(tensors)
-        for row, index in enumerate(good):
-            if inference_failure is not None:
-                outcomes[index] = Failure("inference", inference_failure)
-            else:
-                outcomes[index] = (scores[row].tolist(), indices[row].tolist())  # type: ignore[index]
+        results: list[Any] = list(outcomes)
+        if logits is not None:
+            scores, indices = top_k(logits, self.model_settings.top_k)
+            for row, index in enumerate(good):
+                results[index] = (scores[row].tolist(), indices[row].tolist())
         return [
             build_result(uri, outcome, loaded, truth_pattern, timings, self.worker_address)
-            for uri, outcome in zip(uris, outcomes, strict=True)
+            for uri, outcome in zip(uris, results, strict=True)
         ]
 
+    def _prepare_all(self, uris: list[str], fetched: list[bytes | ImageError]) -> list[torch.Tensor | Failure]:
+        """Per image a uint8 crop (on the model's device where it was decoded there) or a Failure.
+
+        With a device decoder, the plain JPEGs decode on the device in one call while the
+        decode pool takes the rest; what the device refuses joins the pool's share."""
+        if self.device_decoder is None:
+            return list(self.decode_pool.map(self._prepare, uris, fetched))
+        spec = self.loaded.preprocessing  # type: ignore[union-attr]
+        outcomes: list[Any] = [None] * len(uris)
+        on_device: list[int] = []
+        items: list[tuple[bytes, ImageHeader]] = []
+        pending: dict[int, Future[torch.Tensor | Failure]] = {}
+        for index, (uri, data) in enumerate(zip(uris, fetched, strict=True)):
+            if isinstance(data, ImageError):
+                outcomes[index] = Failure(data.stage, data.reason)
+                continue
+            try:
+                header = read_header(data, uri, self.image_settings.max_pixels)
+            except ImageError as exc:
+                outcomes[index] = Failure(exc.stage, exc.reason)
+                continue
+            if device_decodable(header, data):
+                on_device.append(index)
+                items.append((data, header))
+            else:
+                pending[index] = self.decode_pool.submit(self._prepare, uri, data)
+        if items:
+            try:
+                crops = device_crops(items, spec, self.device_decoder)
+            except Exception:  # noqa: BLE001 - anything the device path did not foresee: the CPU path decides
+                log.exception("device decode failed for %d images; decoding them on the CPU", len(items))
+                crops = [None] * len(items)
+            for index, crop in zip(on_device, crops, strict=True):
+                if crop is None:
+                    pending[index] = self.decode_pool.submit(self._prepare, uris[index], fetched[index])  # type: ignore[arg-type]
+                else:
+                    outcomes[index] = crop
+        for index, future in pending.items():
+            outcomes[index] = future.result()
+        return outcomes
+
     def _prepare(self, uri: str, data: bytes | ImageError) -> torch.Tensor | Failure:
+        """The CPU path for one image: a uint8 crop on the CPU, or its Failure."""
         if isinstance(data, ImageError):
             return Failure(data.stage, data.reason)
-        spec = self.loaded.preprocessing  # type: ignore[union-attr]
         try:
-            image = decode(
-                data,
-                uri,
-                self.image_settings.max_pixels,
-                spec.resize_size if self.image_settings.draft else None,
+            return decode_crop(
+                data, uri, self.loaded.preprocessing, self.image_settings.max_pixels, self.image_settings.draft  # type: ignore[union-attr]
             )
-            return preprocess(image, spec)
         except ImageError as exc:
             return Failure(exc.stage, exc.reason)
         except Exception as exc:  # noqa: BLE001 - one bad image never fails its batch
             return Failure("decode", f"{type(exc).__name__}: {exc}")
 
     def _warm_up(self) -> None:
-        """Pay torch.compile's cost at start-up, for the batch size the stream sends, not on the first batch."""
-        spec = self.loaded.preprocessing  # type: ignore[union-attr]
+        """Pay start-up costs before the first batch: torch.compile's compilation, or on a GPU
+        cudnn's kernel choice and a CUDA graph for the batch size the stream sends, and one
+        decode through nvJPEG (when it fails, images decode on the CPU instead)."""
+        loaded = self.loaded
+        assert loaded is not None
         torch.set_num_threads(self.torch_threads)
-        self.loaded.predict(torch.zeros(self.warmup_batch, 3, spec.crop_size, spec.crop_size))  # type: ignore[union-attr]
+        crop = loaded.preprocessing.crop_size
+        if loaded.device.type == "cuda" and not self.model_settings.compile:
+            try:
+                self.predict = GraphedModel.capture(loaded, self.warmup_batch).predict
+            except Exception:  # noqa: BLE001 - eager is slower, not wrong
+                log.warning("CUDA graph capture failed; running the model eagerly", exc_info=True)
+        else:
+            loaded.predict(torch.zeros(self.warmup_batch, 3, crop, crop, dtype=torch.uint8))
+        if self.device_decoder is not None:
+            try:
+                device_crops([(_SAMPLE_JPEG, read_header(_SAMPLE_JPEG, "warm-up", 10**6))], loaded.preprocessing, self.device_decoder)
+            except Exception as exc:  # noqa: BLE001
+                if self.image_settings.decode == "gpu":
+                    raise ConfigError(f"images.decode is gpu but decoding on {loaded.device} failed: {exc}") from exc
+                log.warning("decoding on %s failed (%s); images decode on the CPU", loaded.device, exc)
+                self.device_decoder = None
+
+    @contextmanager
+    def _task_stream(self) -> Iterator[None]:
+        """On a GPU, a CUDA stream of this task thread's own: its decode and copies overlap the
+        forward pass another thread is running, instead of queueing behind it."""
+        device = self.loaded.device  # type: ignore[union-attr]
+        if device.type != "cuda":
+            yield
+            return
+        stream = getattr(self.streams, "stream", None)
+        if stream is None:
+            stream = self.streams.stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            yield
+
+
+def _device_decoder(mode: str, device: torch.device) -> Decoder | None:
+    """nvJPEG for images.decode gpu, or auto on a CUDA model; None: decode on the CPU."""
+    if mode == "cpu" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"images.decode is gpu but the model runs on {device}: use auto or cpu there")
+    return jpeg_decoder(device)
+
+
+def _sample_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+_SAMPLE_JPEG = _sample_jpeg()
 
 
 def build_result(

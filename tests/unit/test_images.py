@@ -4,10 +4,21 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
+from PIL import Image, ImageOps
+from torchvision.transforms import functional as F
 
 from inference.errors import ImageDecodeError
-from inference.images import Preprocessing, decode, preprocess, to_rgb
+from inference.images import (
+    Preprocessing,
+    decode,
+    decode_crop,
+    normalization,
+    normalize,
+    orient,
+    preprocess,
+    read_header,
+    to_rgb,
+)
 
 WEIGHTS = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
 
@@ -101,3 +112,109 @@ def test_decompression_bomb_is_refused_before_decoding():
     bomb = encoded(Image.new("L", (12000, 12000)), "PNG")  # small file, 144 Mpx
     with pytest.raises(ImageDecodeError, match="exceeds the limit"):
         decode(bomb, "bomb.png", max_pixels=40_000_000)
+
+
+# --- the uint8 path: header first, torchvision.io for JPEG, Pillow for the rest ---------------
+
+SPEC = Preprocessing.from_transforms(WEIGHTS.transforms())
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth structure plus grain, like the generated data sets: resizing it means something."""
+    from inference.samples import synthetic_photo
+
+    return synthetic_photo(np.random.default_rng(seed), width, height)
+
+
+def reference(data: bytes) -> torch.Tensor:
+    """What the weights' own transforms make of the bytes, decoded in full by Pillow."""
+    with Image.open(io.BytesIO(data)) as image:
+        return WEIGHTS.transforms()(to_rgb(ImageOps.exif_transpose(image)))
+
+
+def assert_close_to_reference(crop: torch.Tensor, expected: torch.Tensor) -> None:
+    """uint8 crop, normalised, against the reference, in grey levels: torch's uint8 resize and
+    Pillow's round differently in a few pixels (measured: mean 0.002-0.004, max 1), and
+    another libjpeg-turbo build may add a level; a shifted or flipped picture is far off."""
+    assert crop.dtype == torch.uint8 and crop.shape == (3, 224, 224)
+    actual = normalize(crop, *normalization(SPEC))
+    levels = ((actual - expected) * torch.tensor(SPEC.std).view(3, 1, 1) * 255).abs()
+    assert levels.mean().item() < 0.1, levels.mean().item()
+    assert torch.quantile(levels.flatten(), 0.999).item() <= 1.01
+    assert levels.max().item() <= 2.01
+
+
+@pytest.mark.parametrize(("width", "height"), [(440, 390), (230, 500), (300, 200)])
+def test_jpeg_through_torchvision_io_equals_the_weights_transforms(width: int, height: int):
+    data = encoded(photo(width, height), "JPEG", quality=90)
+    assert_close_to_reference(decode_crop(data, "x.jpg", SPEC, 10**8), reference(data))
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P"])
+def test_other_modes_and_formats_through_pillow_equal_the_weights_transforms(mode: str):
+    image = photo(320, 260).convert(mode)
+    fmt = "JPEG" if mode in ("L", "CMYK") else "PNG"
+    data = encoded(image, fmt)
+    assert_close_to_reference(decode_crop(data, f"x.{fmt}", SPEC, 10**8), reference(data))
+
+
+def test_large_jpeg_takes_pillow_draft_and_stays_close_to_a_full_decode():
+    data = encoded(photo(2000, 1600), "JPEG", quality=90)
+    fast = normalize(decode_crop(data, "x.jpg", SPEC, 10**8, draft=True), *normalization(SPEC))
+    full = normalize(decode_crop(data, "x.jpg", SPEC, 10**8, draft=False), *normalization(SPEC))
+    assert (fast - full).abs().mean().item() < 0.05
+    assert_close_to_reference(decode_crop(data, "x.jpg", SPEC, 10**8, draft=False), reference(data))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_on_tensors_is_pillows(orientation: int):
+    image = noise(7, 4, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encoded(image, "JPEG", exif=exif.tobytes(), quality=95)
+    with Image.open(io.BytesIO(data)) as stored:
+        expected = F.pil_to_tensor(ImageOps.exif_transpose(stored).convert("RGB"))
+        assert torch.equal(orient(F.pil_to_tensor(stored.convert("RGB")), orientation), expected)
+    assert read_header(data, "x.jpg", 10**8).orientation == orientation
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_decode_crop_honours_exif_orientation(orientation: int):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encoded(photo(360, 250), "JPEG", exif=exif.tobytes(), quality=90)
+    assert_close_to_reference(decode_crop(data, "x.jpg", SPEC, 10**8), reference(data))
+
+
+def test_header_is_read_without_decoding_and_the_pixel_limit_comes_first():
+    data = encoded(photo(300, 200), "JPEG")
+    header = read_header(data[: len(data) // 3], "cut.jpg", 10**8)  # pixels missing, header intact
+    assert (header.format, header.mode, header.width, header.height, header.plain_jpeg) == ("JPEG", "RGB", 300, 200, True)
+    with pytest.raises(ImageDecodeError, match="exceeds the limit of 59999"):
+        read_header(data, "x.jpg", max_pixels=59_999)
+    with pytest.raises(ImageDecodeError, match="exceeds the limit"):
+        decode_crop(encoded(Image.new("L", (12000, 12000)), "PNG"), "bomb.png", SPEC, max_pixels=40_000_000)
+    assert not read_header(encoded(photo(40, 30).convert("CMYK"), "JPEG"), "c.jpg", 10**8).plain_jpeg
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [(b"", "empty"), (b"hello, this is text", "not a recognised image format")],
+)
+def test_decode_crop_refuses_what_is_not_an_image(data: bytes, message: str):
+    with pytest.raises(ImageDecodeError, match=message) as caught:
+        decode_crop(data, "x.jpg", SPEC, 10**8)
+    assert caught.value.stage == "decode"
+
+
+def test_truncated_jpeg_that_torchvision_refuses_is_reported_by_pillow():
+    data = encoded(photo(300, 300), "JPEG")
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated") as caught:
+        decode_crop(data[: len(data) // 3], "cut.jpg", SPEC, 10**8)
+    assert caught.value.stage == "decode" and caught.value.uri == "cut.jpg"
+
+
+def test_normalize_is_to_tensor_then_normalize():
+    crop_ = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    expected = F.normalize(F.convert_image_dtype(crop_, torch.float), mean=list(SPEC.mean), std=list(SPEC.std))
+    torch.testing.assert_close(normalize(crop_, *normalization(SPEC)), expected, atol=1e-6, rtol=0)

@@ -110,3 +110,19 @@ def test_auto_precision():
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"
     assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
     assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+
+
+def test_a_uint8_batch_is_normalised_on_the_device_like_the_float_path():
+    from inference.images import normalization, normalize
+
+    model = load_model(SMALL)
+    crops = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
+    expected = model.predict(normalize(crops, *normalization(model.preprocessing)))
+    torch.testing.assert_close(model.predict(crops), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_cuda_graphs_need_a_cuda_device():
+    from inference.model import GraphedModel
+
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedModel.capture(load_model(SMALL), 4)

@@ -1,7 +1,20 @@
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from inference.errors import ConfigError, FetchError
+from inference.gpu import jpeg_decoder
 from inference.model import load_model
 from inference.results import Failure, ImageResult, Timings
-from inference.settings import ModelSettings, TruthSettings
-from inference.worker import build_result
+from inference.samples import synthetic_photo
+from inference.settings import ImageSettings, ModelSettings, StorageSettings, TruthSettings
+from inference.worker import ResidentModel, build_result
 
 MODEL = load_model(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32"))
 PATTERN = TruthSettings().pattern
@@ -35,3 +48,95 @@ def test_records_round_trip_through_plain_json_dicts():
 
     result = build_result("Images/n02085620-Chihuahua/a.jpg", ([0.7, 0.2], [151, 3]), MODEL, PATTERN, Timings(1.0, 2.0, 0.0, 3.0, 2))
     assert ImageResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+# --- ResidentModel.classify: per-image failures are records; a failed forward pass raises ----
+
+SETTINGS = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32")
+
+
+def jpeg(seed: int, mode: str = "RGB", size: tuple[int, int] = (300, 240)) -> bytes:
+    buffer = io.BytesIO()
+    synthetic_photo(np.random.default_rng(seed), *size).convert(mode).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def resident() -> Iterator[ResidentModel]:
+    plugin = ResidentModel(SETTINGS, ImageSettings(decode_threads=2), StorageSettings(), warmup_batch=4)
+    plugin.setup(SimpleNamespace(address="tcp://127.0.0.1:1"))  # what setup reads of a Worker
+    yield plugin
+    plugin.teardown(None)
+
+
+def test_a_failed_forward_pass_raises_instead_of_failing_every_image(resident: ResidentModel, tmp_path: Path):
+    good = tmp_path / "good.jpg"
+    good.write_bytes(jpeg(1))
+
+    def out_of_memory(batch: torch.Tensor) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    resident.predict = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        resident.classify([str(good)], PATTERN)
+
+
+def test_bad_images_are_records_and_the_rest_are_classified(resident: ResidentModel, tmp_path: Path):
+    files = {"a.jpg": jpeg(1), "b.png": _png(), "bad.jpg": b"not an image", "cut.jpg": jpeg(2)[:900]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    uris = [str(tmp_path / name) for name in files] + [str(tmp_path / "missing.jpg")]
+    results = resident.classify(uris, PATTERN)
+    assert [r.error.stage if r.error else None for r in results] == [None, None, "decode", "decode", "fetch"]
+    assert all(len(r.top_k) == 5 for r in results[:2])
+    assert results[0].timings.batch_size == 5
+
+
+def test_the_device_path_falls_back_per_image_to_the_cpu_path(resident: ResidentModel):
+    """The device branch, run with libjpeg-turbo standing in for nvJPEG: one corrupt JPEG fails
+    the batched call, the retry finds it, and it alone takes the CPU path (which reports it);
+    PNG and CMYK never go to the device."""
+    calls: list[int] = []
+    decode = jpeg_decoder("cpu")
+
+    def recording(encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        calls.append(len(encoded))
+        return decode(encoded)
+
+    resident.device_decoder = recording
+    data: list[bytes | FetchError] = [
+        jpeg(1), _png(), jpeg(2, "L"), corrupt(jpeg(3)), jpeg(4, "CMYK"), FetchError("s3://b/k", "object not found"), jpeg(5), jpeg(6)[:-300],
+    ]
+    uris = [f"u{i}" for i in range(len(data))]
+    outcomes = resident._prepare_all(uris, data)
+    assert calls == [4, 1, 1, 1, 1]  # the plain, complete JPEGs in one call, then one at a time
+    assert [type(o).__name__ for o in outcomes] == ["Tensor", "Tensor", "Tensor", "Failure", "Tensor", "Failure", "Tensor", "Failure"]
+    assert outcomes[3].stage == "decode" and "corrupt or truncated" in outcomes[3].message
+    assert outcomes[5].stage == "fetch"
+    assert outcomes[7].stage == "decode"  # truncated: straight to the CPU path, which says so
+    resident.device_decoder = None
+    cpu_only = resident._prepare_all(uris, data)
+    for device_path, cpu_path in zip(outcomes, cpu_only, strict=True):
+        if isinstance(device_path, torch.Tensor):
+            assert torch.equal(device_path, cpu_path)  # same decoder here, same crops
+        else:
+            assert device_path == cpu_path
+
+
+def test_gpu_decode_on_a_cpu_model_is_a_configuration_error():
+    plugin = ResidentModel(SETTINGS, ImageSettings(decode="gpu"), StorageSettings())
+    with pytest.raises(ConfigError, match="images.decode is gpu"):
+        plugin.setup(SimpleNamespace(address="tcp://127.0.0.1:1"))
+    plugin.teardown(None)
+
+
+def corrupt(data: bytes) -> bytes:
+    """A JPEG with a sound header and end marker and broken scan data (two SOF markers)."""
+    scan = data.index(b"\xff\xda")
+    return data[: scan + 200] + b"\xff\xc0" * 50 + data[scan + 300 :]
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (50, 40), (10, 200, 30, 128)).save(buffer, "PNG")
+    return buffer.getvalue()
