@@ -34,7 +34,7 @@ summary=$OUT/summary.md
 if [ "$smoke" = 1 ]; then
   device=cpu distinct=60 copies=2 tests_filter=(-m "not gpu") bench=(--images 60 --runs 1 --skip-stream) decode=(--images 60 --workers 1,2 --repeats 1)
 else
-  device=cuda distinct=1500 copies=8 tests_filter=() bench=(--images 1200 --runs 3 --paced-s 15) decode=(--images 480 --workers 1,2,4,8,16 --repeats 3)
+  device=cuda distinct=1500 copies=8 tests_filter=() bench=(--images 1200 --runs 3 --paced-s 15) decode=(--images 240 --workers 1,4,16 --repeats 2)
 fi
 
 # --- the wheels (.whl, carried) where Dask is missing: the GPU machine's own python3 -------------

@@ -67,11 +67,16 @@ def device_crops(
     ]
 
 
+def _on(tensor: Tensor, device: torch.device) -> bool:
+    """``cuda`` names the current device: a tensor on ``cuda:0`` is on it."""
+    return tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
+
+
 def batch_on(crops: Sequence[Tensor], device: torch.device) -> Tensor:
     """One batch [n, ...] on ``device``, in the order given. Crops already there stay; the
     others are stacked on the host and travel together, through pinned memory to a GPU,
     without blocking the host."""
-    away = [index for index, item in enumerate(crops) if item.device != device]
+    away = [index for index, item in enumerate(crops) if not _on(item, device)]
     if not away:
         return torch.stack(list(crops))
     moved = torch.stack([crops[index] for index in away])
@@ -80,7 +85,7 @@ def batch_on(crops: Sequence[Tensor], device: torch.device) -> Tensor:
     moved = moved.to(device, non_blocking=True)
     if len(away) == len(crops):
         return moved
-    here = [index for index in range(len(crops)) if crops[index].device == device]
+    here = [index for index in range(len(crops)) if _on(crops[index], device)]
     batch = torch.empty((len(crops), *moved.shape[1:]), dtype=moved.dtype, device=device)
     batch[torch.tensor(away, device=device)] = moved
     batch[torch.tensor(here, device=device)] = torch.stack([crops[index] for index in here])
