@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paced-s", type=float, default=40.0, help="how long the stream path's paced (latency) phase lasts (default 40)")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
+    # a time limit's SIGTERM unwinds like an error, so the clusters, the stream worker and the
+    # embedded servers are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
     from streams.stack import S3_TEST_CREDENTIALS
 
@@ -101,24 +105,28 @@ def main(argv: list[str] | None = None) -> int:
             "visionstream": {"threads_per_worker": settings.cluster.threads_per_worker, "decode": settings.images.decode, "compile": args.compile},
         }
 
+        output = Path(args.output)
         say("measuring the ceiling: the model alone on pre-decoded uint8 crops, and decode alone ...")
-        before = ceiling(settings, paths, args.runs)
-
+        results["ceiling"] = before = ceiling(settings, paths, args.runs)
+        keep(results, output)
         if not args.skip_tutorial:
             say("running the tutorial's method (dask.delayed, model rebuilt per batch, pickles) on a tutorial-shaped cluster ...")
             results["tutorial"] = tutorial_runs(device, paths, checkpoint, work, args.runs, args.batch_size)
+            keep(results, output)
         with visionstream_cluster(device, settings.cluster.threads_per_worker) as cluster:
             settings = settings.with_overrides({"cluster": {"scheduler": cluster.scheduler_address}})
             say("running visionstream classify ...")
             results["classify"], records = asyncio.run(classify_runs(settings, paths, args.runs))
             results["stages"] = {"classify": stage_breakdown(records)}
+            keep(results, output)
             if not args.skip_stream:
                 say("running the stream path on the embedded broker and S3 server ...")
                 results["stream"], results["stages"]["stream"] = stream(settings, folder, work, len(paths), args.runs, args.paced_s)
+                keep(results, output)
         say("measuring the ceiling again (a shared machine's load drifts; the figure is the median of both sets of runs) ...")
         results["ceiling"] = merged(before, ceiling(settings, paths, args.runs))
     ratios(results)
-    write(results, Path(args.output))
+    write(results, output)
     return 0
 
 
@@ -434,6 +442,13 @@ def _rate(figure: dict[str, Any]) -> str:
 
 def _x(value: float | None) -> str:
     return "" if value is None else f"{value:.1f}x"
+
+
+def keep(results: dict[str, Any], folder: Path) -> None:
+    """The figures so far, as <device>.json: a run cut short by a time limit leaves what it measured."""
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = "cuda" if results["machine"]["device"].startswith("cuda") else "cpu"
+    (folder / f"{kind}.json").write_text(json.dumps(results | {"complete": False}, indent=2))
 
 
 def write(results: dict[str, Any], folder: Path) -> None:

@@ -73,8 +73,9 @@ class ImageHeader:
 
     @property
     def plain_jpeg(self) -> bool:
-        """A JPEG that decode_jpeg turns into the same RGB as Pillow: YCbCr/RGB or grayscale, not CMYK."""
-        return self.format == "JPEG" and self.mode in ("RGB", "L")
+        """A JPEG that decode_jpeg turns into the same RGB as Pillow: YCbCr/RGB or grayscale, not
+        CMYK. MPO (phone cameras' multi-picture JPEG) counts: both decoders read its first picture."""
+        return self.format in ("JPEG", "MPO") and self.mode in ("RGB", "L")
 
     def draft_scale(self, resize_size: int) -> float:
         return min(self.width, self.height) / resize_size
@@ -117,7 +118,7 @@ def decode(data: bytes, uri: str, max_pixels: int, draft_size: int | None = None
                 raise ImageDecodeError(
                     uri, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
                 )
-            if draft_size and image.format == "JPEG":
+            if draft_size and image.format in ("JPEG", "MPO"):
                 scale = min(width, height) / draft_size
                 if scale >= 2:
                     image.draft("RGB", (max(1, round(width / scale)), max(1, round(height / scale))))

@@ -218,3 +218,12 @@ def test_normalize_is_to_tensor_then_normalize():
     crop_ = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
     expected = F.normalize(F.convert_image_dtype(crop_, torch.float), mean=list(SPEC.mean), std=list(SPEC.std))
     torch.testing.assert_close(normalize(crop_, *normalization(SPEC)), expected, atol=1e-6, rtol=0)
+
+
+def test_a_multi_picture_jpeg_takes_the_jpeg_path_and_shows_its_first_picture():
+    first, second = photo(320, 260, seed=1), photo(320, 260, seed=2)
+    buffer = io.BytesIO()
+    first.save(buffer, "MPO", save_all=True, append_images=[second])
+    data = buffer.getvalue()
+    assert read_header(data, "x.jpg", 10**8).plain_jpeg
+    assert_close_to_reference(decode_crop(data, "x.jpg", SPEC, 10**8), reference(data))
