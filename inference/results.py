@@ -54,10 +54,6 @@ class ImageResult:
     timings: Timings = field(default_factory=Timings)
     worker: str | None = None
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["top_k"] = list(data["top_k"])
