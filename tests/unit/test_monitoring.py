@@ -14,25 +14,7 @@ SERVICES = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
 PROMETHEUS = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
 DASHBOARD = json.loads((REPO / "deploy" / "grafana" / "dashboards" / "visionstream.json").read_text())
 
-try:  # the stream worker's own list, where it exists: one place for the names
-    from streams.metrics import METRIC_NAMES
-except ImportError:  # the names the stream worker exports (issue 12)
-    METRIC_NAMES = (
-        "visionstream_events_consumed_total",
-        "visionstream_images_predicted_total",
-        "visionstream_dead_letters_total",
-        "visionstream_events_skipped_total",
-        "visionstream_batches_total",
-        "visionstream_batch_size_images",
-        "visionstream_batch_retries_total",
-        "visionstream_batch_duration_seconds",
-        "visionstream_end_to_end_latency_seconds",
-        "visionstream_stage_duration_seconds",
-        "visionstream_in_flight_batches",
-        "visionstream_consumer_lag_messages",
-        "visionstream_last_batch_completed_timestamp_seconds",
-        "visionstream_model_info",
-    )
+from streams.metrics import METRIC_NAMES  # the one list of what the stream worker exports
 
 
 def exported_series(names) -> set[str]:

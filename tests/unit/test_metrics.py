@@ -1,0 +1,39 @@
+"""The stream worker's metrics: the published name list is what the registry exports, and the
+counters move with the facts."""
+
+from inference.results import ModelInfo, Timings
+from streams.metrics import METRIC_NAMES, StreamMetrics
+
+
+def test_the_published_names_are_exactly_what_the_registry_exports():
+    exported = set()
+    for family in StreamMetrics().registry.collect():
+        exported.add(family.name + {"counter": "_total", "info": "_info"}.get(family.type, ""))
+    assert set(METRIC_NAMES) == exported
+
+
+def test_counters_follow_the_facts():
+    metrics = StreamMetrics()
+    metrics.event_consumed("uploads")
+    metrics.object_skipped("bucket_not_allowed")
+    metrics.message_malformed()
+    metrics.image_failed("fetch")
+    metrics.image_predicted(1500.0)
+    metrics.batch_started()
+    metrics.batch_classified(2, 0.3, Timings(10, 20, 0, 5, 2))
+    metrics.batch_ended()
+    metrics.model(ModelInfo("resnet50", "none", "fp16", "cuda:0"))
+    text = metrics.exposition().decode()
+    for line in (
+        'visionstream_events_consumed_total{topic="uploads"} 1.0',
+        'visionstream_events_skipped_total{reason="bucket_not_allowed"} 1.0',
+        'visionstream_dead_letters_total{stage="parse"} 1.0',
+        'visionstream_dead_letters_total{stage="fetch"} 1.0',
+        "visionstream_images_predicted_total 1.0",
+        "visionstream_batch_size_images_sum 2.0",
+        "visionstream_in_flight_batches 0.0",
+        'visionstream_end_to_end_latency_seconds_bucket{le="2.5"} 1.0',
+        'visionstream_model_info{device="cuda:0",name="resnet50",precision="fp16",weights="none"} 1.0',
+    ):
+        assert line in text, line
+    assert metrics.snapshot()["images_classified"] == 1 and metrics.seconds_stalled() == 0.0
