@@ -29,6 +29,22 @@ def fill_bucket(settings, images: int, others: int, body: bytes = b"\xff\xd8 tin
     return sorted(keys)
 
 
+def published_at_least(settings, count: int, timeout_s: float) -> bool:
+    """Wait until ``count`` events are on the backfill topic (a condition, not a clock)."""
+
+    async def run() -> bool:
+        consumer = await start_consumer(settings.kafka, settings.topics.backfill, from_beginning=True)
+        seen, deadline = 0, time.monotonic() + timeout_s
+        try:
+            while seen < count and time.monotonic() < deadline:
+                seen += sum(len(records) for records in (await consumer.getmany(timeout_ms=200)).values())
+        finally:
+            await consumer.stop()
+        return seen >= count
+
+    return asyncio.run(run())
+
+
 def backfill_events(settings, expected: int, idle_s: float = 3.0) -> list[tuple[dict, dict]]:
     async def run() -> list[tuple[dict, dict]]:
         consumer = await start_consumer(settings.kafka, settings.topics.backfill, from_beginning=True)
@@ -128,7 +144,9 @@ def test_an_interrupted_backfill_prints_the_exact_resume_command_and_resuming_lo
         [sys.executable, "-m", "streams", "backfill", f"s3://{bucket}/bf/", "--rate", "30"],
         cwd=REPO, env=os.environ | _env(settings), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
-    time.sleep(4)
+    # 60 events at 30/s: two seconds of publishing, so a chunk was confirmed (every second), and
+    # 90 events still to go: the interruption lands mid-way
+    assert published_at_least(settings, 60, timeout_s=60), "the backfill published nothing"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
