@@ -11,7 +11,7 @@ from distributed import Client, KilledWorker, LocalCluster
 from inference.errors import ClusterUnavailable, InferenceError, ModelNotResident, WorkerLost
 from inference.results import ImageResult
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, Settings, StorageSettings
-from inference.worker import PLUGIN_PREFIX, ResidentModel, classify_batch, plugin_usage
+from inference.worker import ResidentModel, classify_batch, plugin_usage
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +96,16 @@ class InferenceCluster:
         killing workers), or the task's own error (a failed forward pass, storage down).
         Cancelling the caller cancels the batch on the cluster too.
         """
-        for attempt in range(2):
-            try:
-                return await self._submit(uris, priority)
-            except ModelNotResident as exc:
-                # The scheduler restarted and its workers re-registered without the plugin.
-                if attempt:
-                    raise ClusterUnavailable(self.address, str(exc)) from exc
-                log.warning("%s; registering it again", exc)
-                await self._register()
-        raise AssertionError("unreachable")
+        try:
+            return await self._submit(uris, priority)
+        except ModelNotResident as exc:
+            # The scheduler restarted and its workers re-registered without the plugin.
+            log.warning("%s; registering it again", exc)
+            await self._register()
+        try:
+            return await self._submit(uris, priority)
+        except ModelNotResident as exc:
+            raise ClusterUnavailable(self.address, str(exc)) from exc
 
     async def _submit(self, uris: list[str], priority: int) -> list[ImageResult]:
         if self.settings.scheduler and (self.client is None or self.client.status in ("closing", "closed")):
@@ -154,7 +154,7 @@ class InferenceCluster:
                 seen.add(name)
                 if active or idle < idle_s:
                     busy.add(name)
-        retired = sorted(name for name in seen - busy if name != self.plugin.name and name.startswith(PLUGIN_PREFIX))
+        retired = sorted(seen - busy - {self.plugin.name})  # plugin_usage reports only visionstream plugins
         for name in retired:
             log.info("unregistering superseded model plugin %s", name)
             await self.client.unregister_worker_plugin(name)

@@ -28,7 +28,7 @@ from aiokafka import AIOKafkaProducer
 from faust.types import TP, EventT, StreamT
 
 from inference.cluster import InferenceCluster
-from inference.settings import Settings
+from inference.settings import FilterSettings, Settings
 from streams.app import create_app
 from streams.kafka import start_producer
 from streams.metrics import CONTENT_TYPE, StreamMetrics
@@ -231,12 +231,7 @@ class StreamService:
             return False, "cluster unreachable"
         if not self.assigned:
             return False, "no input partition assigned"
-        alive, why = self.live()
-        return alive, why
-
-    @property
-    def ready(self) -> bool:
-        return self.readiness()[0]
+        return self.live()
 
     def health(self) -> dict[str, Any]:
         ready, why = self.readiness()
@@ -249,7 +244,7 @@ class StreamService:
         }
 
 
-def allowed_filter(settings: Settings) -> Any:
+def allowed_filter(settings: Settings) -> FilterSettings:
     """``filter`` with its bucket allowlist resolved: empty means ``storage.bucket`` only."""
     if settings.filter.buckets:
         return settings.filter

@@ -167,10 +167,14 @@ class BatchHandler:
             return notification.objects
         self.counters.message_malformed()
         log.warning("dead-lettering the message at %s: %r", message.source, reason)
-        event = dead_letter_event("parse", reason, message.value, message.source, original_max_bytes=self.events.dead_letter_original_bytes)
         key = f"{message.topic}/{message.partition}/{message.offset}".encode()
-        pending.append(self.publish(self.topics.dead_letter, key, encode_dead_letter(event)))
+        pending.append(self._dead_letter(key, "parse", reason, message))
         return ()
+
+    def _dead_letter(self, key: bytes, stage: str, reason: str, message: InputMessage, uri: str | None = None) -> Awaitable[Any]:
+        """Publish one dead letter carrying (a capped copy of) the message it came from."""
+        event = dead_letter_event(stage, reason, message.value, message.source, uri=uri, original_max_bytes=self.events.dead_letter_original_bytes)
+        return self.publish(self.topics.dead_letter, key, encode_dead_letter(event))
 
     async def _run_batch(self, work: list[tuple[ObjectRef, InputMessage]], priority: int) -> list[Awaitable[Any]]:
         batch_id = uuid.uuid4().hex[:16]
@@ -197,11 +201,7 @@ class BatchHandler:
                     continue
             failed += 1
             self.counters.image_failed(error.stage)
-            event = dead_letter_event(
-                error.stage, error.message, message.value, message.source, uri=ref.uri,
-                original_max_bytes=self.events.dead_letter_original_bytes,
-            )
-            sends.append(self.publish(self.topics.dead_letter, key, encode_dead_letter(event)))
+            sends.append(self._dead_letter(key, error.stage, error.message, message, uri=ref.uri))
         log.info("batch classified", extra={
             "batch": batch_id, "offsets": offset_ranges(message for _, message in work), "images": len(work),
             "predictions": len(work) - failed, "dead_letters": failed, "duration_ms": round((time.perf_counter() - started) * 1000, 1),
