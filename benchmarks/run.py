@@ -8,7 +8,8 @@ each figure is the median of the R runs, with their min and max. The ceiling (th
 is measured R times before the methods and R times after, and is the median of all 2R. The tutorial's method runs on
 a Dask cluster shaped like the tutorial's (one worker per GPU, or one on a CPU machine, with all
 the host's cores as threads, and OpenMP given those cores); visionstream on the cluster its
-embedded default starts (``LocalCUDACluster`` / ``LocalCluster``, ``cluster.threads_per_worker``).
+embedded default starts (``inference.cluster.embedded_cluster``: on a GPU host up to 4 worker
+processes per GPU, ``cluster.threads_per_worker`` task threads each).
 
 Writes benchmarks/results/<cpu|cuda>.{md,json} (one table per device, labelled with its
 machine), latest.md (every device's table found there) and stage_breakdown.png, and prints
@@ -28,8 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,13 @@ import torch
 import torchvision
 import yaml
 
-from inference.cluster import InferenceCluster
+from inference.cluster import InferenceCluster, embedded_cluster
 from inference.evaluation import percentile
 from inference.images import decode_crop
 from inference.job import classify_all
 from inference.model import GraphedModel, load_model, resolve_device, resolve_precision
 from inference.results import ImageResult
-from inference.settings import Settings
+from inference.settings import ClusterSettings, Settings
 from inference.sources import iter_sources
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             say("running the tutorial's method (dask.delayed, model rebuilt per batch, pickles) on a tutorial-shaped cluster ...")
             results["tutorial"] = tutorial_runs(device, paths, checkpoint, work, args.runs, args.batch_size)
             keep(results, output)
-        with visionstream_cluster(device, settings.cluster.threads_per_worker) as cluster:
+        with embedded_cluster(settings.cluster) as cluster:  # what `visionstream classify` starts
             settings = settings.with_overrides({"cluster": {"scheduler": cluster.scheduler_address}})
             say("running visionstream classify ...")
             results["classify"], records = asyncio.run(classify_runs(settings, paths, args.runs))
@@ -202,51 +202,12 @@ def merged(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@contextmanager
-def thread_env(threads: int | None) -> Iterator[None]:
-    """OMP/MKL/OpenBLAS threads for the worker processes a cluster spawns inside this block.
-
-    Dask's nannies export ``distributed.nanny.pre-spawn-environ`` (OMP_NUM_THREADS=1 ...) to
-    their workers, but take a value from the environment first, and write theirs back into it:
-    set ours (None: Dask's default) around the spawn and restore the environment after."""
-    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
-    for name in THREAD_VARIABLES:
-        if threads is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = str(threads)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextmanager
-def dask_cluster(device: torch.device, workers: int, threads: int, omp_threads: int | None, env: dict[str, str] | None = None) -> Iterator[Any]:
-    with thread_env(omp_threads):
-        if device.type == "cuda":
-            from dask_cuda import LocalCUDACluster
-
-            cluster = LocalCUDACluster(threads_per_worker=threads, dashboard_address=":0", ip="127.0.0.1")
-        else:
-            from distributed import LocalCluster
-
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1", dashboard_address=":0", env=env)
-    try:
-        yield cluster
-    finally:
-        cluster.close()
-
-
-def visionstream_cluster(device: torch.device, threads: int) -> Any:
-    """What inference.cluster starts when no scheduler is given: one worker per GPU, or one
-    worker on a CPU, with ``threads`` task threads, Dask's thread defaults (visionstream sets
-    torch's threads itself)."""
-    return dask_cluster(device, 1, threads, None, env={"VISIONSTREAM_LOCAL_WORKERS": "1"})
+def tutorial_cluster(device: torch.device, workers: int, threads: int) -> Any:
+    """The tutorial's cluster shape on the factory visionstream uses: ``workers`` (one per GPU)
+    with ``threads`` task threads each, and OpenMP/MKL allowed those threads (Dask's nannies
+    would otherwise export OMP_NUM_THREADS=1 and starve torch)."""
+    shape = ClusterSettings(n_workers=workers, threads_per_worker=threads, gpu=device.type == "cuda")
+    return embedded_cluster(shape, env={name: str(threads) for name in THREAD_VARIABLES})
 
 
 def tutorial_runs(device: torch.device, paths: list[str], checkpoint: Path, work: Path, runs: int, batch_size: int) -> dict[str, Any]:
@@ -260,7 +221,7 @@ def tutorial_runs(device: torch.device, paths: list[str], checkpoint: Path, work
     workers = max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
     threads = max(1, cores // workers)
     classes = [f"{i}: {name}" for i, name in enumerate(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"])]
-    with dask_cluster(device, workers, threads, threads) as cluster, Client(cluster.scheduler_address) as client:
+    with tutorial_cluster(device, workers, threads) as cluster, Client(cluster.scheduler_address) as client:
         out = work / "pickles"
         out.mkdir(exist_ok=True)
         target = "cuda" if device.type == "cuda" else "cpu"

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Mapping
 from typing import Any
 
-from distributed import Client, KilledWorker, LocalCluster
+from distributed import Client, KilledWorker, Nanny, Scheduler, SpecCluster
+from distributed.system import MEMORY_LIMIT
 
 from inference.errors import ClusterUnavailable, InferenceError, ModelNotResident, WorkerLost
 from inference.results import ImageResult
@@ -60,7 +63,7 @@ class InferenceCluster:
                     self.settings.scheduler, asynchronous=True, timeout=self.settings.connect_timeout_s
                 )
             else:
-                self._local = await _start_embedded(self.settings)
+                self._local = await embedded_cluster(self.settings, asynchronous=True)
                 self.client = await Client(self._local, asynchronous=True)
         except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
             await self.close()
@@ -174,32 +177,57 @@ class InferenceCluster:
             self._local = None
 
 
-async def _start_embedded(settings: ClusterSettings) -> Any:
-    use_gpu = settings.gpu is True or (settings.gpu == "auto" and _gpus_visible() > 0)
-    if use_gpu:
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError as exc:
-            if settings.gpu is True:
-                raise ClusterUnavailable("embedded", "cluster.gpu is true but dask-cuda is not installed (pip install 'visionstream[gpu]')") from exc
-            log.warning("GPUs visible but dask-cuda is not installed; starting a LocalCluster")
-        else:
-            return await LocalCUDACluster(
-                asynchronous=True,
-                threads_per_worker=settings.threads_per_worker,
-                dashboard_address="127.0.0.1:0",
-                ip="127.0.0.1",
-            )
-    n_workers = settings.n_workers or 1
-    return await LocalCluster(
-        asynchronous=True,
-        n_workers=n_workers,
-        threads_per_worker=settings.threads_per_worker,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-        env={"VISIONSTREAM_LOCAL_WORKERS": str(n_workers)},
-    )
+def embedded_cluster(settings: ClusterSettings, *, asynchronous: bool = False, env: Mapping[str, str] | None = None) -> SpecCluster:
+    """The cluster visionstream starts when no scheduler is given; demo, benchmarks and tests use it too.
+
+    Everything listens on 127.0.0.1. On a host with CUDA devices (``cluster.gpu`` auto or true)
+    each worker process sees one GPU (``CUDA_VISIBLE_DEVICES``), several workers per GPU where
+    the cores allow (``worker_processes``): a worker's fetch, header reads and launches hold its
+    GIL, so one process cannot keep a GPU busy. Elsewhere ``cluster.n_workers`` CPU workers
+    (default 1). ``env`` reaches every worker process (credentials of an embedded S3 server).
+    Await it when ``asynchronous``; close it (or use it as a context manager) when done.
+    """
+    gpus = _visible_gpus() if settings.gpu is not False else []
+    if settings.gpu is True and not gpus:
+        raise ClusterUnavailable("embedded", "cluster.gpu is true but no CUDA device is visible")
+    workers = worker_specs(settings, gpus, os.cpu_count() or 1, env or {})
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
+    return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous, name="visionstream-embedded")
+
+
+def worker_specs(settings: ClusterSettings, gpus: list[str], cores: int, env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """SpecCluster's worker specifications: ``worker_processes`` nannies on 127.0.0.1, spread
+    over ``gpus`` (CUDA_VISIBLE_DEVICES names, each worker sees one) round-robin. Pure."""
+    count = worker_processes(settings, len(gpus), cores)
+    workers: dict[str, dict[str, Any]] = {}
+    for index in range(count):
+        worker_env = {**env, "VISIONSTREAM_LOCAL_WORKERS": str(count)}
+        name = f"cpu-{index}"
+        if gpus:
+            gpu = gpus[index % len(gpus)]
+            worker_env["CUDA_VISIBLE_DEVICES"] = gpu
+            name = f"gpu{gpu}-{index // len(gpus)}"
+        workers[name] = {
+            "cls": Nanny,
+            "options": {
+                "host": "127.0.0.1",
+                "nthreads": settings.threads_per_worker,
+                "memory_limit": MEMORY_LIMIT // count,
+                "env": worker_env,
+                "silence_logs": logging.WARNING,
+            },
+        }
+    return workers
+
+
+def worker_processes(settings: ClusterSettings, gpus: int, cores: int) -> int:
+    """``cluster.n_workers``, or by default: on a GPU host as many per GPU as there are four
+    cores for each (at most 4: two task threads, fetch and decode threads each), else one."""
+    if settings.n_workers:
+        return settings.n_workers
+    if not gpus:
+        return 1
+    return gpus * max(1, min(4, cores // (4 * gpus)))
 
 
 async def _cancel(client: Client, future: Any) -> None:
@@ -209,13 +237,16 @@ async def _cancel(client: Client, future: Any) -> None:
         log.debug("could not cancel a batch: %s", exc)
 
 
-def _gpus_visible() -> int:
+def _visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them for a child."""
     try:
         import torch
 
-        return torch.cuda.device_count()
-    except Exception:  # noqa: BLE001
-        return 0
+        count = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001 - no usable CUDA: a CPU cluster
+        return []
+    named = [name.strip() for name in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if name.strip()]
+    return named[:count] if len(named) >= count else [str(index) for index in range(count)]
 
 
 def _plugin_loads(name: str, dask_worker: Any) -> int:

@@ -58,8 +58,8 @@ class ResidentModel(WorkerPlugin):
 
     def setup(self, worker: Worker) -> None:
         self.storage_settings = with_local_credentials(self.storage_settings)
-        cores = os.cpu_count() or 1
-        self.torch_threads = max(1, cores // max(1, _local_workers(worker)))
+        cores = max(1, (os.cpu_count() or 1) // max(1, _local_workers(worker)))  # this worker's share
+        self.torch_threads = cores
         self.loaded = load_model(self.model_settings, self.storage_settings)
         self.loads += 1
         self.model_lock = threading.Lock()

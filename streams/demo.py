@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from inference.cluster import embedded_cluster
 from inference.evaluation import percentile
 from inference.model import WeightsSpec
 from inference.settings import Settings
@@ -38,15 +39,13 @@ def say(text: str) -> None:
 
 
 def run_demo(settings: Settings, images: str | None, count: int, timeout_s: float, weights_given: bool) -> int:
-    from distributed import LocalCluster
-
     with tempfile.TemporaryDirectory(prefix="visionstream-demo-") as scratch:
         work = Path(scratch)
         say("starting a Kafka-protocol broker and an S3 server on 127.0.0.1 ...")
         with EmbeddedStack(log_dir=work / "logs") as stack:
             os.environ.update(S3_TEST_CREDENTIALS)
             say(f"broker {stack.bootstrap_servers}, S3 {stack.s3_endpoint}; starting a Dask cluster ...")
-            cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
+            cluster = embedded_cluster(settings.cluster, env=S3_TEST_CREDENTIALS)
             try:
                 settings = demo_settings(settings, stack, cluster.scheduler_address, work, weights_given)
                 return _run(settings, stack, work, images, count, timeout_s)

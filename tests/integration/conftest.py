@@ -3,7 +3,7 @@
 - Kafka: the embedded tansu broker, or any Kafka named by KAFKA_BOOTSTRAP_SERVERS.
 - S3: moto's server, or any S3-compatible endpoint named by VISIONSTREAM_TEST_S3_ENDPOINT
   (credentials from the standard AWS variables).
-- Dask: one LocalCluster (one worker, two threads) shared by every test.
+- Dask: visionstream's embedded cluster on the CPU (one worker, two threads), shared by every test.
 Each test gets topics of its own.
 """
 
@@ -27,7 +27,8 @@ import boto3
 import pytest
 import yaml
 
-from inference.settings import Settings
+from inference.cluster import embedded_cluster
+from inference.settings import ClusterSettings, Settings
 from streams.kafka import ensure_topics, start_consumer
 from streams.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port
 
@@ -62,9 +63,7 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 
 @pytest.fixture(scope="session")
 def dask_scheduler(services: Services) -> Iterator[str]:
-    from distributed import LocalCluster
-
-    cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
+    cluster = embedded_cluster(ClusterSettings(gpu=False))  # visionstream's own embedded cluster, on the CPU
     try:
         yield cluster.scheduler_address
     finally:

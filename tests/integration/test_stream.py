@@ -9,6 +9,7 @@ from pathlib import Path
 
 import boto3
 
+from inference.cluster import embedded_cluster
 from inference.samples import generate_dataset
 from streams.events import now_iso
 from streams.kafka import start_producer
@@ -165,9 +166,9 @@ def test_a_dask_worker_lost_mid_batch_loses_nothing(settings, bucket, tmp_path, 
     import os as os_module
     import signal
 
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address=":0") as cluster:
+    with embedded_cluster(settings.cluster.model_copy(update={"gpu": False})) as cluster:
         settings = settings.with_overrides({"cluster": {"scheduler": cluster.scheduler_address}, "batch": {"size": 20}})
         create_topics(settings)
         uris = put_images(settings, tmp_path, 60)

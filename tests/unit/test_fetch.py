@@ -25,9 +25,13 @@ def test_fetch_keeps_order_and_reports_each_failure(memory_files, tmp_path):
     assert isinstance(results[4], FetchError)
 
 
-def test_objects_above_the_size_limit_are_refused_without_reading_them_whole(memory_files):
-    results = fetch_many(["memory://fetchtest/big.jpg", "memory://fetchtest/a.jpg"], StorageSettings(), ImageSettings(max_bytes=1000))
-    assert isinstance(results[0], FetchError) and "larger than the limit of 1000 bytes" in results[0].reason
+def test_objects_above_the_size_limit_are_refused_without_reading_them_whole(memory_files, tmp_path):
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"x" * 2000)
+    uris = ["memory://fetchtest/big.jpg", "memory://fetchtest/a.jpg", str(big), f"file://{big}"]
+    results = fetch_many(uris, StorageSettings(), ImageSettings(max_bytes=1000))
+    for index in (0, 2, 3):
+        assert isinstance(results[index], FetchError) and "larger than the limit of 1000 bytes" in results[index].reason
     assert results[1] == b"aaa"
 
 

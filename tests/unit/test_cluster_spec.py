@@ -1,0 +1,33 @@
+"""The embedded cluster's shape (``inference.cluster.worker_specs``): pure, no cluster started."""
+
+import pytest
+
+from inference.cluster import worker_processes, worker_specs
+from inference.settings import ClusterSettings
+
+
+def test_a_cpu_host_gets_one_worker_listening_on_loopback():
+    specs = worker_specs(ClusterSettings(), [], cores=2, env={"AWS_ACCESS_KEY_ID": "x"})
+    [(name, spec)] = specs.items()
+    assert name == "cpu-0"
+    assert spec["options"]["host"] == "127.0.0.1" and spec["options"]["nthreads"] == 2
+    assert "CUDA_VISIBLE_DEVICES" not in spec["options"]["env"]
+    assert spec["options"]["env"]["AWS_ACCESS_KEY_ID"] == "x"  # what the caller passes reaches the worker
+
+
+@pytest.mark.parametrize(("gpus", "cores", "expected"), [(1, 16, 4), (1, 8, 2), (1, 2, 1), (2, 16, 4), (8, 64, 16), (4, 8, 4)])
+def test_a_gpu_host_gets_several_workers_per_gpu_where_the_cores_allow(gpus, cores, expected):
+    assert worker_processes(ClusterSettings(), gpus, cores) == expected
+
+
+def test_n_workers_wins_over_the_default():
+    assert worker_processes(ClusterSettings(n_workers=3), 1, 64) == 3
+    assert worker_processes(ClusterSettings(n_workers=3), 0, 64) == 3
+
+
+def test_each_worker_sees_one_gpu_round_robin_by_its_visible_name():
+    specs = worker_specs(ClusterSettings(threads_per_worker=3), ["2", "5"], cores=16, env={})
+    seen = {name: spec["options"]["env"]["CUDA_VISIBLE_DEVICES"] for name, spec in specs.items()}
+    assert seen == {"gpu2-0": "2", "gpu5-0": "5", "gpu2-1": "2", "gpu5-1": "5"}
+    assert all(spec["options"]["nthreads"] == 3 for spec in specs.values())
+    assert all(spec["options"]["env"]["VISIONSTREAM_LOCAL_WORKERS"] == "4" for spec in specs.values())
