@@ -294,6 +294,9 @@ def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, 
                 seen += count
                 events = asyncio.run(collect_quiet(collect, settings, seen, 600))
                 rates.append(sustained_rate({u: e for u, e in events.items() if f"/saturated{run}/" in u}))
+            # the same images from the same S3 server through `classify`: what the storage allows
+            same_storage = sorted(uri for uri in events if "/saturated0/" in uri)
+            from_s3, _ = asyncio.run(classify_runs(settings, same_storage, runs))
             half = max(1.0, statistics.median(rates) / 2)
             moderate = asyncio.run(paced_uploads(settings, folder, half, min(count, int(half * paced_s) + 1), "paced/"))
             events_moderate = asyncio.run(collect_quiet(collect, settings, seen + moderate, 600))
@@ -316,6 +319,7 @@ def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, 
         "paced_images": len(paced),
         "latency_ms": {q: percentile(latencies, v) for q, v in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))},
         "linger_s": settings.batch.linger_s,
+        "classify_same_storage": from_s3,
     }, stages
 
 
@@ -386,6 +390,9 @@ def table(results: dict[str, Any]) -> str:
         lat = s["latency_ms"]
         lat_text = " / ".join("n/a" if lat[q] is None else f"{lat[q]:.0f}" for q in ("p50", "p95", "p99")) + f" ms at {s['paced_rate_per_s']:.1f} img/s"
         lines.append(f"| stream path (saturated; latency paced at half) | {_rate(s)} | {_x(s.get('x_tutorial'))} | {s['fraction_of_ceiling']:.0%} | {lat_text} |")
+        if "classify_same_storage" in s:
+            same = s["classify_same_storage"]
+            lines.append(f"| visionstream classify, the same images from the embedded S3 server (stream path: {s['images_per_s'] / same['images_per_s']:.0%} of it) | {_rate(same)} | | | |")
     ceiling_ = results["ceiling"]
     for key, label in (("model_eager", "ceiling: model alone, uint8 crops from the host"), ("model_cuda_graph", "ceiling: model alone, CUDA graph")):
         if key in ceiling_:
