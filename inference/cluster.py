@@ -192,7 +192,7 @@ def embedded_cluster(settings: ClusterSettings, *, asynchronous: bool = False, e
         raise ClusterUnavailable("embedded", "cluster.gpu is true but no CUDA device is visible")
     workers = worker_specs(settings, gpus, os.cpu_count() or 1, env or {})
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
-    return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous, name="visionstream-embedded")
+    return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous, silence_logs=logging.WARNING, name="visionstream-embedded")
 
 
 def worker_specs(settings: ClusterSettings, gpus: list[str], cores: int, env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
