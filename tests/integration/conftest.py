@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from inference.settings import Settings
-from streams.kafka import ensure_topics, start_consumer
-from streams.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port
+from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port
+from streams.service.kafka import ensure_topics, start_consumer
 
 REPO = Path(__file__).resolve().parents[2]
 

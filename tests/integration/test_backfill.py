@@ -10,11 +10,11 @@ from pathlib import Path
 
 import boto3
 
-from inference.samples import generate_dataset
-from streams.backfill import run_backfill
-from streams.events import BACKFILL_HEADER
-from streams.kafka import start_consumer
-from streams.uploads import upload_paths
+from streams.embedded.samples import generate_dataset
+from streams.service.backfill import run_backfill
+from streams.service.events import BACKFILL_HEADER
+from streams.service.kafka import start_consumer
+from streams.service.uploads import upload_paths
 
 from .conftest import collect_events, create_topics, visionstream
 

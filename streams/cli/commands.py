@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from inference.settings import Settings
-from streams.console import progress_bar, render
+from streams.cli.console import describe, progress_bar, render
 
 Command = Callable[[str, Callable[[argparse.Namespace, Settings], int | None], str], argparse.ArgumentParser]
 
@@ -64,9 +64,9 @@ def register(command: Command) -> None:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.agents import StreamService
-    from streams.kafka import ensure_topics
-    from streams.process import GracefulWorker
+    from streams.service.agents import StreamService
+    from streams.service.kafka import ensure_topics
+    from streams.service.process import GracefulWorker
 
     asyncio.run(ensure_topics(settings.kafka, settings.topics))
     service = StreamService(settings)
@@ -77,7 +77,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_upload(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.uploads import upload_paths
+    from streams.service.uploads import upload_paths
 
     count = asyncio.run(
         upload_paths(args.paths, args.prefix, settings, notify=args.notify, make_bucket=args.create_bucket)
@@ -87,7 +87,7 @@ def run_upload(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_tail(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.kafka import start_consumer
+    from streams.service.kafka import start_consumer
 
     topic = settings.topics.dead_letter if args.dead_letters else settings.topics.predictions
 
@@ -113,14 +113,18 @@ def run_tail(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.demo import run_demo as demo
+    from streams.embedded.demo import run_demo as demo
 
-    return demo(settings, images=args.images, count=args.count, timeout_s=args.timeout, weights_given=args.model__weights is not None)
+    def show(event: dict[str, Any]) -> None:
+        print(describe(event), flush=True)
+
+    return demo(settings, images=args.images, count=args.count, timeout_s=args.timeout,
+                weights_given=args.model__weights is not None, show=show)
 
 
 def run_backfill(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.backfill import BackfillProgress, parse_s3_uri
-    from streams.backfill import run_backfill as backfill
+    from streams.service.backfill import BackfillProgress, parse_s3_uri
+    from streams.service.backfill import run_backfill as backfill
 
     try:
         parse_s3_uri(args.uri)
@@ -184,7 +188,7 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _read_topic(settings: Settings, from_beginning: bool, idle_s: float, limit: int | None) -> list[dict[str, Any]]:
-    from streams.kafka import start_consumer
+    from streams.service.kafka import start_consumer
 
     consumer = await start_consumer(settings.kafka, settings.topics.predictions, settings.topics.dead_letter, from_beginning=from_beginning)
     records: list[dict[str, Any]] = []

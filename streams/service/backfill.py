@@ -17,9 +17,9 @@ from typing import Any
 
 from inference.settings import Settings
 from inference.sources import iter_s3_pages
-from streams.events import BACKFILL_HEADER, encode
-from streams.kafka import ensure_topics, start_producer
-from streams.s3events import ObjectRef, object_created_event
+from streams.service.events import BACKFILL_HEADER, encode
+from streams.service.kafka import ensure_topics, start_producer
+from streams.service.s3events import ObjectRef, object_created_event
 
 CHUNK = 500  # events in flight before we wait for the broker's confirmation
 CONFIRM_EVERY_S = 1.0  # ... or this long, so a slow (rate-capped) backfill always knows where it is

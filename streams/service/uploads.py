@@ -11,9 +11,9 @@ from pathlib import Path
 
 from inference.errors import SourceError
 from inference.settings import Settings, StorageSettings
-from streams.events import encode, now_iso
-from streams.kafka import ensure_topics, start_producer
-from streams.s3events import ObjectRef, object_created_event
+from streams.service.events import encode, now_iso
+from streams.service.kafka import ensure_topics, start_producer
+from streams.service.s3events import ObjectRef, object_created_event
 
 log = logging.getLogger(__name__)
 

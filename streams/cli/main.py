@@ -1,4 +1,4 @@
-"""The ``visionstream`` entry point: parse arguments, load settings, run the command (``streams.commands``)."""
+"""The ``visionstream`` entry point: parse arguments, load settings, run the command (``streams.cli.commands``)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 
 from inference.errors import InferenceError
 from inference.settings import Settings, load_settings
-from streams import commands as commands_module
+from streams.cli import commands as commands_module
 from streams.errors import StreamError
-from streams.logs import configure_logging
+from streams.service.logs import configure_logging
 
 log = logging.getLogger("visionstream")
 
