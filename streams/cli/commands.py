@@ -123,36 +123,39 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_backfill(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.service.backfill import BackfillProgress, parse_s3_uri
+    from streams.service.backfill import BackfillPlan, BackfillProgress
     from streams.service.backfill import run_backfill as backfill
 
     try:
-        parse_s3_uri(args.uri)
+        plan = BackfillPlan.parse(args.uri, args.topic or settings.topics.backfill, rate_per_s=args.rate,
+                                  limit=args.limit, start_after=args.start_after, dry_run=args.dry_run)
     except ValueError as exc:
         print(f"visionstream: error: {exc}", file=sys.stderr)
         return 2
-    state = BackfillProgress()
     progress = progress_bar("backfill", total=args.limit, unit="ev")
+    latest = BackfillProgress()  # where the backfill stands: what an interruption resumes from
 
     def tick(current: BackfillProgress) -> None:
+        nonlocal latest
+        latest = current
         progress.n = current.published
         progress.set_postfix(skipped=current.skipped, refresh=False)
         if current.published % 200 == 0:
             progress.refresh()
 
     try:
-        asyncio.run(backfill(args.uri, settings, args.topic, args.rate, args.limit, args.start_after, args.dry_run, state, tick))
+        done = asyncio.run(backfill(plan, settings, tick))
     except KeyboardInterrupt:
         progress.close()
-        print(f"interrupted after {state.published} events; last key published: {state.last_key!r}", file=sys.stderr)
-        if state.last_key is not None:
-            print(f"resume with: visionstream {' '.join(_without_start_after(sys.argv[1:]))} --start-after {shlex.quote(state.last_key)}", file=sys.stderr)
+        print(f"interrupted after {latest.published} events; last key published: {latest.last_key!r}", file=sys.stderr)
+        if latest.last_key is not None:
+            print(f"resume with: visionstream {' '.join(_without_start_after(sys.argv[1:]))} --start-after {shlex.quote(latest.last_key)}", file=sys.stderr)
         return 130
-    progress.n = state.published
+    progress.n = done.published
     progress.close()
     verb = "would publish" if args.dry_run else "published"
-    print(f"backfill: {verb} {state.published} events from {args.uri} ({state.skipped} non-image objects skipped, "
-          f"{state.rate:.0f} events/s); last key {state.last_key!r}", file=sys.stderr)
+    print(f"backfill: {verb} {done.published} events from {args.uri} ({done.skipped} non-image objects skipped, "
+          f"{done.rate:.0f} events/s); last key {done.last_key!r}", file=sys.stderr)
     return 0
 
 
