@@ -3,8 +3,8 @@
 A Kafka-protocol broker and an S3 server (streams.embedded.stack), an embedded Dask cluster,
 and a stream worker in its own process, exactly as `visionstream worker` runs in production.
 The demo uploads images with their S3 events, shows each prediction as it arrives, then a
-summary. The embedded S3 server's credentials travel as settings: to the stream worker and the
-Dask workers through their processes' environment, never through this process's.
+summary. The embedded S3 server's credentials travel as settings (to the stream worker too) and
+to the Dask workers through their own processes' environment, never through this process's.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import dask.config
 from inference.evaluation import percentile
 from inference.model import WeightsSpec
 from inference.settings import Settings
-from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, EmbeddedStack, free_port, start_stream_worker
+from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port, start_stream_worker
 from streams.errors import EmbeddedStackError
 from streams.service.kafka import ensure_topics, start_consumer
 from streams.service.uploads import create_bucket, local_files, upload_paths
@@ -47,7 +47,9 @@ def run_demo(settings: Settings, images: str | None, count: int, timeout_s: floa
         with EmbeddedStack(log_dir=work / "logs") as stack:
             settings = demo_settings(settings, stack, work, weights_given)
             say(f"broker {stack.bootstrap_servers}, S3 {stack.s3_endpoint}; starting a Dask cluster ...")
-            with dask.config.set({"distributed.nanny.environ": settings.secrets_env()}):  # the workers' S3 credentials
+            # the Dask workers get no credentials with their tasks: they find the embedded S3
+            # server's in their own environment, set by their nannies (never in ours)
+            with dask.config.set({"distributed.nanny.environ": S3_TEST_CREDENTIALS}):
                 cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0")
             try:
                 settings = settings.with_overrides({"cluster": {"scheduler": cluster.scheduler_address}})
