@@ -24,3 +24,14 @@ def test_distributed_logs_warnings_unless_dask_config_says_otherwise(variable, e
     done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[-2] == expected
+
+
+def test_the_console_script_and_python_m_streams_name_the_same_main():
+    import importlib
+    import tomllib
+
+    import streams.__main__
+
+    target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["visionstream"]
+    module, _, name = target.partition(":")
+    assert getattr(importlib.import_module(module), name) is streams.__main__.main
