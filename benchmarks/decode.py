@@ -37,7 +37,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
 from inference.images import Preprocessing, as_bytes_tensor, decode, decode_crop, preprocess, read_header, resize_crop
-from inference.samples import image_size, synthetic_photo
+from streams.embedded.samples import image_size, synthetic_photo
 
 SPEC = Preprocessing(resize_size=232, crop_size=224)  # ResNet50's IMAGENET1K_V2 transforms
 SIZES = ((440, 390), (800, 600), (1600, 1200), (4000, 3000))

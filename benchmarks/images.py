@@ -2,7 +2,7 @@
 
     python -m benchmarks.images DIR [--count N] [--copies K] [--processes P]
 
-Writes N distinct Stanford-Dogs-like JPEGs (``inference.samples``) in shards under
+Writes N distinct Stanford-Dogs-like JPEGs (``streams.embedded.samples``) in shards under
 DIR/part-*/Images/<wnid>-<label>/<wnid>_<n>.jpg, then K-1 hard-linked copies of the set under
 DIR/copy-*/, so N x K files cost the disk N. File names keep the Stanford Dogs pattern that the
 tutorial's regexes need.
@@ -16,7 +16,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from inference.samples import generate_dataset
+from streams.embedded.samples import generate_dataset
 
 
 def generate(root: Path, count: int, processes: int | None = None, seed: int = 1) -> list[Path]:

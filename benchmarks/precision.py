@@ -19,8 +19,8 @@ import torch
 
 from inference.images import decode, preprocess
 from inference.model import load_model
-from inference.samples import generate_dataset
 from inference.settings import ModelSettings
+from streams.embedded.samples import generate_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

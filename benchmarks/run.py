@@ -25,7 +25,6 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,6 @@ from typing import Any
 
 import torch
 import torchvision
-import yaml
 
 from inference.cluster import InferenceCluster, embedded_cluster
 from inference.evaluation import percentile
@@ -70,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     # embedded servers are stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
-    from streams.stack import S3_TEST_CREDENTIALS
+    from streams.embedded.stack import S3_TEST_CREDENTIALS
 
     os.environ.update(S3_TEST_CREDENTIALS)  # before the Dask workers start: they read the embedded S3 server
 
@@ -262,11 +260,10 @@ def stage_breakdown(records: list[ImageResult]) -> dict[str, float]:
 
 
 def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, paced_s: float) -> tuple[dict[str, Any], dict[str, float]]:
-    from streams.demo import collect, stop, wait_ready
-    from streams.stack import EMBEDDED_BROKER_KAFKA
-    from streams.kafka import ensure_topics
-    from streams.stack import EmbeddedStack, free_port
-    from streams.uploads import create_bucket, upload_paths
+    from streams.embedded.demo import collect, stop, wait_ready
+    from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, EmbeddedStack, free_port, start_stream_worker
+    from streams.service.kafka import ensure_topics
+    from streams.service.uploads import create_bucket, upload_paths
 
     with EmbeddedStack(log_dir=work / "logs") as stack:
         settings = settings.with_overrides({
@@ -275,14 +272,10 @@ def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, 
             "worker": {"web_port": free_port(), "data_dir": str(work / "worker-data")},
             "batch": {"linger_s": 1.0},
         })
-        config = work / "bench.yaml"
-        config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
         asyncio.run(ensure_topics(settings.kafka, settings.topics))
         create_bucket(settings.storage, settings.storage.bucket)
+        worker = start_stream_worker(settings, work / "logs", log_level="WARNING")
         log_path = work / "logs" / "worker.log"
-        with open(log_path, "ab") as log:
-            worker = subprocess.Popen([sys.executable, "-m", "streams", "worker", "--config", str(config), "--log-level", "WARNING"],
-                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_ready(settings, worker, log_path, timeout_s=180)
             warm = asyncio.run(paced_uploads(settings, folder, 1e9, settings.batch.size, "warmup/"))  # warm-up batch, untimed
@@ -292,14 +285,14 @@ def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, 
             for run in range(runs):
                 asyncio.run(upload_paths([str(folder)], f"saturated{run}/", settings, notify=True))
                 seen += count
-                events = asyncio.run(collect_quiet(collect, settings, seen, 600))
+                events = asyncio.run(collect(settings, seen, 600))
                 rates.append(sustained_rate({u: e for u, e in events.items() if f"/saturated{run}/" in u}))
             # the same images from the same S3 server through `classify`: what the storage allows
             same_storage = sorted(uri for uri in events if "/saturated0/" in uri)
             from_s3, _ = asyncio.run(classify_runs(settings, same_storage, runs))
             half = max(1.0, statistics.median(rates) / 2)
             moderate = asyncio.run(paced_uploads(settings, folder, half, min(count, int(half * paced_s) + 1), "paced/"))
-            events_moderate = asyncio.run(collect_quiet(collect, settings, seen + moderate, 600))
+            events_moderate = asyncio.run(collect(settings, seen + moderate, 600))
         finally:
             stop(worker)
     paced = [e for uri, e in events_moderate.items() if "/paced/" in uri]
@@ -323,17 +316,9 @@ def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, 
     }, stages
 
 
-async def collect_quiet(collect: Any, settings: Settings, expected: int, timeout_s: float) -> dict[str, Any]:
-    import contextlib
-    import io
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return await collect(settings, expected, timeout_s)
-
-
 async def paced_uploads(settings: Settings, folder: Path, rate: float, count: int, prefix: str) -> int:
     """Upload ``count`` images at ``rate`` per second, each with its S3 event."""
-    from streams.uploads import local_files, upload_paths
+    from streams.service.uploads import local_files, upload_paths
 
     files = [str(path) for path, _ in list(local_files([str(folder)], ""))[:count]]
     started = time.perf_counter()
@@ -347,7 +332,7 @@ async def paced_uploads(settings: Settings, folder: Path, rate: float, count: in
 
 def sustained_rate(events: dict[str, dict[str, Any]]) -> float:
     """Images per second from the first upload event to the last prediction event."""
-    from streams.events import parse_time
+    from streams.service.events import parse_time
 
     predictions = [e for e in events.values() if e["schema"].startswith("visionstream.prediction")]
     if not predictions:

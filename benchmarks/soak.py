@@ -31,12 +31,9 @@ from typing import Any
 
 import boto3
 
-from inference.samples import generate_dataset
 from inference.settings import Settings
-from streams.events import now_iso
-from streams.kafka import ensure_topics, start_consumer, start_producer
-from streams.s3events import ObjectRef, object_created_event
-from streams.stack import (
+from streams.embedded.samples import generate_dataset
+from streams.embedded.stack import (
     EMBEDDED_BROKER_KAFKA,
     S3_TEST_CREDENTIALS,
     EmbeddedStack,
@@ -45,6 +42,9 @@ from streams.stack import (
     start_dask_worker,
     start_stream_worker,
 )
+from streams.service.events import now_iso
+from streams.service.kafka import ensure_topics, start_consumer, start_producer
+from streams.service.s3events import ObjectRef, object_created_event
 
 
 def say(text: str) -> None:

@@ -1,0 +1,12 @@
+"""The stream side of visionstream, in three layers whose imports run one way.
+
+    streams.cli       the ``visionstream`` commands and what they print (thin)
+      ├─► streams.service   the running service: S3 events in, batches to ``inference``,
+      │                     prediction and dead-letter events out; uploads and backfill
+      └─► streams.embedded  tooling: the loopback broker, S3 server and processes, the demo,
+                            generated sample images; used by the demo, benchmarks and tests
+    streams.errors    the error tree of all three
+
+``streams.embedded`` uses ``streams.service``; ``streams.service`` imports neither of the
+others; everything here may use ``inference``, which never imports ``streams``.
+"""

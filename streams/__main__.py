@@ -2,7 +2,7 @@
 
 import sys
 
-from streams.cli import main
+from streams.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

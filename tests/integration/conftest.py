@@ -29,8 +29,8 @@ import yaml
 
 from inference.cluster import embedded_cluster
 from inference.settings import ClusterSettings, Settings
-from streams.kafka import ensure_topics, start_consumer
-from streams.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port
+from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port
+from streams.service.kafka import ensure_topics, start_consumer
 
 REPO = Path(__file__).resolve().parents[2]
 

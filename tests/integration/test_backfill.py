@@ -10,11 +10,11 @@ from pathlib import Path
 
 import boto3
 
-from inference.samples import generate_dataset
-from streams.backfill import run_backfill
-from streams.events import BACKFILL_HEADER
-from streams.kafka import start_consumer
-from streams.uploads import upload_paths
+from streams.embedded.samples import generate_dataset
+from streams.service.backfill import BackfillPlan, run_backfill
+from streams.service.events import BACKFILL_HEADER
+from streams.service.kafka import start_consumer
+from streams.service.uploads import upload_paths
 
 from .conftest import collect_events, create_topics, visionstream
 
@@ -27,6 +27,10 @@ def fill_bucket(settings, images: int, others: int, body: bytes = b"\xff\xd8 tin
     for i in range(others):
         s3.put_object(Bucket=settings.storage.bucket, Key=f"bf/Images/notes-{i}.txt", Body=b"text")
     return sorted(keys)
+
+
+def plan(settings, bucket: str, **options) -> BackfillPlan:
+    return BackfillPlan.parse(f"s3://{bucket}/bf/", settings.topics.backfill, **options)
 
 
 def published_at_least(settings, count: int, timeout_s: float) -> bool:
@@ -71,7 +75,7 @@ def test_every_image_object_gets_exactly_one_backfill_event(settings, bucket):
     create_topics(settings)
     dry = visionstream("backfill", f"s3://{bucket}/bf/", "--dry-run", env=_env(settings), timeout_s=120)
     assert dry.returncode == 0 and "would publish 300 events" in dry.stderr and "20 non-image objects skipped" in dry.stderr
-    state = asyncio.run(run_backfill(f"s3://{bucket}/bf/", settings))
+    state = asyncio.run(run_backfill(plan(settings, bucket), settings))
     assert (state.published, state.skipped, state.last_key) == (300, 20, keys[-1])
     events = backfill_events(settings, 300)
     published = [e["Records"][0]["s3"]["object"]["key"].replace("%2F", "/") for e, _ in events]
@@ -83,12 +87,12 @@ def test_every_image_object_gets_exactly_one_backfill_event(settings, bucket):
 def test_start_after_resumes_exactly_after_the_key_and_rate_holds(settings, bucket):
     keys = fill_bucket(settings, 120, 0)
     create_topics(settings)
-    resumed = asyncio.run(run_backfill(f"s3://{bucket}/bf/", settings, start_after=keys[79]))
+    resumed = asyncio.run(run_backfill(plan(settings, bucket, start_after=keys[79]), settings))
     assert resumed.published == 40
     events = backfill_events(settings, 40)
     assert sorted(e["Records"][0]["s3"]["object"]["key"] for e, _ in events) == keys[80:]
     started = time.monotonic()
-    limited = asyncio.run(run_backfill(f"s3://{bucket}/bf/", settings, rate=50, limit=40, dry_run=True))
+    limited = asyncio.run(run_backfill(plan(settings, bucket, rate_per_s=50, limit=40, dry_run=True), settings))
     elapsed = time.monotonic() - started
     assert limited.published == 40
     assert elapsed >= 39 / 50  # never faster than the cap
@@ -102,7 +106,7 @@ def test_a_live_upload_during_a_large_backfill_is_classified_before_the_backfill
     create_topics(settings)
     worker = start_worker(settings)
     worker.wait_ready()
-    asyncio.run(run_backfill(f"s3://{bucket}/bf/", settings))
+    asyncio.run(run_backfill(plan(settings, bucket), settings))
     deadline = time.monotonic() + 60
     while worker.health()["counters"]["images_classified"] < 20 and time.monotonic() < deadline:
         time.sleep(0.2)

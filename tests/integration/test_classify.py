@@ -12,9 +12,9 @@ from distributed import Client
 
 from inference.images import decode, preprocess
 from inference.model import load_model, top_k
-from inference.samples import generate_dataset
 from inference.settings import ModelSettings
 from inference.worker import PLUGIN_PREFIX
+from streams.embedded.samples import generate_dataset
 
 from .conftest import visionstream
 

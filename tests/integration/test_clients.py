@@ -10,9 +10,9 @@ import uuid
 import boto3
 from confluent_kafka import Consumer, Producer
 
-from inference.samples import generate_dataset
-from streams.events import now_iso
-from streams.s3events import ObjectRef, object_created_event
+from streams.embedded.samples import generate_dataset
+from streams.service.events import now_iso
+from streams.service.s3events import ObjectRef, object_created_event
 
 from .conftest import create_topics
 

@@ -15,11 +15,11 @@ from typing import Any
 
 import boto3
 
-from inference.samples import generate_dataset
-from streams.events import now_iso
-from streams.kafka import start_consumer
-from streams.s3events import ObjectRef, object_created_event
-from streams.stack import S3_TEST_CREDENTIALS, start_dask_scheduler, start_dask_worker
+from streams.embedded.samples import generate_dataset
+from streams.embedded.stack import S3_TEST_CREDENTIALS, start_dask_scheduler, start_dask_worker
+from streams.service.events import now_iso
+from streams.service.kafka import start_consumer
+from streams.service.s3events import ObjectRef, object_created_event
 
 from .conftest import collect_events, create_topics, drain_topic
 from .test_stream import put_images, send_raw

@@ -10,12 +10,12 @@ from pathlib import Path
 import boto3
 
 from inference.cluster import embedded_cluster
-from inference.samples import generate_dataset
-from streams.events import now_iso
-from streams.kafka import start_producer
-from streams.s3events import ObjectRef, object_created_event
-from streams.stack import S3_TEST_CREDENTIALS
-from streams.uploads import upload_paths
+from streams.embedded.samples import generate_dataset
+from streams.embedded.stack import S3_TEST_CREDENTIALS
+from streams.service.events import now_iso
+from streams.service.kafka import start_producer
+from streams.service.s3events import ObjectRef, object_created_event
+from streams.service.uploads import upload_paths
 
 from .conftest import collect_events, create_topics, drain_topic
 
@@ -129,7 +129,7 @@ def test_a_worker_killed_mid_stream_loses_nothing(settings, bucket, tmp_path, st
 
 
 def test_two_workers_in_one_group_share_the_partitions(settings, bucket, tmp_path, start_worker):
-    from streams.stack import free_port
+    from streams.embedded.stack import free_port
 
     create_topics(settings)
     one = start_worker(settings, "one")
@@ -151,7 +151,7 @@ def test_two_workers_in_one_group_share_the_partitions(settings, bucket, tmp_pat
 
 
 def test_a_worker_that_cannot_reach_the_cluster_exits_loudly(settings, tmp_path, start_worker):
-    from streams.stack import free_port
+    from streams.embedded.stack import free_port
 
     create_topics(settings)
     broken = settings.with_overrides({"cluster": {"scheduler": f"tcp://127.0.0.1:{free_port()}", "connect_timeout_s": 2}})

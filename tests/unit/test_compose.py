@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from inference.settings import load_settings
-from streams.kafka import all_topics
+from streams.service.kafka import all_topics
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_TEXT = (REPO / "docker-compose.yml").read_text()

@@ -2,8 +2,8 @@ import json
 from datetime import UTC, datetime
 
 from inference.results import GroundTruth, ImageResult, ModelInfo, Prediction, Timings
-from streams.events import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA, dead_letter_event, encode, latency_ms, prediction_event
-from streams.s3events import ObjectRef
+from streams.service.events import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA, dead_letter_event, encode, latency_ms, prediction_event
+from streams.service.s3events import ObjectRef
 
 MODEL = ModelInfo("resnet50", "IMAGENET1K_V2", "fp16", "cuda:0")
 

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from inference.results import Failure, ImageResult, ModelInfo, Prediction
 from inference.settings import BatchSettings, EventSettings, FilterSettings, TopicSettings
-from streams.events import MAX_EVENT_BYTES
-from streams.processing import BatchHandler, InputMessage
+from streams.service.events import MAX_EVENT_BYTES
+from streams.service.processing import BatchHandler, InputMessage
 
 from .test_s3events import AWS, EVENTBRIDGE, MINIO
 

@@ -18,8 +18,8 @@ from PIL import Image
 from inference.gpu import batch_on, decode_each, device_crops, device_decodable, jpeg_decoder
 from inference.images import Preprocessing, as_bytes_tensor, decode_crop, read_header
 from inference.model import GraphedModel, load_model
-from inference.samples import synthetic_photo
 from inference.settings import ImageSettings, ModelSettings, StorageSettings
+from streams.embedded.samples import synthetic_photo
 
 SPEC = Preprocessing(resize_size=232, crop_size=224)
 

@@ -121,7 +121,7 @@ SPEC = Preprocessing.from_transforms(WEIGHTS.transforms())
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     """Smooth structure plus grain, like the generated data sets: resizing it means something."""
-    from inference.samples import synthetic_photo
+    from streams.embedded.samples import synthetic_photo
 
     return synthetic_photo(np.random.default_rng(seed), width, height)
 

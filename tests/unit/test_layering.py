@@ -1,5 +1,12 @@
-"""Imports run one way: no module of ours imports, even lazily, one that imports it back;
-``inference`` never imports ``streams``, Faust or Kafka clients."""
+"""Imports run one way, even lazy ones inside functions:
+
+    streams.cli ─► streams.service, streams.embedded ─► inference
+                   (streams.embedded ─► streams.service)
+
+no module of ours imports one that imports it back; ``streams.service`` never imports
+``streams.cli`` or ``streams.embedded``; ``streams.embedded`` never imports ``streams.cli``;
+``inference`` never imports ``streams``, Faust or Kafka clients; every module of ``streams``
+sits in one of its layers."""
 
 import ast
 from pathlib import Path
@@ -61,3 +68,36 @@ def test_no_import_cycle():
 def test_inference_never_imports_streams_faust_or_kafka(module):
     forbidden = {name for name in GRAPH[module] if name.split(".")[0] in ("streams", "faust", "aiokafka", "confluent_kafka", "mode")}
     assert not forbidden, f"{module} imports {sorted(forbidden)}"
+
+
+# what each layer of streams may not import (a prefix matches the package and its modules)
+FORBIDDEN = {
+    "streams.service": ("streams.cli", "streams.embedded"),
+    "streams.embedded": ("streams.cli",),
+    "streams.errors": ("streams.cli", "streams.service", "streams.embedded"),
+}
+TOP_LEVEL = {"streams", "streams.__main__", "streams.errors"}  # everything else sits in a layer
+
+
+def inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if m.startswith("streams")))
+def test_streams_layers_import_downwards(module):
+    forbidden = next((banned for layer, banned in FORBIDDEN.items() if inside(module, layer)), ())
+    upward = {name for name in edges(module) if any(inside(name, package) for package in forbidden)}
+    assert not upward, f"{module} imports {sorted(upward)}, a layer above it"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if m.startswith("streams")))
+def test_every_streams_module_sits_in_a_layer(module):
+    assert module in TOP_LEVEL or any(inside(module, f"streams.{layer}") for layer in ("cli", "service", "embedded")), (
+        f"{module}: put it in streams.cli (commands), streams.service (the running service) "
+        "or streams.embedded (tooling)"
+    )
+
+
+def test_only_the_entry_point_imports_the_cli():
+    importers = {module for module in GRAPH if not inside(module, "streams.cli") and any(inside(n, "streams.cli") for n in edges(module))}
+    assert importers <= {"streams.__main__"}, f"{sorted(importers)} import streams.cli"

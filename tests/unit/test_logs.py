@@ -3,12 +3,12 @@
 import json
 import logging
 
-from streams.console import render
-from streams.logs import JsonFormatter, TextFormatter, escape
+from streams.cli.console import render
+from streams.service.logs import JsonFormatter, TextFormatter, escape
 
 
 def record(message: str, **extra) -> logging.LogRecord:
-    entry = logging.LogRecord("streams.processing", logging.INFO, __file__, 1, message, None, None)
+    entry = logging.LogRecord("streams.service.processing", logging.INFO, __file__, 1, message, None, None)
     entry.__dict__.update(extra)
     return entry
 

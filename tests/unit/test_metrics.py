@@ -2,7 +2,7 @@
 counters move with the facts."""
 
 from inference.results import ModelInfo, Timings
-from streams.metrics import METRIC_NAMES, StreamMetrics
+from streams.service.metrics import METRIC_NAMES, StreamMetrics
 
 
 def test_the_published_names_are_exactly_what_the_registry_exports():

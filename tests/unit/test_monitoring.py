@@ -14,7 +14,7 @@ SERVICES = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
 PROMETHEUS = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
 DASHBOARD = json.loads((REPO / "deploy" / "grafana" / "dashboards" / "visionstream.json").read_text())
 
-from streams.metrics import METRIC_NAMES  # the one list of what the stream worker exports
+from streams.service.metrics import METRIC_NAMES  # the one list of what the stream worker exports
 
 
 def exported_series(names) -> set[str]:

@@ -7,9 +7,9 @@ from inference.errors import WorkerLost
 from inference.results import Failure, ImageResult, ModelInfo, Prediction
 from inference.settings import BatchSettings, FilterSettings, TopicSettings
 from streams.errors import BatchRetryExhausted
-from streams.events import MAX_EVENT_BYTES
-from streams.processing import AckTracker, BatchHandler, InputMessage
-from streams.s3events import ObjectRef, object_created_event
+from streams.service.events import MAX_EVENT_BYTES
+from streams.service.processing import AckTracker, BatchHandler, InputMessage
+from streams.service.s3events import ObjectRef, object_created_event
 
 MODEL = ModelInfo("resnet18", "none", "fp32", "cpu")
 TOPICS = TopicSettings()

@@ -4,7 +4,7 @@ import pytest
 
 from inference.settings import FilterSettings
 from streams.errors import MalformedEvent
-from streams.s3events import SKIP_BUCKET, SKIP_FILTERED, SKIP_NOT_CREATED, SKIP_TEST_EVENT, ObjectRef, object_created_event, parse_notification
+from streams.service.s3events import SKIP_BUCKET, SKIP_FILTERED, SKIP_NOT_CREATED, SKIP_TEST_EVENT, ObjectRef, object_created_event, parse_notification
 
 ALL = FilterSettings()
 

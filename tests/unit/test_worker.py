@@ -12,9 +12,9 @@ from inference.errors import ConfigError, FetchError
 from inference.gpu import jpeg_decoder
 from inference.model import load_model
 from inference.results import Failure, ImageResult, Timings
-from inference.samples import synthetic_photo
 from inference.settings import ImageSettings, ModelSettings, StorageSettings, TruthSettings
 from inference.worker import ResidentModel, build_result
+from streams.embedded.samples import synthetic_photo
 
 MODEL = load_model(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32"))
 PATTERN = TruthSettings().pattern

@@ -1,19 +1,20 @@
-"""The ``visionstream`` entry point: parse arguments, load settings, run the command (``streams.commands``)."""
+"""The ``visionstream`` entry point: parse arguments, load settings, run the command (``streams.cli.commands``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import dask.config
+
 from inference.errors import InferenceError
 from inference.settings import Settings, load_settings
-from streams import commands as commands_module
+from streams.cli import commands as commands_module
 from streams.errors import StreamError
-from streams.logs import configure_logging
+from streams.service.logs import configure_logging
 
 log = logging.getLogger("visionstream")
 
@@ -21,7 +22,7 @@ EXIT_OK, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")  # before distributed is imported
+    quiet_distributed_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     configure_logging(args.log_level, args.worker__log_format or "text")
@@ -36,6 +37,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InferenceError, StreamError) as exc:
         print(f"visionstream: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
+
+
+def quiet_distributed_logging() -> None:
+    """Warnings only from ``distributed``, unless dask's own configuration (a YAML file,
+    ``DASK_LOGGING__DISTRIBUTED``) names a level. distributed reads this when it is first
+    imported, and a nanny hands it to the worker processes it starts."""
+    if dask.config.get("logging.distributed", None) is None:
+        dask.config.set({"logging.distributed": "warning"})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,10 +29,10 @@ from faust.types import TP, EventT, StreamT
 
 from inference.cluster import InferenceCluster
 from inference.settings import FilterSettings, Settings
-from streams.app import create_app
-from streams.kafka import start_producer
-from streams.metrics import CONTENT_TYPE, StreamMetrics
-from streams.processing import AckTracker, BatchHandler, InputMessage
+from streams.service.app import create_app
+from streams.service.kafka import start_producer
+from streams.service.metrics import CONTENT_TYPE, StreamMetrics
+from streams.service.processing import AckTracker, BatchHandler, InputMessage
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from inference.settings import Settings
-from streams.console import progress_bar, render
+from streams.cli.console import describe, progress_bar, render
 
 Command = Callable[[str, Callable[[argparse.Namespace, Settings], int | None], str], argparse.ArgumentParser]
 
@@ -64,9 +64,9 @@ def register(command: Command) -> None:
 
 
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.agents import StreamService
-    from streams.kafka import ensure_topics
-    from streams.process import GracefulWorker
+    from streams.service.agents import StreamService
+    from streams.service.kafka import ensure_topics
+    from streams.service.process import GracefulWorker
 
     asyncio.run(ensure_topics(settings.kafka, settings.topics))
     service = StreamService(settings)
@@ -77,7 +77,7 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_upload(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.uploads import upload_paths
+    from streams.service.uploads import upload_paths
 
     count = asyncio.run(
         upload_paths(args.paths, args.prefix, settings, notify=args.notify, make_bucket=args.create_bucket)
@@ -87,7 +87,7 @@ def run_upload(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_tail(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.kafka import start_consumer
+    from streams.service.kafka import start_consumer
 
     topic = settings.topics.dead_letter if args.dead_letters else settings.topics.predictions
 
@@ -113,42 +113,49 @@ def run_tail(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.demo import run_demo as demo
+    from streams.embedded.demo import run_demo as demo
 
-    return demo(settings, images=args.images, count=args.count, timeout_s=args.timeout, weights_given=args.model__weights is not None)
+    def show(event: dict[str, Any]) -> None:
+        print(describe(event), flush=True)
+
+    return demo(settings, images=args.images, count=args.count, timeout_s=args.timeout,
+                weights_given=args.model__weights is not None, show=show)
 
 
 def run_backfill(args: argparse.Namespace, settings: Settings) -> int:
-    from streams.backfill import BackfillProgress, parse_s3_uri
-    from streams.backfill import run_backfill as backfill
+    from streams.service.backfill import BackfillPlan, BackfillProgress
+    from streams.service.backfill import run_backfill as backfill
 
     try:
-        parse_s3_uri(args.uri)
+        plan = BackfillPlan.parse(args.uri, args.topic or settings.topics.backfill, rate_per_s=args.rate,
+                                  limit=args.limit, start_after=args.start_after, dry_run=args.dry_run)
     except ValueError as exc:
         print(f"visionstream: error: {exc}", file=sys.stderr)
         return 2
-    state = BackfillProgress()
     progress = progress_bar("backfill", total=args.limit, unit="ev")
+    latest = BackfillProgress()  # where the backfill stands: what an interruption resumes from
 
     def tick(current: BackfillProgress) -> None:
+        nonlocal latest
+        latest = current
         progress.n = current.published
         progress.set_postfix(skipped=current.skipped, refresh=False)
         if current.published % 200 == 0:
             progress.refresh()
 
     try:
-        asyncio.run(backfill(args.uri, settings, args.topic, args.rate, args.limit, args.start_after, args.dry_run, state, tick))
+        done = asyncio.run(backfill(plan, settings, tick))
     except KeyboardInterrupt:
         progress.close()
-        print(f"interrupted after {state.published} events; last key published: {state.last_key!r}", file=sys.stderr)
-        if state.last_key is not None:
-            print(f"resume with: visionstream {' '.join(_without_start_after(sys.argv[1:]))} --start-after {shlex.quote(state.last_key)}", file=sys.stderr)
+        print(f"interrupted after {latest.published} events; last key published: {latest.last_key!r}", file=sys.stderr)
+        if latest.last_key is not None:
+            print(f"resume with: visionstream {' '.join(_without_start_after(sys.argv[1:]))} --start-after {shlex.quote(latest.last_key)}", file=sys.stderr)
         return 130
-    progress.n = state.published
+    progress.n = done.published
     progress.close()
     verb = "would publish" if args.dry_run else "published"
-    print(f"backfill: {verb} {state.published} events from {args.uri} ({state.skipped} non-image objects skipped, "
-          f"{state.rate:.0f} events/s); last key {state.last_key!r}", file=sys.stderr)
+    print(f"backfill: {verb} {done.published} events from {args.uri} ({done.skipped} non-image objects skipped, "
+          f"{done.rate:.0f} events/s); last key {done.last_key!r}", file=sys.stderr)
     return 0
 
 
@@ -184,7 +191,7 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _read_topic(settings: Settings, from_beginning: bool, idle_s: float, limit: int | None) -> list[dict[str, Any]]:
-    from streams.kafka import start_consumer
+    from streams.service.kafka import start_consumer
 
     consumer = await start_consumer(settings.kafka, settings.topics.predictions, settings.topics.dead_letter, from_beginning=from_beginning)
     records: list[dict[str, Any]] = []

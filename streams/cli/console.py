@@ -6,8 +6,8 @@ import json
 import sys
 from typing import Any
 
-from streams.events import DEAD_LETTER_SCHEMA
-from streams.logs import escape
+from streams.service.events import DEAD_LETTER_SCHEMA
+from streams.service.logs import escape
 
 DEAD_LETTER_PREFIX = DEAD_LETTER_SCHEMA.rsplit("/", 1)[0]
 

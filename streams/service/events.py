@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from inference.results import ImageResult
-from streams.s3events import ObjectRef
+from streams.service.s3events import ObjectRef
 
 PREDICTION_SCHEMA = "visionstream.prediction/v1"
 DEAD_LETTER_SCHEMA = "visionstream.dead-letter/v1"

@@ -13,7 +13,7 @@ from typing import Any
 
 import faust
 
-from streams.agents import StreamService
+from streams.service.agents import StreamService
 
 log = logging.getLogger(__name__)
 

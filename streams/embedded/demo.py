@@ -1,63 +1,63 @@
 """`visionstream demo`: the whole service on loopback, start to finish, then everything stopped.
 
-A Kafka-protocol broker and an S3 server (streams.stack), an embedded Dask cluster, and a
-stream worker in its own process, exactly as `visionstream worker` runs in production. The
-demo uploads images with their S3 events, prints each prediction as it arrives, then a summary.
+A Kafka-protocol broker and an S3 server (streams.embedded.stack), an embedded Dask cluster,
+and a stream worker in its own process, exactly as `visionstream worker` runs in production.
+The demo uploads images with their S3 events, shows each prediction as it arrives, then a
+summary. The embedded S3 server's credentials travel as settings (to the stream worker too) and
+to the Dask workers through their own processes' environment, never through this process's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from inference.cluster import embedded_cluster
 from inference.evaluation import percentile
 from inference.model import WeightsSpec
 from inference.settings import Settings
-from streams.console import describe
+from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port, start_stream_worker
 from streams.errors import EmbeddedStackError
-from streams.kafka import ensure_topics, start_consumer
-from streams.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port
-from streams.uploads import create_bucket, local_files, upload_paths
+from streams.service.kafka import ensure_topics, start_consumer
+from streams.service.uploads import create_bucket, local_files, upload_paths
 
-# tansu waits half the session timeout for a group to form; real Kafka refuses sessions under 6 s.
+Show = Callable[[dict[str, Any]], None]  # what to do with each event as it arrives (the CLI prints it)
 
 
 def say(text: str) -> None:
     print(f"[demo] {text}", file=sys.stderr, flush=True)
 
 
-def run_demo(settings: Settings, images: str | None, count: int, timeout_s: float, weights_given: bool) -> int:
+def run_demo(settings: Settings, images: str | None, count: int, timeout_s: float, weights_given: bool, show: Show | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="visionstream-demo-") as scratch:
         work = Path(scratch)
         say("starting a Kafka-protocol broker and an S3 server on 127.0.0.1 ...")
         with EmbeddedStack(log_dir=work / "logs") as stack:
-            os.environ.update(S3_TEST_CREDENTIALS)
+            settings = demo_settings(settings, stack, work, weights_given)
             say(f"broker {stack.bootstrap_servers}, S3 {stack.s3_endpoint}; starting a Dask cluster ...")
+            # the Dask workers get no credentials with their tasks: they find the embedded S3
+            # server's in their own environment, set by their nannies (never in ours)
             cluster = embedded_cluster(settings.cluster, env=S3_TEST_CREDENTIALS)
             try:
-                settings = demo_settings(settings, stack, cluster.scheduler_address, work, weights_given)
-                return _run(settings, stack, work, images, count, timeout_s)
+                settings = settings.with_overrides({"cluster": {"scheduler": cluster.scheduler_address}})
+                return _run(settings, work, images, count, timeout_s, show)
             finally:
                 cluster.close()
 
 
-def demo_settings(settings: Settings, stack: EmbeddedStack, scheduler: str, work: Path, weights_given: bool) -> Settings:
+def demo_settings(settings: Settings, stack: EmbeddedStack, work: Path, weights_given: bool) -> Settings:
     overrides: dict[str, Any] = {
         "kafka": {"bootstrap_servers": stack.bootstrap_servers, **EMBEDDED_BROKER_KAFKA},
-        "storage": {"endpoint_url": stack.s3_endpoint, "region": "us-east-1"},
-        "cluster": {"scheduler": scheduler},
+        "storage": stack.storage_settings(),
         "worker": {"web_port": free_port(), "web_host": "127.0.0.1", "data_dir": str(work / "worker-data")},
         "batch": {"linger_s": min(settings.batch.linger_s, 1.0)},
     }
@@ -84,20 +84,13 @@ def pretrained_cached(settings: Settings) -> bool:
     return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).exists()
 
 
-def _run(settings: Settings, stack: EmbeddedStack, work: Path, images: str | None, count: int, timeout_s: float) -> int:
-    from inference.samples import generate_dataset
+def _run(settings: Settings, work: Path, images: str | None, count: int, timeout_s: float, show: Show | None) -> int:
+    from streams.embedded.samples import generate_dataset
 
-    config = work / "demo.yaml"
-    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
     asyncio.run(ensure_topics(settings.kafka, settings.topics))
     say("starting the stream worker (visionstream worker) ...")
+    worker = start_stream_worker(settings, work / "logs", log_level="WARNING")
     log_path = work / "logs" / "worker.log"
-    with open(log_path, "ab") as log_file:
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "streams", "worker", "--config", str(config), "--log-level", "WARNING"],
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            env=os.environ | settings.secrets_env(),
-        )
     try:
         wait_ready(settings, worker, log_path, timeout_s=180)
         say(f"worker ready: http://{settings.worker.web_host}:{settings.worker.web_port}/health")
@@ -113,7 +106,7 @@ def _run(settings: Settings, stack: EmbeddedStack, work: Path, images: str | Non
         started = time.perf_counter()
         asyncio.run(upload_paths(upload_from, "", settings, notify=True))
         say(f"uploaded {expected} objects to s3://{settings.storage.bucket}/ with their S3 events; predictions:")
-        events = asyncio.run(collect(settings, expected, timeout_s))
+        events = asyncio.run(collect(settings, expected, timeout_s, show))
         elapsed = time.perf_counter() - started
     finally:
         stop(worker)
@@ -138,8 +131,8 @@ def wait_ready(settings: Settings, worker: subprocess.Popen[bytes], log_path: Pa
     raise EmbeddedStackError(f"the stream worker was not ready within {timeout_s:.0f} s (log: {log_path})")
 
 
-async def collect(settings: Settings, expected: int, timeout_s: float) -> dict[str, dict[str, Any]]:
-    """Latest event per URI from the predictions and dead-letter topics, printed as they come."""
+async def collect(settings: Settings, expected: int, timeout_s: float, show: Show | None = None) -> dict[str, dict[str, Any]]:
+    """Latest event per URI from the predictions and dead-letter topics, each shown as it comes."""
     topics = settings.topics
     consumer = await start_consumer(settings.kafka, topics.predictions, topics.dead_letter, from_beginning=True)
     events: dict[str, dict[str, Any]] = {}
@@ -151,7 +144,8 @@ async def collect(settings: Settings, expected: int, timeout_s: float) -> dict[s
                     event = json.loads(record.value)
                     if event.get("uri"):
                         events[event["uri"]] = event
-                    print(describe(event), flush=True)
+                    if show is not None:
+                        show(event)
     finally:
         await consumer.stop()
     return events

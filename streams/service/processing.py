@@ -32,9 +32,9 @@ from inference.errors import BatchTimeout, WorkerLost
 from inference.results import Failure, ImageResult
 from inference.settings import BatchSettings, EventSettings, FilterSettings, TopicSettings
 from streams.errors import BatchRetryExhausted, MalformedEvent
-from streams.events import dead_letter_event, encode, encode_dead_letter, prediction_event
-from streams.metrics import StreamMetrics
-from streams.s3events import ObjectRef, parse_notification
+from streams.service.events import dead_letter_event, encode, encode_dead_letter, prediction_event
+from streams.service.metrics import StreamMetrics
+from streams.service.s3events import ObjectRef, parse_notification
 
 log = logging.getLogger(__name__)
 

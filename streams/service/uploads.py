@@ -11,9 +11,9 @@ from pathlib import Path
 
 from inference.errors import SourceError
 from inference.settings import Settings, StorageSettings
-from streams.events import encode, now_iso
-from streams.kafka import ensure_topics, start_producer
-from streams.s3events import ObjectRef, object_created_event
+from streams.service.events import encode, now_iso
+from streams.service.kafka import ensure_topics, start_producer
+from streams.service.s3events import ObjectRef, object_created_event
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,14 @@ def create_bucket(storage: StorageSettings, bucket: str) -> None:
 async def upload_paths(
     paths: list[str], prefix: str, settings: Settings, notify: bool = False, make_bucket: bool = False
 ) -> int:
+    """Upload the files under ``paths`` to ``prefix``, eight at a time, and publish each one's
+    ObjectCreated event once it is stored (``notify``). boto3 and the file system block, so
+    they run in threads, never on the event loop."""
     storage, bucket = settings.storage, settings.storage.bucket
     if make_bucket:
-        create_bucket(storage, bucket)
-    files = list(local_files(paths, prefix))
-    client = s3_client(storage)
+        await asyncio.to_thread(create_bucket, storage, bucket)
+    files = await asyncio.to_thread(lambda: list(local_files(paths, prefix)))
+    client = await asyncio.to_thread(s3_client, storage)
 
     def put(item: tuple[Path, str]) -> ObjectRef:
         file, key = item
@@ -70,16 +73,17 @@ async def upload_paths(
         await ensure_topics(settings.kafka, settings.topics, [settings.topics.uploads])
         producer = await start_producer(settings.kafka)
     loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(8, thread_name_prefix="upload")
     try:
-        with ThreadPoolExecutor(8) as pool:
-            refs = [loop.run_in_executor(pool, put, item) for item in files]
-            sends = []
-            for pending in refs:
-                ref = await pending
-                if producer is not None:
-                    sends.append(await producer.send(settings.topics.uploads, encode(object_created_event(ref)), key=ref.uri.encode()))
-            await asyncio.gather(*sends)
+        refs = [loop.run_in_executor(pool, put, item) for item in files]
+        sends = []
+        for pending in refs:
+            ref = await pending
+            if producer is not None:
+                sends.append(await producer.send(settings.topics.uploads, encode(object_created_event(ref)), key=ref.uri.encode()))
+        await asyncio.gather(*sends)
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # waiting here would block the loop
         if producer is not None:
             await producer.stop()
     return len(files)
