@@ -38,7 +38,7 @@ import torchvision
 from inference.cluster import InferenceCluster, embedded_cluster
 from inference.evaluation import percentile
 from inference.images import decode_crop
-from inference.job import classify_all
+from inference.job import batches_in_flight, classify_all
 from inference.model import GraphedModel, load_model, resolve_device, resolve_precision
 from inference.results import ImageResult
 from inference.settings import ClusterSettings, Settings
@@ -237,7 +237,7 @@ async def classify_runs(settings: Settings, paths: list[str], runs: int) -> tupl
     async with InferenceCluster.from_settings(settings) as cluster:
         await cluster.classify(paths[: settings.batch.size])  # warm-up, untimed: the model is resident from here on
         threads = sum((await cluster.threads()).values())
-        in_flight = max(settings.batch.max_in_flight, threads + 1)  # what `visionstream classify` uses
+        in_flight = batches_in_flight(settings.batch.max_in_flight, threads)  # what `visionstream classify` uses
         errors = 0
         for run in range(runs):
             kept: list[ImageResult] = []

@@ -51,6 +51,12 @@ class Tally:
         )
 
 
+def batches_in_flight(configured: int, task_threads: int) -> int:
+    """``batch.max_in_flight``, or by default one batch per task thread of the cluster and one
+    more, so that no thread waits for its next batch (at least 2). Pure."""
+    return configured or max(2, task_threads + 1)
+
+
 def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):

@@ -185,7 +185,7 @@ class TruthSettings(Section):
 class BatchSettings(Section):
     size: int = Field(60, ge=1, le=10_000)
     linger_s: float = Field(2.0, gt=0)
-    max_in_flight: int = Field(2, ge=1)
+    max_in_flight: int = Field(0, ge=0)
     retry_timeout_s: float = Field(300.0, ge=0)
     retry_backoff_s: float = Field(1.0, gt=0)
     timeout_s: float = Field(120.0, gt=0)

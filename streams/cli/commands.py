@@ -227,7 +227,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def run_classify(args: argparse.Namespace, settings: Settings) -> int:
     from inference.cluster import InferenceCluster
-    from inference.job import classify_all
+    from inference.job import batches_in_flight, classify_all
     from inference.sources import iter_sources
 
     uris = iter_sources(args.sources, settings.storage)
@@ -249,7 +249,7 @@ def run_classify(args: argparse.Namespace, settings: Settings) -> int:
     async def run() -> Any:
         cluster = InferenceCluster.from_settings(settings)
         async with cluster:
-            in_flight = max(settings.batch.max_in_flight, sum((await cluster.threads()).values()) + 1)
+            in_flight = batches_in_flight(settings.batch.max_in_flight, sum((await cluster.threads()).values()))
             return await classify_all(cluster, all_uris(), settings.batch.size, in_flight, write)
 
     try:

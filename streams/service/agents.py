@@ -28,6 +28,7 @@ from aiokafka import AIOKafkaProducer
 from faust.types import TP, EventT, StreamT
 
 from inference.cluster import InferenceCluster
+from inference.job import batches_in_flight
 from inference.settings import FilterSettings, Settings
 from streams.service.app import create_app
 from streams.service.kafka import start_producer
@@ -63,9 +64,7 @@ class StreamService:
             events=settings.events,
             counters=self.counters,
         )
-        in_flight = settings.batch.max_in_flight
-        self.live_slots = asyncio.Semaphore(in_flight)
-        self.backfill_slots = asyncio.Semaphore(max(1, math.floor(in_flight * settings.worker.backfill_share)))
+        self.slots: dict[int, asyncio.Semaphore] = {}  # per priority; sized once the cluster is known
         self.acks: AckTracker[EventT] = AckTracker(lambda event: event.message.tp, lambda event: event.message.offset)
         self.producer: AIOKafkaProducer | None = None
         self.draining = False
@@ -118,14 +117,15 @@ class StreamService:
                     log.warning("could not retire superseded model plugins: %s", exc)
 
     async def _live_agent(self, stream: StreamT[bytes]) -> None:
-        await self.run_agent(stream, self.live_slots, LIVE_PRIORITY)
+        await self.run_agent(stream, LIVE_PRIORITY)
 
     async def _backfill_agent(self, stream: StreamT[bytes]) -> None:
-        await self.run_agent(stream, self.backfill_slots, BACKFILL_PRIORITY)
+        await self.run_agent(stream, BACKFILL_PRIORITY)
 
-    async def run_agent(self, stream: StreamT[bytes], slots: asyncio.Semaphore, priority: int) -> None:
+    async def run_agent(self, stream: StreamT[bytes], priority: int) -> None:
         batch = self.settings.batch
         await self.ensure_started()
+        slots = self.slots[priority]
         async for taken in stream.noack_take(batch.size, within=batch.linger_s):
             if self.draining:
                 continue  # left unacknowledged: consumed again after the restart
@@ -168,6 +168,10 @@ class StreamService:
     async def _start(self) -> None:
         self.producer = await start_producer(self.settings.kafka)
         await self.cluster.start()
+        in_flight = batches_in_flight(self.settings.batch.max_in_flight, sum((await self.cluster.threads()).values()))
+        backfill = max(1, math.floor(in_flight * self.settings.worker.backfill_share))
+        self.slots = {LIVE_PRIORITY: asyncio.Semaphore(in_flight), BACKFILL_PRIORITY: asyncio.Semaphore(backfill)}
+        log.info("up to %d batch(es) in flight on the cluster, at most %d of them backfill", in_flight, backfill)
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> Any:
         """Send, and return only once the broker has the event (or raise after kafka.delivery_timeout_s)."""

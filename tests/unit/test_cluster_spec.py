@@ -31,3 +31,10 @@ def test_each_worker_sees_one_gpu_round_robin_by_its_visible_name():
     assert seen == {"gpu2-0": "2", "gpu5-0": "5", "gpu2-1": "2", "gpu5-1": "5"}
     assert all(spec["options"]["nthreads"] == 3 for spec in specs.values())
     assert all(spec["options"]["env"]["VISIONSTREAM_LOCAL_WORKERS"] == "4" for spec in specs.values())
+
+
+@pytest.mark.parametrize(("configured", "threads", "expected"), [(0, 8, 9), (0, 2, 3), (0, 0, 2), (3, 8, 3), (1, 8, 1)])
+def test_batches_in_flight_default_to_one_per_task_thread_and_one_more(configured, threads, expected):
+    from inference.job import batches_in_flight
+
+    assert batches_in_flight(configured, threads) == expected
