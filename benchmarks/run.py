@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,7 @@ def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, 
     from streams.embedded.demo import collect, stop, wait_ready
     from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, EmbeddedStack, free_port, start_stream_worker
     from streams.service.kafka import ensure_topics
+    from streams.service.backfill import BackfillPlan, run_backfill
     from streams.service.uploads import create_bucket, upload_paths
 
     with EmbeddedStack(log_dir=work / "logs") as stack:
@@ -283,10 +285,15 @@ def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, 
             rates: list[float] = []
             events: dict[str, Any] = {}
             for run in range(runs):
-                asyncio.run(upload_paths([str(folder)], f"saturated{run}/", settings, notify=True))
+                # a backlog: the objects are in the bucket first, then their events arrive at once
+                # (through backfill's publisher, on the live topic), so the uploads' own PUTs do not
+                # share the S3 server with the worker's GETs while it is measured
+                asyncio.run(upload_paths([str(folder)], f"saturated{run}/", settings, notify=False))
+                announced = datetime.now(timezone.utc)
+                asyncio.run(run_backfill(BackfillPlan(settings.storage.bucket, f"saturated{run}/", settings.topics.uploads), settings))
                 seen += count
                 events = asyncio.run(collect(settings, seen, 600))
-                rates.append(sustained_rate({u: e for u, e in events.items() if f"/saturated{run}/" in u}))
+                rates.append(sustained_rate({u: e for u, e in events.items() if f"/saturated{run}/" in u}, announced))
             # the same images from the same S3 server through `classify`: what the storage allows
             same_storage = sorted(uri for uri in events if "/saturated0/" in uri)
             from_s3, _ = asyncio.run(classify_runs(settings, same_storage, runs))
@@ -330,14 +337,14 @@ async def paced_uploads(settings: Settings, folder: Path, rate: float, count: in
     return len(files)
 
 
-def sustained_rate(events: dict[str, dict[str, Any]]) -> float:
-    """Images per second from the first upload event to the last prediction event."""
+def sustained_rate(events: dict[str, dict[str, Any]], announced: datetime) -> float:
+    """Images per second from the moment their events were announced to the last prediction event."""
     from streams.service.events import parse_time
 
     predictions = [e for e in events.values() if e["schema"].startswith("visionstream.prediction")]
     if not predictions:
         return 0.0
-    first = min(parse_time(e["event_time"]) for e in predictions)
+    first = announced
     last = max(parse_time(e["predicted_at"]) for e in predictions)
     return len(predictions) / max((last - first).total_seconds(), 1e-6)
 
