@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from inference.evaluation import percentile
+from inference.evaluation import accuracy, percentile
 from inference.model import WeightsSpec
 from inference.settings import Settings
 from streams.console import describe
@@ -169,12 +169,12 @@ def summary(events: dict[str, dict[str, Any]], expected: int, elapsed_s: float) 
         value = percentile(latencies, q)
         return "n/a" if value is None else f"{value:.0f} ms"
 
-    accuracy = f"{matches / len(judged):.1%} ({matches}/{len(judged)})" if judged else "n/a"
+    top1 = f"{accuracy(matches, len(judged)):.1%} ({matches}/{len(judged)})" if judged else "n/a"
     lines = [
         "",
         "visionstream demo summary",
         f"  images        {len(events)} of {expected} accounted for ({len(predictions)} predictions, {errors} dead-lettered)",
-        f"  top-1         {accuracy}",
+        f"  top-1         {top1}",
         f"  throughput    {len(events) / elapsed_s:.1f} images/s over {elapsed_s:.1f} s (upload to last event)",
         f"  latency       p50 {pct(0.5)}, p95 {pct(0.95)} (upload event to prediction event)",
     ]

@@ -78,3 +78,19 @@ def test_report_folder_has_markdown_json_and_valid_pngs(tmp_path: Path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "67.085%" in text and "60.000%" in text and "resnet50 (IMAGENET1K_V2)" in text
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["top1_accuracy"] == pytest.approx(0.6)
+
+
+def test_accuracy_is_none_when_nothing_was_judged_and_the_classify_tally_uses_it():
+    from inference.evaluation import accuracy
+    from inference.job import Tally
+    from inference.results import Failure, ImageResult, ModelInfo, Prediction
+
+    assert accuracy(3, 5) == pytest.approx(0.6) and accuracy(0, 0) is None
+    model, best = ModelInfo("resnet18", "none", "fp32", "cpu"), Prediction(0, CHI[0], CHI[1], 0.9)
+    tally = Tally()
+    for match in (True, False, True, None):  # None: no truth, counted but not judged
+        tally.add(ImageResult("s3://b/x", "x", best, (best,), None, match, None, model))
+    tally.add(ImageResult("s3://b/y", "y", None, (), None, None, Failure("decode", "bad"), model))
+    assert (tally.matches, tally.with_truth, tally.accuracy) == (2, 3, accuracy(2, 3))
+    assert "66.67% top-1 (2/3 with truth)" in tally.summary()
+    assert "no ground truth" in Tally().summary()
