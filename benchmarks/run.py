@@ -42,7 +42,7 @@ from inference.evaluation import percentile
 from inference.images import decode_crop
 from inference.job import classify_all
 from inference.model import GraphedModel, load_model, resolve_device, resolve_precision
-from inference.results import ImageResult
+from inference.results import ImageResult, is_prediction
 from inference.settings import Settings
 from inference.sources import iter_sources
 
@@ -384,7 +384,7 @@ def sustained_rate(events: dict[str, dict[str, Any]]) -> float:
     """Images per second from the first upload event to the last prediction event."""
     from streams.events import parse_time
 
-    predictions = [e for e in events.values() if e["schema"].startswith("visionstream.prediction")]
+    predictions = [e for e in events.values() if is_prediction(e)]
     if not predictions:
         return 0.0
     first = min(parse_time(e["event_time"]) for e in predictions)

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from inference.results import is_dead_letter
+
 TUTORIAL_TOP1 = 0.67085  # the dask.delayed tutorial's figure on Stanford Dogs (20,580 images)
 SCORE_BINS = 10
 
@@ -45,7 +47,7 @@ def outcome(record: dict[str, Any]) -> Outcome | None:
     prediction = record.get("prediction") or {}
     truth = record.get("ground_truth") or {}
     error = record.get("error")
-    if record.get("schema", "").startswith("visionstream.dead-letter"):
+    if is_dead_letter(record):
         error = f"{record.get('stage')}: {record.get('reason')}"
     elif isinstance(error, dict):
         error = f"{error.get('stage')}: {error.get('message')}"

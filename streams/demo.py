@@ -23,6 +23,7 @@ import yaml
 
 from inference.evaluation import accuracy, percentile
 from inference.model import WeightsSpec
+from inference.results import is_prediction
 from inference.settings import Settings
 from streams.console import describe
 from streams.errors import EmbeddedStackError
@@ -159,7 +160,7 @@ async def collect(settings: Settings, expected: int, timeout_s: float) -> dict[s
 
 
 def summary(events: dict[str, dict[str, Any]], expected: int, elapsed_s: float) -> str:
-    predictions = [e for e in events.values() if e["schema"].startswith("visionstream.prediction")]
+    predictions = [e for e in events.values() if is_prediction(e)]
     errors = len(events) - len(predictions)
     judged = [e for e in predictions if e.get("match") is not None]
     matches = sum(1 for e in judged if e["match"])

@@ -6,13 +6,14 @@ from PIL import Image
 
 from inference.evaluation import latest_per_uri, summarize
 from inference.report import write_report
+from inference.results import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA
 
 CHI, GOLD, PUG = ("n02085620", "Chihuahua"), ("n02099601", "golden_retriever"), ("n02110958", "pug")
 
 
 def event(uri, truth, predicted, score, top=(), latency=None):
     return {
-        "schema": "visionstream.prediction/v1", "uri": uri,
+        "schema": PREDICTION_SCHEMA, "uri": uri,
         "prediction": {"wnid": predicted[0], "label": predicted[1], "score": score, "class_index": 0},
         "top_k": [{"wnid": predicted[0]}] + [{"wnid": w} for w in top],
         "ground_truth": {"wnid": truth[0], "label": truth[1]} if truth else None,
@@ -29,8 +30,8 @@ RECORDS = [
     event("s3://b/4", GOLD, GOLD, 0.75, latency=400),  # the retry's event wins
     event("s3://b/5", GOLD, PUG, 0.15, latency=500),
     event("s3://b/6", None, PUG, 0.65),  # no truth: counted, not judged
-    {"schema": "visionstream.dead-letter/v1", "uri": "s3://b/7", "stage": "decode", "reason": "not an image"},
-    {"schema": "visionstream.dead-letter/v1", "uri": None, "stage": "parse", "reason": "not JSON"},  # no image
+    {"schema": DEAD_LETTER_SCHEMA, "uri": "s3://b/7", "stage": "decode", "reason": "not an image"},
+    {"schema": DEAD_LETTER_SCHEMA, "uri": None, "stage": "parse", "reason": "not JSON"},  # no image
 ]
 
 
