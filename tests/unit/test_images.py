@@ -98,6 +98,7 @@ def test_truncated_jpeg():
     with pytest.raises(ImageDecodeError, match="corrupt or truncated") as caught:
         decode(data[: len(data) // 3], "cut.jpg", 10**8)
     assert caught.value.stage == "decode" and caught.value.uri == "cut.jpg"
+    assert isinstance(caught.value.__cause__, OSError)  # Pillow's own error kept as the root cause
 
 
 def test_corrupt_jpeg_body():
