@@ -1,4 +1,5 @@
-"""Per-image result records: typed, frozen, and plain JSON on the way out."""
+"""Per-image result records: typed, frozen, and plain JSON on the way out; and the schema names
+of the events the stream builds from them, with the checks that recognise them. Pure."""
 
 from __future__ import annotations
 
