@@ -41,7 +41,7 @@ from inference.evaluation import percentile
 from inference.images import decode_crop
 from inference.job import batches_in_flight, classify_all
 from inference.model import GraphedModel, load_model, resolve_device, resolve_precision
-from inference.results import ImageResult
+from inference.results import ImageResult, is_prediction
 from inference.settings import ClusterSettings, Settings
 from inference.sources import iter_sources
 
@@ -341,7 +341,7 @@ def sustained_rate(events: dict[str, dict[str, Any]], announced: datetime) -> fl
     """Images per second from the moment their events were announced to the last prediction event."""
     from streams.service.events import parse_time
 
-    predictions = [e for e in events.values() if e["schema"].startswith("visionstream.prediction")]
+    predictions = [e for e in events.values() if is_prediction(e)]
     if not predictions:
         return 0.0
     first = announced

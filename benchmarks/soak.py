@@ -31,6 +31,7 @@ from typing import Any
 
 import boto3
 
+from inference.results import is_dead_letter, is_prediction
 from inference.settings import Settings
 from streams.embedded.samples import generate_dataset
 from streams.embedded.stack import (
@@ -218,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summarize(events: list[dict[str, Any]], good: set[str], corrupt: set[str], missing: set[str], supervisor: Supervisor, elapsed_s: float, args: argparse.Namespace) -> dict[str, Any]:
-    predictions = Counter(e["uri"] for e in events if e.get("schema", "").startswith("visionstream.prediction"))
-    dead = [e for e in events if e.get("schema", "").startswith("visionstream.dead-letter")]
+    predictions = Counter(e["uri"] for e in events if is_prediction(e))
+    dead = [e for e in events if is_dead_letter(e)]
     lost = sorted(good - predictions.keys())
     return {
         "images": len(good),

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from inference.results import is_dead_letter
+
 TUTORIAL_TOP1 = 0.67085  # the dask.delayed tutorial's figure on Stanford Dogs (20,580 images)
 SCORE_BINS = 10
 
@@ -45,7 +47,7 @@ def outcome(record: dict[str, Any]) -> Outcome | None:
     prediction = record.get("prediction") or {}
     truth = record.get("ground_truth") or {}
     error = record.get("error")
-    if record.get("schema", "").startswith("visionstream.dead-letter"):
+    if is_dead_letter(record):
         error = f"{record.get('stage')}: {record.get('reason')}"
     elif isinstance(error, dict):
         error = f"{error.get('stage')}: {error.get('message')}"
@@ -83,7 +85,7 @@ def summarize(outcomes: Iterable[Outcome], top_confusions: int = 10) -> dict[str
         entry["images"] += 1
         entry["correct"] += int(o.correct)
     for entry in per_class.values():
-        entry["accuracy"] = entry["correct"] / entry["images"]
+        entry["accuracy"] = accuracy(entry["correct"], entry["images"])
     confusions = Counter((o.truth_label or o.truth_wnid, o.predicted_label or o.predicted_wnid) for o in judged if not o.correct)
     latencies = sorted(o.latency_ms for o in items if o.latency_ms is not None)
     models = Counter(f"{o.model.get('name')} ({o.model.get('weights')})" for o in items if o.model)
@@ -92,8 +94,8 @@ def summarize(outcomes: Iterable[Outcome], top_confusions: int = 10) -> dict[str
         "errors": sum(1 for o in items if o.error is not None),
         "with_truth": len(judged),
         "correct": len(correct),
-        "top1_accuracy": _ratio(len(correct), len(judged)),
-        "top5_accuracy": _ratio(len(top5), len(judged)),
+        "top1_accuracy": accuracy(len(correct), len(judged)),
+        "top5_accuracy": accuracy(len(top5), len(judged)),
         "tutorial_top1_accuracy": TUTORIAL_TOP1,
         "per_class": dict(sorted(per_class.items(), key=lambda kv: (kv[1]["accuracy"], kv[0]))),
         "confusions": [{"truth": t, "predicted": p, "count": n} for (t, p), n in confusions.most_common(top_confusions)],
@@ -112,8 +114,11 @@ def summarize(outcomes: Iterable[Outcome], top_confusions: int = 10) -> dict[str
     }
 
 
-def _ratio(part: int, whole: int) -> float | None:
-    return part / whole if whole else None
+def accuracy(correct: int, judged: int) -> float | None:
+    """The share of judged images (truth known, no error) that were right; None when none was
+    judged. The one place accuracy is computed: the summary here, the classify job's tally and
+    the demo's summary all use it."""
+    return correct / judged if judged else None
 
 
 def _distribution(scores: list[float]) -> dict[str, Any]:

@@ -5,7 +5,10 @@ normalise. This module stops at the uint8 crop [3, crop, crop]: it is 4x smaller
 to stack, pin and copy, and ``normalize`` finishes the job on the model's device. JPEG goes
 through ``torchvision.io.decode_jpeg`` (libjpeg-turbo here; nvJPEG on a GPU, in
 ``inference.gpu``); other formats, odd modes and whatever decode_jpeg refuses go through Pillow.
-The byte limit is the fetcher's; the pixel limit is checked on the header, before any decode.
+The byte limit is the fetcher's; the pixel limit (``images.max_pixels``) is checked on the
+header, before any decode. Pillow's own process-wide guard (``Image.MAX_IMAGE_PIXELS``) is left
+as Pillow sets it: ours decides below it; above twice it Pillow refuses first, and we report that
+as the limit too, since lifting it would change what every other Pillow user in the process gets.
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from torchvision.transforms.v2 import functional as F2
 
 from inference.errors import ImageDecodeError
 
-# Pillow refuses nothing itself: we apply our own configurable limit below.
-Image.MAX_IMAGE_PIXELS = None
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still work,
 # and TorchCodec is not on the GPU hosts. Silence that one notice, not image warnings in general.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated")
@@ -81,24 +82,36 @@ class ImageHeader:
         return min(self.width, self.height) / resize_size
 
 
-def read_header(data: bytes, uri: str, max_pixels: int) -> ImageHeader:
-    """Format, mode, size and orientation from the header; ImageDecodeError for empty or
-    unrecognised data, or more than ``max_pixels`` pixels (a decompression bomb is refused here)."""
+def open_image(data: bytes, uri: str, max_pixels: int) -> Image.Image:
+    """``Image.open`` (header only, no pixels decoded) under our pixel limit; ImageDecodeError for
+    empty or unrecognised data or more than ``max_pixels`` pixels (a decompression bomb)."""
     if not data:
         raise ImageDecodeError(uri, "empty object")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(uri, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # over Pillow's own ceiling (2 x MAX_IMAGE_PIXELS)
+        raise ImageDecodeError(uri, f"exceeds the limit of Pillow's decompression-bomb guard: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(uri, "not a recognised image format") from exc
+    except (OSError, SyntaxError, ValueError, TypeError) as exc:
+        raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageDecodeError(uri, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+    return image
+
+
+def read_header(data: bytes, uri: str, max_pixels: int) -> ImageHeader:
+    """Format, mode, size and orientation from the header; ImageDecodeError for empty or
+    unrecognised data, or more than ``max_pixels`` pixels (a decompression bomb is refused here)."""
+    with open_image(data, uri, max_pixels) as image:
+        try:
             orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image.format in ("JPEG", "MPO") else 1
-            return ImageHeader(image.format, image.mode, width, height, orientation if orientation in range(1, 9) else 1)
-    except ImageDecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageDecodeError(uri, "not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from None
+        except (OSError, SyntaxError, ValueError, TypeError) as exc:
+            raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from exc
+        width, height = image.size
+        return ImageHeader(image.format, image.mode, width, height, orientation if orientation in range(1, 9) else 1)
 
 
 def decode(data: bytes, uri: str, max_pixels: int, draft_size: int | None = None) -> Image.Image:
@@ -107,30 +120,20 @@ def decode(data: bytes, uri: str, max_pixels: int, draft_size: int | None = None
     ``draft_size`` lets JPEG decode at 1/2, 1/4 or 1/8 scale while the short side stays at
     least that large: the resize that follows is then cheaper and nearly identical.
     """
-    if not data:
-        raise ImageDecodeError(uri, "empty object")
+    image = open_image(data, uri, max_pixels)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    uri, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
-                )
             if draft_size and image.format in ("JPEG", "MPO"):
+                width, height = image.size
                 scale = min(width, height) / draft_size
                 if scale >= 2:
                     image.draft("RGB", (max(1, round(width / scale)), max(1, round(height / scale))))
             image.load()
             image = ImageOps.exif_transpose(image) or image
             return to_rgb(image)
-    except ImageDecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageDecodeError(uri, "not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from None
+        raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from exc
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

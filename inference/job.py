@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 
 from inference.cluster import InferenceCluster
+from inference.evaluation import accuracy
 from inference.results import ImageResult
 
 
@@ -37,7 +38,7 @@ class Tally:
 
     @property
     def accuracy(self) -> float | None:
-        return self.matches / self.with_truth if self.with_truth else None
+        return accuracy(self.matches, self.with_truth)
 
     @property
     def images_per_s(self) -> float:

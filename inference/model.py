@@ -199,7 +199,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ConfigError(f"model.device: {exc}") from None
+        raise ConfigError(f"model.device: {exc}") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"model.device is {name!r} but no CUDA device is visible")
     return device
@@ -235,9 +235,9 @@ def _weights_enum(name: str) -> Any:
 def _torchvision_weights(weights_enum: Any, name: str) -> Any:
     try:
         return weights_enum[name.upper()] if name.upper() != "DEFAULT" else weights_enum.DEFAULT
-    except KeyError:
+    except KeyError as exc:
         known = ", ".join(["DEFAULT", *weights_enum.__members__])
-        raise ConfigError(f"model.weights {name!r}: not one of {known}, a checkpoint path, or none") from None
+        raise ConfigError(f"model.weights {name!r}: not one of {known}, a checkpoint path, or none") from exc
 
 
 def _download_pretrained(model_name: str, weights: Any, spec: str) -> nn.Module:
@@ -257,14 +257,14 @@ def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings) -> N
     try:
         with fsspec.open(uri, "rb", **options) as handle:
             data = handle.read()
-    except FileNotFoundError:
-        raise WeightsUnavailable(uri, "checkpoint file not found") from None
+    except FileNotFoundError as exc:
+        raise WeightsUnavailable(uri, "checkpoint file not found") from exc
     except Exception as exc:  # noqa: BLE001
-        raise WeightsUnavailable(uri, f"checkpoint unreadable: {type(exc).__name__}: {exc}") from None
+        raise WeightsUnavailable(uri, f"checkpoint unreadable: {type(exc).__name__}: {exc}") from exc
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise WeightsUnavailable(uri, f"not a torch state_dict file: {exc}") from None
+        raise WeightsUnavailable(uri, f"not a torch state_dict file: {exc}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -273,7 +273,7 @@ def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings) -> N
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise WeightsUnavailable(uri, f"does not fit the model: {str(exc).splitlines()[0]}") from None
+        raise WeightsUnavailable(uri, f"does not fit the model: {str(exc).splitlines()[0]}") from exc
 
 
 def _describe(spec: WeightsSpec) -> str:

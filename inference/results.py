@@ -1,11 +1,32 @@
-"""Per-image result records: typed, frozen, and plain JSON on the way out."""
+"""Per-image result records: typed, frozen, and plain JSON on the way out; and the schema names
+of the events the stream builds from them, with the checks that recognise them. Pure."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from inference.labels import Truth as GroundTruth  # the truth parsed from a key, as records carry it
+
+# The ``schema`` of the two events the stream writes (``streams.events`` builds them). Named here,
+# below ``streams``, so that readers on this side (``inference.evaluation``) recognise them too.
+PREDICTION_SCHEMA = "visionstream.prediction/v1"
+DEAD_LETTER_SCHEMA = "visionstream.dead-letter/v1"
+
+
+def _kind(schema: str) -> str:
+    return schema.rsplit("/", 1)[0]
+
+
+def is_prediction(record: Mapping[str, Any]) -> bool:
+    """A prediction event of any version: a reader goes by the name before ``/vN``."""
+    return _kind(str(record.get("schema") or "")) == _kind(PREDICTION_SCHEMA)
+
+
+def is_dead_letter(record: Mapping[str, Any]) -> bool:
+    """A dead-letter event of any version."""
+    return _kind(str(record.get("schema") or "")) == _kind(DEAD_LETTER_SCHEMA)
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,7 +71,7 @@ def _items(value: Any) -> Any:
         try:
             return json.loads(value)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"not a JSON array ({exc.msg} at character {exc.pos})") from None
+            raise ValueError(f"not a JSON array ({exc.msg} at character {exc.pos})") from exc
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
@@ -307,6 +307,7 @@ class Settings(BaseSettings):
         try:
             return type(self).model_validate(_merge(self.model_dump(), overrides))  # python mode keeps SecretStr
         except ValidationError as exc:
+            # from None: a ValidationError quotes the input values, which may be secrets
             raise _config_error(exc, lambda loc: "overrides") from None
 
 
@@ -325,8 +326,10 @@ def load_settings(
     try:
         return Settings()
     except ValidationError as exc:
+        # from None: a ValidationError quotes the input values, which may be secrets
         raise _config_error(exc, loading.origin) from None
     except SettingsError as exc:  # a source failed before validation; its message names the field
+        # from None: its cause is the source's own parse error, which may quote a secret value
         raise ConfigError(f"invalid configuration: {exc}") from None
     finally:
         _LOADING.reset(token)
@@ -415,12 +418,13 @@ class _YamlFile(YamlConfigSettingsSource):
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path} is not UTF-8 text") from None
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text") from exc
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
+            # from None: a YAML error prints the offending line, which may hold a secret
             raise ConfigError(_yaml_problem(path, exc)) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, not {type(data).__name__}")

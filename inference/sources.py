@@ -81,6 +81,6 @@ def iter_s3_pages(
             yield [(summary["Key"], summary) for summary in page.get("Contents", ()) if not summary["Key"].endswith("/")]
     except botocore.exceptions.ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "error")
-        raise SourceError(f"s3://{bucket}/{prefix}: cannot list ({code})") from None
+        raise SourceError(f"s3://{bucket}/{prefix}: cannot list ({code})") from exc
     except botocore.exceptions.BotoCoreError as exc:
-        raise SourceError(f"s3://{bucket}/{prefix}: cannot list ({exc})") from None
+        raise SourceError(f"s3://{bucket}/{prefix}: cannot list ({exc})") from exc

@@ -6,10 +6,8 @@ import json
 import sys
 from typing import Any
 
-from streams.service.events import DEAD_LETTER_SCHEMA
 from streams.service.logs import escape
-
-DEAD_LETTER_PREFIX = DEAD_LETTER_SCHEMA.rsplit("/", 1)[0]
+from inference.results import is_dead_letter
 
 
 def progress_bar(description: str, **kwargs: Any) -> Any:
@@ -41,7 +39,7 @@ def render(value: bytes | None, raw: bool = False) -> str:
 
 
 def _describe(event: dict[str, Any]) -> str:
-    if str(event.get("schema", "")).startswith(DEAD_LETTER_PREFIX):
+    if is_dead_letter(event):
         return f"{event.get('uri') or '(message)'}  FAILED at {event.get('stage')}: {event.get('reason')}"
     prediction = event.get("prediction") or {}
     truth = event.get("ground_truth")

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from inference.cluster import embedded_cluster
-from inference.evaluation import percentile
+from inference.evaluation import percentile, accuracy
 from inference.model import WeightsSpec
+from inference.results import is_prediction
 from inference.settings import Settings
 from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port, start_stream_worker
 from streams.errors import EmbeddedStackError
@@ -152,7 +153,7 @@ async def collect(settings: Settings, expected: int, timeout_s: float, show: Sho
 
 
 def summary(events: dict[str, dict[str, Any]], expected: int, elapsed_s: float) -> str:
-    predictions = [e for e in events.values() if e["schema"].startswith("visionstream.prediction")]
+    predictions = [e for e in events.values() if is_prediction(e)]
     errors = len(events) - len(predictions)
     judged = [e for e in predictions if e.get("match") is not None]
     matches = sum(1 for e in judged if e["match"])
@@ -162,12 +163,12 @@ def summary(events: dict[str, dict[str, Any]], expected: int, elapsed_s: float) 
         value = percentile(latencies, q)
         return "n/a" if value is None else f"{value:.0f} ms"
 
-    accuracy = f"{matches / len(judged):.1%} ({matches}/{len(judged)})" if judged else "n/a"
+    top1 = f"{accuracy(matches, len(judged)):.1%} ({matches}/{len(judged)})" if judged else "n/a"
     lines = [
         "",
         "visionstream demo summary",
         f"  images        {len(events)} of {expected} accounted for ({len(predictions)} predictions, {errors} dead-lettered)",
-        f"  top-1         {accuracy}",
+        f"  top-1         {top1}",
         f"  throughput    {len(events) / elapsed_s:.1f} images/s over {elapsed_s:.1f} s (upload to last event)",
         f"  latency       p50 {pct(0.5)}, p95 {pct(0.95)} (upload event to prediction event)",
     ]

@@ -11,11 +11,9 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from inference.results import ImageResult
+from inference.results import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA, ImageResult  # named there for readers on both sides
 from streams.service.s3events import ObjectRef
 
-PREDICTION_SCHEMA = "visionstream.prediction/v1"
-DEAD_LETTER_SCHEMA = "visionstream.dead-letter/v1"
 BACKFILL_HEADER = "visionstream-backfill"
 
 MAX_EVENT_BYTES = 900_000  # under the producers' default 1 MiB request limit, with room for headers

@@ -42,7 +42,7 @@ async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings, names: list
     try:
         await admin.start()
     except (KafkaConnectionError, KafkaError, OSError) as exc:
-        raise BrokerUnavailable(kafka.bootstrap_servers, str(exc) or type(exc).__name__) from None
+        raise BrokerUnavailable(kafka.bootstrap_servers, str(exc) or type(exc).__name__) from exc
     try:
         existing = set(await admin.list_topics())
         missing = [name for name in wanted if name not in existing]
@@ -55,7 +55,7 @@ async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings, names: list
             except TopicAlreadyExistsError:
                 pass
     except KafkaError as exc:
-        raise BrokerUnavailable(kafka.bootstrap_servers, f"cannot create topics {wanted}: {exc}") from None
+        raise BrokerUnavailable(kafka.bootstrap_servers, f"cannot create topics {wanted}: {exc}") from exc
     finally:
         await admin.close()
 
@@ -91,5 +91,5 @@ async def start_consumer(kafka: KafkaSettings, *topics: str, from_beginning: boo
         await consumer.start()
     except (KafkaConnectionError, KafkaError, OSError) as exc:
         await consumer.stop()
-        raise BrokerUnavailable(kafka.bootstrap_servers, str(exc) or type(exc).__name__) from None
+        raise BrokerUnavailable(kafka.bootstrap_servers, str(exc) or type(exc).__name__) from exc
     return consumer

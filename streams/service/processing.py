@@ -269,5 +269,5 @@ class BatchHandler:
     async def _attempt(self, uris: list[str], priority: int) -> list[ImageResult]:
         try:
             return await asyncio.wait_for(self.classify(uris, priority), timeout=self.batch.timeout_s)
-        except TimeoutError:
-            raise BatchTimeout(len(uris), self.batch.timeout_s) from None
+        except TimeoutError as exc:
+            raise BatchTimeout(len(uris), self.batch.timeout_s) from exc

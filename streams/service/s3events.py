@@ -68,8 +68,8 @@ def _printable(text: str) -> str:
     """Text that can travel: valid UTF-8 (no lone surrogates) and no control characters."""
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("not valid Unicode (lone surrogate)") from None
+    except UnicodeEncodeError as exc:
+        raise ValueError("not valid Unicode (lone surrogate)") from exc
     if any(ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0 for char in text):
         raise ValueError("contains control characters")
     return text
@@ -78,8 +78,8 @@ def _printable(text: str) -> str:
 def _iso_time(text: str) -> str:
     try:
         datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError("not an ISO 8601 time") from None
+    except ValueError as exc:
+        raise ValueError("not an ISO 8601 time") from exc
     return text
 
 
@@ -189,7 +189,7 @@ def _as_document(payload: bytes | str | dict[str, Any], limits: EventSettings) -
     try:
         document = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedEvent(f"not JSON: {exc}"[:500]) from None
+        raise MalformedEvent(f"not JSON: {exc}"[:500]) from exc
     if not isinstance(document, dict):
         raise MalformedEvent(f"a JSON {type(document).__name__}, not an object")
     return document
@@ -203,7 +203,7 @@ def _from_record(record: Any, index: int) -> ObjectRef | Skipped:
     try:
         parsed = _Record.model_validate(record)
     except ValidationError as exc:
-        raise MalformedEvent(f"Records[{index}]: {_describe(exc)}") from None
+        raise MalformedEvent(f"Records[{index}]: {_describe(exc)}") from exc
     bucket, key = parsed.s3.bucket.name, _decoded_key(parsed.s3.object.key, f"Records[{index}]")
     name = parsed.event_name.removeprefix("s3:")
     if not name.startswith("ObjectCreated"):
@@ -225,7 +225,7 @@ def _from_eventbridge(document: dict[str, Any]) -> ObjectRef | Skipped:
     try:
         parsed = _EventBridge.model_validate(document)
     except ValidationError as exc:
-        raise MalformedEvent(f"EventBridge event: {_describe(exc)}") from None
+        raise MalformedEvent(f"EventBridge event: {_describe(exc)}") from exc
     bucket, key = parsed.detail.bucket.name, _decoded_key(parsed.detail.object.key, "detail.object")
     if parsed.detail_type != "Object Created":
         return Skipped(f"s3://{bucket}/{key}", SKIP_NOT_CREATED, f"event {parsed.detail_type} is not Object Created")
@@ -245,12 +245,12 @@ def _decoded_key(encoded: str, where: str) -> str:
     """S3 URL-encodes keys in notifications; the decoded key must be one S3 could store."""
     try:
         key = unquote_plus(encoded, errors="strict")
-    except UnicodeDecodeError:
-        raise MalformedEvent(f"{where}: object key is not URL-encoded UTF-8") from None
+    except UnicodeDecodeError as exc:
+        raise MalformedEvent(f"{where}: object key is not URL-encoded UTF-8") from exc
     try:
         _printable(key)
     except ValueError as exc:
-        raise MalformedEvent(f"{where}: object key {exc}") from None
+        raise MalformedEvent(f"{where}: object key {exc}") from exc
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
         raise MalformedEvent(f"{where}: object key longer than S3's {MAX_KEY_BYTES} bytes")
     if "::" in key:

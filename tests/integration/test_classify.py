@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import pytest
 import torch
 from distributed import Client
 
+from inference.cluster import InferenceCluster
 from inference.images import decode, preprocess
 from inference.model import load_model, top_k
+from inference.results import ImageResult
 from inference.settings import ModelSettings
 from inference.worker import PLUGIN_PREFIX
 from streams.embedded.samples import generate_dataset
@@ -98,7 +101,25 @@ def test_classify_reads_an_s3_prefix(tmp_path: Path, dask_scheduler: str, servic
     assert all(r["ground_truth"] for r in found)
 
 
-def test_missing_s3_object_is_an_error_record_not_a_crash(tmp_path: Path, dask_scheduler: str, services, settings, bucket):
+def test_a_missing_s3_object_is_a_fetch_error_record_and_the_rest_of_its_batch_is_classified(tmp_path: Path, settings, bucket):
+    """A key that does not exist (deleted after its listing or its notification): the CLI's listing
+    never names one, so the batch goes to the cluster directly, as both the CLI and the stream send it."""
+    [image] = generate_dataset(tmp_path / "dogs", 1)
+    boto3.client("s3", **settings.storage.boto3_kwargs()).put_object(Bucket=bucket, Key="dogs/present.jpg", Body=image.read_bytes())
+    missing, present = f"s3://{bucket}/dogs/never-uploaded.jpg", f"s3://{bucket}/dogs/present.jpg"
+
+    async def run() -> list[ImageResult]:
+        async with InferenceCluster.from_settings(settings) as cluster:
+            return await cluster.classify([missing, present])
+
+    gone, found = asyncio.run(run())
+    assert (gone.uri, found.uri) == (missing, present)  # in the order sent
+    assert gone.error is not None and gone.error.stage == "fetch" and "not found" in gone.error.message, gone.error
+    assert gone.prediction is None
+    assert found.error is None and found.prediction is not None
+
+
+def test_an_s3_object_that_is_not_an_image_is_a_decode_error_record_not_a_crash(tmp_path: Path, dask_scheduler: str, services, settings, bucket):
     output = tmp_path / "out.jsonl"
     boto3.client("s3", **settings.storage.boto3_kwargs()).put_object(Bucket=bucket, Key="a.jpg", Body=b"x")
     done = visionstream(

@@ -13,6 +13,7 @@ from confluent_kafka import Consumer, Producer
 from streams.embedded.samples import generate_dataset
 from streams.service.events import now_iso
 from streams.service.s3events import ObjectRef, object_created_event
+from inference.results import PREDICTION_SCHEMA
 
 from .conftest import create_topics
 
@@ -56,7 +57,7 @@ def test_a_librdkafka_producer_and_consumer_talk_to_a_running_worker(settings, b
     finally:
         consumer.close()
     assert wanted <= seen.keys(), worker.log_tail()
-    assert all(event["schema"] == "visionstream.prediction/v1" for event in seen.values())
+    assert all(event["schema"] == PREDICTION_SCHEMA for event in seen.values())
 
     lines = [json.loads(line) for line in worker.log_path.read_text().splitlines() if line.startswith("{")]
     batches = [line for line in lines if line["message"] == "batch classified"]

@@ -20,6 +20,7 @@ from streams.embedded.stack import S3_TEST_CREDENTIALS, start_dask_scheduler, st
 from streams.service.events import now_iso
 from streams.service.kafka import start_consumer
 from streams.service.s3events import ObjectRef, object_created_event
+from inference.results import PREDICTION_SCHEMA
 
 from .conftest import collect_events, create_topics, drain_topic
 from .test_stream import put_images, send_raw
@@ -78,7 +79,7 @@ def test_hostile_messages_exact_keys_and_foreign_buckets_never_stop_the_worker(s
     wanted = uris | {f"s3://{bucket}/{key}" for key in exact} | {f"s3://{bucket}/Images/*.jpg"}
     events = collect_events(settings, wanted)
     for uri in uris | {f"s3://{bucket}/{key}" for key in exact}:
-        assert [event["schema"] for event in events[uri]] == ["visionstream.prediction/v1"], (uri, worker.log_tail())
+        assert [event["schema"] for event in events[uri]] == [PREDICTION_SCHEMA], (uri, worker.log_tail())
     [glob] = events[f"s3://{bucket}/Images/*.jpg"]  # read as a key, which does not exist
     assert glob["stage"] == "fetch" and "not found" in glob["reason"]
     parse_failures = [e for uri, found in events.items() if uri.startswith("message:") for e in found]
@@ -151,7 +152,7 @@ def test_a_scheduler_restart_mid_stream_loses_nothing_and_the_model_comes_back(s
         dask_worker = start_dask_worker(address, tmp_path / "second", env=env)  # as a supervisor would
         events = collect_events(settings, after, timeout_s=240)
         assert after <= events.keys(), worker.log_tail()
-        assert all(found[0]["schema"] == "visionstream.prediction/v1" for uri, found in events.items() if uri in after)
+        assert all(found[0]["schema"] == PREDICTION_SCHEMA for uri, found in events.items() if uri in after)
         assert worker.process.poll() is None
         wait_until(lambda: status(readyz) == 200, 60, "/readyz to recover", worker.log_tail)
     finally:

@@ -16,6 +16,7 @@ from streams.service.events import now_iso
 from streams.service.kafka import start_producer
 from streams.service.s3events import ObjectRef, object_created_event
 from streams.service.uploads import upload_paths
+from inference.results import PREDICTION_SCHEMA
 
 from .conftest import collect_events, create_topics, drain_topic
 
@@ -48,7 +49,7 @@ def test_150_uploads_give_exactly_150_predictions_in_batches_of_at_most_60(setti
     events = collect_events(settings, uris)
     assert uris <= events.keys(), worker.log_tail()
     flat = [event for event in drain_topic(settings, settings.topics.predictions) if event["uri"] in uris]  # late duplicates too
-    assert all(event["schema"] == "visionstream.prediction/v1" for event in flat)
+    assert all(event["schema"] == PREDICTION_SCHEMA for event in flat)
     assert len(flat) == 150  # one event per image, no duplicates without a failure
     batches: dict[str, int] = {}
     for event in flat:
@@ -92,7 +93,7 @@ def test_every_input_shape_and_bad_input(settings, bucket, tmp_path, start_worke
     events = collect_events(settings, good | failed)
     for uri in good:
         [event] = events[uri]
-        assert event["schema"] == "visionstream.prediction/v1" and event["ground_truth"]["wnid"] == "n02085620", uri
+        assert event["schema"] == PREDICTION_SCHEMA and event["ground_truth"]["wnid"] == "n02085620", uri
     assert events[f"s3://{bucket}/Images/notes.jpg"][0]["stage"] == "decode"
     missing_event = events[f"s3://{bucket}/Images/never-uploaded.jpg"][0]
     assert missing_event["stage"] == "fetch" and "not found" in missing_event["reason"]
@@ -125,7 +126,7 @@ def test_a_worker_killed_mid_stream_loses_nothing(settings, bucket, tmp_path, st
     events = collect_events(settings, uris, timeout_s=240)
     missing = uris - events.keys()
     assert not missing, f"{len(missing)} uploads have no prediction\n{second.log_tail()}"
-    assert all(found[0]["schema"] == "visionstream.prediction/v1" for found in events.values() if found)
+    assert all(found[0]["schema"] == PREDICTION_SCHEMA for found in events.values() if found)
 
 
 def test_two_workers_in_one_group_share_the_partitions(settings, bucket, tmp_path, start_worker):
@@ -183,4 +184,4 @@ def test_a_dask_worker_lost_mid_batch_loses_nothing(settings, bucket, tmp_path, 
         os_module.kill(pid, signal.SIGKILL)
         events = collect_events(settings, uris, timeout_s=240)
         assert uris <= events.keys(), worker.log_tail()
-        assert all(found[0]["schema"] == "visionstream.prediction/v1" for uri, found in events.items() if uri in uris)
+        assert all(found[0]["schema"] == PREDICTION_SCHEMA for uri, found in events.items() if uri in uris)

@@ -6,13 +6,14 @@ from PIL import Image
 
 from inference.evaluation import latest_per_uri, summarize
 from inference.report import write_report
+from inference.results import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA
 
 CHI, GOLD, PUG = ("n02085620", "Chihuahua"), ("n02099601", "golden_retriever"), ("n02110958", "pug")
 
 
 def event(uri, truth, predicted, score, top=(), latency=None):
     return {
-        "schema": "visionstream.prediction/v1", "uri": uri,
+        "schema": PREDICTION_SCHEMA, "uri": uri,
         "prediction": {"wnid": predicted[0], "label": predicted[1], "score": score, "class_index": 0},
         "top_k": [{"wnid": predicted[0]}] + [{"wnid": w} for w in top],
         "ground_truth": {"wnid": truth[0], "label": truth[1]} if truth else None,
@@ -29,8 +30,8 @@ RECORDS = [
     event("s3://b/4", GOLD, GOLD, 0.75, latency=400),  # the retry's event wins
     event("s3://b/5", GOLD, PUG, 0.15, latency=500),
     event("s3://b/6", None, PUG, 0.65),  # no truth: counted, not judged
-    {"schema": "visionstream.dead-letter/v1", "uri": "s3://b/7", "stage": "decode", "reason": "not an image"},
-    {"schema": "visionstream.dead-letter/v1", "uri": None, "stage": "parse", "reason": "not JSON"},  # no image
+    {"schema": DEAD_LETTER_SCHEMA, "uri": "s3://b/7", "stage": "decode", "reason": "not an image"},
+    {"schema": DEAD_LETTER_SCHEMA, "uri": None, "stage": "parse", "reason": "not JSON"},  # no image
 ]
 
 
@@ -78,3 +79,19 @@ def test_report_folder_has_markdown_json_and_valid_pngs(tmp_path: Path):
     text = (tmp_path / "report" / "report.md").read_text()
     assert "67.085%" in text and "60.000%" in text and "resnet50 (IMAGENET1K_V2)" in text
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["top1_accuracy"] == pytest.approx(0.6)
+
+
+def test_accuracy_is_none_when_nothing_was_judged_and_the_classify_tally_uses_it():
+    from inference.evaluation import accuracy
+    from inference.job import Tally
+    from inference.results import Failure, ImageResult, ModelInfo, Prediction
+
+    assert accuracy(3, 5) == pytest.approx(0.6) and accuracy(0, 0) is None
+    model, best = ModelInfo("resnet18", "none", "fp32", "cpu"), Prediction(0, CHI[0], CHI[1], 0.9)
+    tally = Tally()
+    for match in (True, False, True, None):  # None: no truth, counted but not judged
+        tally.add(ImageResult("s3://b/x", "x", best, (best,), None, match, None, model))
+    tally.add(ImageResult("s3://b/y", "y", None, (), None, None, Failure("decode", "bad"), model))
+    assert (tally.matches, tally.with_truth, tally.accuracy) == (2, 3, accuracy(2, 3))
+    assert "66.67% top-1 (2/3 with truth)" in tally.summary()
+    assert "no ground truth" in Tally().summary()

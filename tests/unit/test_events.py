@@ -33,3 +33,12 @@ def test_dead_letter_keeps_the_original_in_readable_form():
     assert as_json["schema"] == DEAD_LETTER_SCHEMA and as_json["original"] == {"a": 1}
     assert dead_letter_event("parse", "x", b"plain text")["original"] == {"text": "plain text"}
     assert dead_letter_event("parse", "x", b"\xff\x00")["original"] == {"base64": "/wA="}
+
+
+def test_events_are_recognised_by_their_schema_name_of_any_version():
+    from inference.results import is_dead_letter, is_prediction
+
+    assert is_prediction({"schema": PREDICTION_SCHEMA}) and not is_dead_letter({"schema": PREDICTION_SCHEMA})
+    assert is_dead_letter({"schema": DEAD_LETTER_SCHEMA}) and not is_prediction({"schema": DEAD_LETTER_SCHEMA})
+    assert is_prediction({"schema": PREDICTION_SCHEMA.replace("/v1", "/v2")})  # a later version is still a prediction
+    assert not any(check(record) for check in (is_prediction, is_dead_letter) for record in ({}, {"schema": None}, {"schema": "other/v1"}))

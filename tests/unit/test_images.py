@@ -1,4 +1,6 @@
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -96,22 +98,56 @@ def test_truncated_jpeg():
     with pytest.raises(ImageDecodeError, match="corrupt or truncated") as caught:
         decode(data[: len(data) // 3], "cut.jpg", 10**8)
     assert caught.value.stage == "decode" and caught.value.uri == "cut.jpg"
+    assert isinstance(caught.value.__cause__, OSError)  # Pillow's own error kept as the root cause
 
 
 def test_corrupt_jpeg_body():
     data = bytearray(encoded(noise(200, 200), "JPEG"))
     data[300:2000] = b"\x00" * 1700
     data[-2:] = b"\x00\x00"
-    try:
-        decode(bytes(data), "bad.jpg", 10**8)
-    except ImageDecodeError as exc:
-        assert exc.stage == "decode"
+    for decoder in (lambda: decode(bytes(data), "bad.jpg", 10**8), lambda: decode_crop(bytes(data), "bad.jpg", SPEC, 10**8)):
+        with pytest.raises(ImageDecodeError, match="corrupt or truncated") as caught:
+            decoder()
+        assert caught.value.stage == "decode" and caught.value.uri == "bad.jpg"
 
 
 def test_decompression_bomb_is_refused_before_decoding():
     bomb = encoded(Image.new("L", (12000, 12000)), "PNG")  # small file, 144 Mpx
     with pytest.raises(ImageDecodeError, match="exceeds the limit"):
         decode(bomb, "bomb.png", max_pixels=40_000_000)
+
+
+PILLOW_MAX_IMAGE_PIXELS = 1024 * 1024 * 1024 // 4 // 3  # Pillow's own default: it warns above, refuses above twice
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 grayscale PNG whose header claims ``width`` x ``height``: a bomb's header, cheaply."""
+    data = bytearray(encoded(Image.new("L", (1, 1)), "PNG"))
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(data[ihdr - 4 : ihdr + 13]))
+    return bytes(data)
+
+
+def test_importing_images_leaves_pillows_process_wide_guard_alone():
+    assert Image.MAX_IMAGE_PIXELS == PILLOW_MAX_IMAGE_PIXELS  # this module imported inference.images above
+
+
+def test_our_pixel_limit_decides_below_and_above_pillows_own():
+    above_pillows = png_claiming(12_000, 12_000)  # 144 Mpx: more than Pillow's limit, less than twice it
+    assert 12_000 * 12_000 > PILLOW_MAX_IMAGE_PIXELS
+    with pytest.raises(ImageDecodeError, match="exceeds the limit of 40000000"):
+        read_header(above_pillows, "x.png", max_pixels=40_000_000)  # ours, smaller than Pillow's, refuses
+    with pytest.warns(Image.DecompressionBombWarning):
+        header = read_header(above_pillows, "x.png", max_pixels=150_000_000)  # ours, larger, admits it
+    assert (header.width, header.height) == (12_000, 12_000)
+    with pytest.raises(ImageDecodeError, match="exceeds the limit") as caught:
+        read_header(png_claiming(20_000, 20_000), "x.png", max_pixels=10**9)  # past Pillow's ceiling: refused all the same
+    assert caught.value.stage == "decode"
+    image = noise(40, 30)
+    assert decode(encoded(image), "x.png", max_pixels=1_200).size == (40, 30)  # exactly at our limit
+    with pytest.raises(ImageDecodeError, match="1200 pixels exceeds the limit of 1199"):
+        decode_crop(encoded(image), "x.png", SPEC, max_pixels=1_199)
 
 
 # --- the uint8 path: header first, torchvision.io for JPEG, Pillow for the rest ---------------

@@ -5,6 +5,7 @@ import logging
 
 from streams.cli.console import render
 from streams.service.logs import JsonFormatter, TextFormatter, escape
+from inference.results import DEAD_LETTER_SCHEMA
 
 
 def record(message: str, **extra) -> logging.LogRecord:
@@ -27,7 +28,7 @@ def test_json_log_lines_are_one_object_each_with_the_batch_fields():
 
 
 def test_tail_escapes_terminal_control_sequences():
-    event = {"schema": "visionstream.dead-letter/v1", "uri": "s3://b/\x1b[2J\x1b[31mred.jpg", "stage": "fetch", "reason": "x\ry"}
+    event = {"schema": DEAD_LETTER_SCHEMA, "uri": "s3://b/\x1b[2J\x1b[31mred.jpg", "stage": "fetch", "reason": "x\ry"}
     line = render(json.dumps(event).encode())
     assert "\x1b" not in line and "\r" not in line and "\\x1b[2J" in line
     assert "\x1b" not in render(b"\x1b[2J not json") and "\x1b" not in render(json.dumps(["\x1b"]).encode())

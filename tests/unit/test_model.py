@@ -106,10 +106,15 @@ def test_unknown_model_and_weights_names():
         load_model(SMALL.model_copy(update={"weights": "IMAGENET9K"}))
 
 
-def test_auto_precision():
-    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
-    assert resolve_precision("auto", torch.device("cpu")) in ("bf16", "fp32")
+@pytest.mark.parametrize(("native_bf16", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision(monkeypatch: pytest.MonkeyPatch, native_bf16: bool, expected: str):
+    import inference.model
+
+    monkeypatch.setattr(inference.model, "cpu_has_native_bf16", lambda: native_bf16)  # the CPU-flag seam
+    assert resolve_precision("auto", torch.device("cpu")) == expected
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"  # whatever the CPU has
     assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"  # an explicit choice is kept
 
 
 def test_a_uint8_batch_is_normalised_on_the_device_like_the_float_path():

@@ -1,6 +1,7 @@
 import functools
 import importlib.resources
 import pickle
+import traceback
 from pathlib import Path
 
 import pytest
@@ -230,6 +231,7 @@ def test_a_secret_of_the_wrong_shape_in_a_file_stays_out_of_the_error(tmp_path: 
         load_settings(config, environ={})
     assert "hunter2secret" not in str(raised.value) and "\n" not in str(raised.value)
     assert str(config) in str(raised.value)
+    assert "hunter2secret" not in "".join(traceback.format_exception(raised.value))  # nor in a chained cause
 
 
 def test_a_secret_yaml_would_read_as_a_number_is_refused_with_a_hint(tmp_path: Path):

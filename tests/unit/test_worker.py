@@ -140,3 +140,24 @@ def _png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGBA", (50, 40), (10, 200, 30, 128)).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def test_a_batch_keeps_its_order_one_bad_image_fails_only_itself_and_the_timings_are_filled(resident: ResidentModel, tmp_path: Path):
+    names = ["n02085620_1.jpg", "corrupt.jpg", "n02085620_2.jpg", "missing.jpg", "n02085620_3.jpg"]
+    files = {names[0]: jpeg(1), names[1]: corrupt(jpeg(3)), names[2]: jpeg(2, size=(200, 320)), names[4]: jpeg(4, "L")}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    uris = [str(tmp_path / name) for name in names]  # missing.jpg is never written
+    results = resident.classify(uris, PATTERN)
+    assert [r.uri for r in results] == uris
+    assert [r.error.stage if r.error else None for r in results] == [None, "decode", None, "fetch", None]
+    for index in (0, 2, 4):  # each good image's record is its own: the same as classified alone
+        [alone] = resident.classify([uris[index]], PATTERN)
+        assert [p.class_index for p in results[index].top_k] == [p.class_index for p in alone.top_k]
+        assert [p.score for p in results[index].top_k] == pytest.approx([p.score for p in alone.top_k], abs=1e-5)
+    assert len({tuple(p.score for p in results[i].top_k) for i in (0, 2, 4)}) == 3  # different images, told apart
+    timings = results[0].timings
+    assert all(r.timings == timings for r in results)  # one batch, one set of timings
+    assert timings.batch_size == 5
+    assert timings.fetch_ms > 0 and timings.decode_ms > 0 and timings.inference_ms > 0 and timings.queue_ms >= 0
+    assert all(r.worker == "tcp://127.0.0.1:1" and r.model.name == "resnet18" for r in results)

@@ -1,0 +1,118 @@
+"""The stream service's acknowledgement: an event is acked only after its batch's events were
+published, per partition in offset order, never past a batch still in work; a batch that could
+not be published acks nothing. Faust's stream and the cluster are replaced at their seams."""
+
+import asyncio
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from inference.results import ImageResult, ModelInfo, Prediction
+from inference.settings import FilterSettings, Settings
+from streams.service.agents import StreamService
+from streams.service.processing import BatchHandler
+from streams.service.s3events import ObjectRef, object_created_event
+
+MODEL = ModelInfo("resnet18", "none", "fp32", "cpu")
+BEST = Prediction(151, "n02085620", "Chihuahua", 0.5)
+
+
+def upload_event(partition: int, offset: int) -> SimpleNamespace:
+    """What ``_process`` reads of a Faust event: its value and its message's place in the topic."""
+    value = json.dumps(object_created_event(ObjectRef("b", f"Images/{partition}-{offset}.jpg"))).encode()
+    message = SimpleNamespace(topic="image-uploads", partition=partition, offset=offset, tp=("image-uploads", partition), timestamp=None, value=value)
+    return SimpleNamespace(message=message, value=value)
+
+
+def uri(event: SimpleNamespace) -> str:
+    return f"s3://b/Images/{event.message.partition}-{event.message.offset}.jpg"
+
+
+class Seams:
+    """A cluster whose batches finish when the test says so, a broker that records (or refuses)
+    what is published, and a stream that records what is acked and what was published by then."""
+
+    def __init__(self) -> None:
+        self.release: dict[str, asyncio.Event] = {}
+        self.published: list[str] = []
+        self.acked: list[tuple[int, int]] = []
+        self.refuse: set[str] = set()
+
+    async def classify(self, uris: list[str], priority: int) -> list[ImageResult]:
+        await self.release.setdefault(uris[0], asyncio.Event()).wait()
+        return [ImageResult(u, u.rsplit("/", 1)[-1], BEST, (BEST,), None, None, None, MODEL) for u in uris]
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        published = json.loads(value)["uri"]
+        if published in self.refuse:
+            raise ConnectionError("broker gone")
+        self.published.append(published)
+
+    async def ack(self, event: SimpleNamespace) -> None:
+        assert uri(event) in self.published, f"{uri(event)} acked before its prediction was published"
+        self.acked.append((event.message.partition, event.message.offset))
+
+    def finish(self, batch: list[SimpleNamespace]) -> None:
+        self.release.setdefault(uri(batch[0]), asyncio.Event()).set()
+
+
+def service(tmp_path: Path, seams: Seams) -> StreamService:
+    settings = Settings().with_overrides({"worker": {"data_dir": str(tmp_path)}, "batch": {"retry_timeout_s": 0.05, "retry_backoff_s": 0.01}})
+    built = StreamService(settings)  # connects to nothing until started
+    built.handler = BatchHandler(seams.classify, seams.publish, settings.batch, settings.topics, FilterSettings())
+    return built
+
+
+async def start(built: StreamService, seams: Seams, batch: list[SimpleNamespace], slots: asyncio.Semaphore) -> asyncio.Task:
+    """What ``run_agent`` does for one taken batch."""
+    await slots.acquire()
+    built.acks.started(batch)
+    task = asyncio.create_task(built._process(seams, batch, slots, 0))
+    await asyncio.sleep(0)
+    return task
+
+
+def test_acks_follow_publishing_in_offset_order_and_never_pass_an_unfinished_batch(tmp_path: Path):
+    async def run() -> None:
+        seams = Seams()
+        built = service(tmp_path, seams)
+        slots = asyncio.Semaphore(3)
+        first = [upload_event(0, offset) for offset in range(0, 3)]
+        second = [upload_event(0, offset) for offset in range(3, 6)]
+        other = [upload_event(1, offset) for offset in range(0, 2)]
+        tasks = [await start(built, seams, batch, slots) for batch in (first, second, other)]
+        seams.finish(second)
+        await tasks[1]
+        assert [uri(e) for e in second] == seams.published  # published...
+        assert seams.acked == []  # ...but not acked: the first batch on its partition is still in work
+        seams.finish(other)
+        await tasks[2]
+        assert seams.acked == [(1, 0), (1, 1)]  # another partition does not wait
+        seams.finish(first)
+        await tasks[0]
+        assert seams.acked[2:] == [(0, offset) for offset in range(6)]  # in offset order, once each
+        assert built.acks.waiting() == 0 and not slots.locked()
+
+    asyncio.run(run())
+
+
+def test_a_batch_that_could_not_be_published_acks_nothing_and_stops_the_worker(tmp_path: Path):
+    async def run() -> None:
+        seams = Seams()
+        built = service(tmp_path, seams)
+        crashed: list[BaseException] = []
+
+        async def crash(reason: BaseException) -> None:  # Faust's own crash would stop the whole app
+            crashed.append(reason)
+
+        built.app.crash = crash
+        batch = [upload_event(0, offset) for offset in range(3)]
+        seams.refuse = {uri(batch[1])}
+        slots = asyncio.Semaphore(1)
+        task = await start(built, seams, batch, slots)
+        seams.finish(batch)
+        await task
+        assert seams.acked == [] and [type(reason) for reason in crashed] == [ConnectionError]
+        assert built.acks.waiting() == 3 and not slots.locked()  # held back: consumed again after the restart
+
+    asyncio.run(run())
