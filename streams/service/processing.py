@@ -28,7 +28,9 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from inference.errors import BatchTimeout, WorkerLost
+from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_not_exception_type, stop_before_delay, wait_exponential
+
+from inference.errors import BatchTimeout, ClusterUnavailable, WorkerLost
 from inference.results import Failure, ImageResult
 from inference.settings import BatchSettings, EventSettings, FilterSettings, TopicSettings
 from streams.errors import BatchRetryExhausted, MalformedEvent
@@ -242,29 +244,37 @@ class BatchHandler:
             return [Failure(WORKER_STAGE, f"the Dask workers classifying this image died: {exc.reason}")]
 
     async def _classify_with_retry(self, uris: list[str], priority: int, isolated: bool = False) -> list[ImageResult]:
-        deadline = time.monotonic() + self.batch.retry_timeout_s
-        pause = self.batch.retry_backoff_s
+        """Attempts with exponential backoff (``batch.retry_backoff_s``, doubling to 30 s) until
+        one succeeds, or until the next pause would pass ``batch.retry_timeout_s``: then
+        BatchRetryExhausted. WorkerLost is not retried here (the caller splits the batch)."""
+        retrying = AsyncRetrying(
+            retry=retry_if_not_exception_type((WorkerLost, asyncio.CancelledError)),  # re-raised as they are
+            stop=stop_before_delay(self.batch.retry_timeout_s),
+            wait=wait_exponential(multiplier=self.batch.retry_backoff_s, exp_base=2, max=30.0),
+            before_sleep=self._retrying,
+        )
         self.counters.batch_started()
         try:
-            while True:
-                try:
+            async for attempt in retrying:
+                with attempt:
                     if not isolated:
                         await self._not_isolating.wait()
                     results = await self._attempt(uris, priority)
                     if len(results) != len(uris):
-                        raise RuntimeError(f"cluster returned {len(results)} results for {len(uris)} images")
-                    return results
-                except (asyncio.CancelledError, WorkerLost):
-                    raise
-                except Exception as exc:  # noqa: BLE001 - transient: retried, then the worker stops
-                    if time.monotonic() + pause > deadline:
-                        raise BatchRetryExhausted(len(uris), self.batch.retry_timeout_s, f"{type(exc).__name__}: {exc}") from exc
-                    self.counters.batch_retried()
-                    log.warning("batch of %d failed (%s: %s); retrying in %.1f s", len(uris), type(exc).__name__, exc, pause)
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 30.0)
+                        raise ClusterUnavailable("cluster", f"returned {len(results)} results for {len(uris)} images")
+            return results
+        except RetryError as exc:
+            cause = exc.last_attempt.exception()
+            raise BatchRetryExhausted(len(uris), self.batch.retry_timeout_s, f"{type(cause).__name__}: {cause}") from cause
         finally:
             self.counters.batch_ended()
+
+    def _retrying(self, state: RetryCallState) -> None:
+        """tenacity's hook before each pause: count the retry and say why."""
+        self.counters.batch_retried()
+        error = state.outcome.exception() if state.outcome else None
+        pause = state.next_action.sleep if state.next_action else 0.0
+        log.warning("batch failed (%s: %s); retrying in %.1f s", type(error).__name__, error, pause)
 
     async def _attempt(self, uris: list[str], priority: int) -> list[ImageResult]:
         try:

@@ -1,4 +1,5 @@
 import asyncio
+import time
 import json
 
 import pytest
@@ -222,6 +223,45 @@ def test_when_retries_run_out_the_batch_raises_and_publishes_nothing():
     with pytest.raises(BatchRetryExhausted, match="scheduler unreachable"):
         asyncio.run(handler(recorder, retry_timeout_s=0.05).handle([upload("Images/a.jpg")]))
     assert recorder.published == []
+
+
+def test_retries_back_off_exponentially_within_the_retry_timeout():
+    """Pauses 0.01, 0.02, 0.04, 0.08, 0.16 s (0.31 s in all); the next, 0.32 s, would end past the
+    0.5 s retry timeout, so the batch gives up after 5 retries instead of sleeping past it."""
+    recorder = Recorder(failures=1000)
+    h = handler(recorder, retry_timeout_s=0.5, retry_backoff_s=0.01)
+    started = time.monotonic()
+    with pytest.raises(BatchRetryExhausted):
+        asyncio.run(h.handle([upload("Images/a.jpg")]))
+    assert h.counters.batch_retries == 5 and 1000 - recorder.failures == 6
+    assert 0.31 <= time.monotonic() - started < 0.5
+
+
+def test_a_batch_cancelled_mid_attempt_is_not_retried():
+    """Stopping cancels a batch while the cluster has it (a hung attempt): the cancellation goes
+    straight out, it is not taken for a failed attempt and retried."""
+    attempts = 0
+
+    async def classify(uris: list[str], priority: int) -> list[ImageResult]:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 2:
+            raise ConnectionError("scheduler unreachable")
+        if attempts == 3:
+            await asyncio.Event().wait()  # hangs until cancelled
+        raise WorkerLost(uris[0], "a retry after the cancellation")  # ends the batch, never retried
+
+    async def run() -> None:
+        h = BatchHandler(classify, Recorder().publish, BatchSettings(retry_timeout_s=60, retry_backoff_s=0.01), TOPICS, FilterSettings())
+        task = asyncio.create_task(h.handle([upload("Images/a.jpg")]))
+        while attempts < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    assert attempts == 3
 
 
 def test_publish_failure_propagates_so_the_input_is_not_acknowledged():
