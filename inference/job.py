@@ -84,7 +84,10 @@ async def classify_all(
                     tally.add(result)
                     on_result(result)
 
-    for batch in batched(uris, batch_size):
+    batches = batched(uris, batch_size)
+    # listing a bucket or walking a folder blocks: the next batch is taken in a thread, so the
+    # loop that drives the Dask client keeps serving the batches in flight meanwhile
+    while (batch := await asyncio.to_thread(next, batches, None)) is not None:
         pending.add(asyncio.ensure_future(cluster.classify(batch)))
         await drain(max_in_flight - 1)
     await drain(0)

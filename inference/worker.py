@@ -1,6 +1,6 @@
 """Dask worker side: the plugin that keeps the model resident, and the batch task.
 
-Each worker builds the model once, in ``ResidentModel.setup``; ``classify_batch`` tasks
+Each worker builds the model once, in ``ResidentModel.setup`` (in a thread); ``classify_batch`` tasks
 use it and never rebuild it. A worker runs several task threads: while one batch holds the
 model (one at a time, under a lock), the next is fetched and decoded (on the GPU where the
 model is on one, each task thread on a CUDA stream of its own) and the last one's results go
@@ -9,6 +9,7 @@ back. Crops travel as uint8 and are normalised on the model's device.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -56,7 +57,14 @@ class ResidentModel(WorkerPlugin):
         self.active_batches = 0
         self.last_used = time.monotonic()
 
-    def setup(self, worker: Worker) -> None:
+    async def setup(self, worker: Worker) -> None:
+        """Dask calls this on the worker's event loop: the model loads in a thread (a download,
+        a checkpoint read, CUDA start-up and graph capture take seconds to minutes), so the
+        worker keeps answering the scheduler's heartbeats meanwhile."""
+        await asyncio.to_thread(self.load, worker)
+
+    def load(self, worker: Worker) -> None:
+        """Build the model and everything a batch needs, once; blocking."""
         self.storage_settings = with_local_credentials(self.storage_settings)
         cores = max(1, (os.cpu_count() or 1) // max(1, _local_workers(worker)))  # this worker's share
         self.torch_threads = cores

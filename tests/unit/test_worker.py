@@ -64,7 +64,7 @@ def jpeg(seed: int, mode: str = "RGB", size: tuple[int, int] = (300, 240)) -> by
 @pytest.fixture
 def resident() -> Iterator[ResidentModel]:
     plugin = ResidentModel(SETTINGS, ImageSettings(decode_threads=2), StorageSettings(), warmup_batch=4)
-    plugin.setup(SimpleNamespace(address="tcp://127.0.0.1:1"))  # what setup reads of a Worker
+    plugin.load(SimpleNamespace(address="tcp://127.0.0.1:1"))  # what setup reads of a Worker
     yield plugin
     plugin.teardown(None)
 
@@ -126,7 +126,7 @@ def test_the_device_path_falls_back_per_image_to_the_cpu_path(resident: Resident
 def test_gpu_decode_on_a_cpu_model_is_a_configuration_error():
     plugin = ResidentModel(SETTINGS, ImageSettings(decode="gpu"), StorageSettings())
     with pytest.raises(ConfigError, match="images.decode is gpu"):
-        plugin.setup(SimpleNamespace(address="tcp://127.0.0.1:1"))
+        plugin.load(SimpleNamespace(address="tcp://127.0.0.1:1"))
     plugin.teardown(None)
 
 
@@ -161,3 +161,30 @@ def test_a_batch_keeps_its_order_one_bad_image_fails_only_itself_and_the_timings
     assert timings.batch_size == 5
     assert timings.fetch_ms > 0 and timings.decode_ms > 0 and timings.inference_ms > 0 and timings.queue_ms >= 0
     assert all(r.worker == "tcp://127.0.0.1:1" and r.model.name == "resnet18" for r in results)
+
+
+def test_setup_loads_the_model_off_the_event_loop(monkeypatch: pytest.MonkeyPatch):
+    """Dask awaits setup on the worker's event loop; the load runs in another thread, so the loop
+    keeps serving (heartbeats) while a model downloads or a CUDA graph is captured."""
+    import asyncio
+    import threading
+
+    plugin = ResidentModel(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), warmup_batch=4)
+    loaded_in: list[threading.Thread] = []
+    real_load = ResidentModel.load
+
+    def load(self: ResidentModel, worker: object) -> None:
+        loaded_in.append(threading.current_thread())
+        real_load(self, worker)
+
+    monkeypatch.setattr(ResidentModel, "load", load)
+
+    async def run() -> threading.Thread:
+        await plugin.setup(SimpleNamespace(address="tcp://127.0.0.1:1"))
+        return threading.current_thread()
+
+    loop_thread = asyncio.run(run())
+    try:
+        assert plugin.loaded is not None and loaded_in and loaded_in[0] is not loop_thread
+    finally:
+        plugin.teardown(None)
