@@ -44,8 +44,10 @@ from inference.model import GraphedModel, load_model, resolve_device, resolve_pr
 from inference.results import ImageResult, is_prediction
 from inference.settings import ClusterSettings, Settings
 from inference.sources import iter_sources
+from streams.embedded.stack import S3_TEST_CREDENTIALS
 
 RESULTS = Path(__file__).resolve().parent / "results"
+WORKER_ENV = {"DASK_LOGGING__DISTRIBUTED": "error"}  # the workers' own log lines: errors only
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
@@ -68,10 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     # a time limit's SIGTERM unwinds like an error, so the clusters, the stream worker and the
     # embedded servers are stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "error")
-    from streams.embedded.stack import S3_TEST_CREDENTIALS
-
-    os.environ.update(S3_TEST_CREDENTIALS)  # before the Dask workers start: they read the embedded S3 server
 
     with tempfile.TemporaryDirectory(prefix="visionstream-bench-") as scratch:
         work = Path(scratch)
@@ -112,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             say("running the tutorial's method (dask.delayed, model rebuilt per batch, pickles) on a tutorial-shaped cluster ...")
             results["tutorial"] = tutorial_runs(device, paths, checkpoint, work, args.runs, args.batch_size)
             keep(results, output)
-        with embedded_cluster(settings.cluster) as cluster:  # what `visionstream classify` starts
+        # what `visionstream classify` starts; its workers read the embedded S3 server with its credentials
+        with embedded_cluster(settings.cluster, env=WORKER_ENV | S3_TEST_CREDENTIALS) as cluster:
             settings = settings.with_overrides({"cluster": {"scheduler": cluster.scheduler_address}})
             say("running visionstream classify ...")
             results["classify"], records = asyncio.run(classify_runs(settings, paths, args.runs))
@@ -206,7 +205,7 @@ def tutorial_cluster(device: torch.device, workers: int, threads: int) -> Any:
     with ``threads`` task threads each, and OpenMP/MKL allowed those threads (Dask's nannies
     would otherwise export OMP_NUM_THREADS=1 and starve torch)."""
     shape = ClusterSettings(n_workers=workers, threads_per_worker=threads, gpu=device.type == "cuda")
-    return embedded_cluster(shape, env={name: str(threads) for name in THREAD_VARIABLES})
+    return embedded_cluster(shape, env=WORKER_ENV | {name: str(threads) for name in THREAD_VARIABLES})
 
 
 def tutorial_runs(device: torch.device, paths: list[str], checkpoint: Path, work: Path, runs: int, batch_size: int) -> dict[str, Any]:
@@ -270,7 +269,7 @@ def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, 
     with EmbeddedStack(log_dir=work / "logs") as stack:
         settings = settings.with_overrides({
             "kafka": {"bootstrap_servers": stack.bootstrap_servers, **EMBEDDED_BROKER_KAFKA},
-            "storage": {"endpoint_url": stack.s3_endpoint, "region": "us-east-1"},
+            "storage": stack.storage_settings(),
             "worker": {"web_port": free_port(), "data_dir": str(work / "worker-data")},
             "batch": {"linger_s": 1.0},
         })

@@ -158,14 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="visionstream-soak-") as scratch, EmbeddedStack(log_dir=Path(scratch) / "logs") as stack:
         work = Path(scratch)
-        os.environ.update(S3_TEST_CREDENTIALS)
         suffix = uuid.uuid4().hex[:6]
         bucket, foreign = f"soak-{suffix}", f"soak-foreign-{suffix}"
         scheduler_port = free_port()
         settings = Settings().with_overrides({
             "model": {"name": args.model, "weights": "none", "precision": "fp32"},
             "kafka": {"bootstrap_servers": stack.bootstrap_servers, "consumer_group": f"soak-{suffix}", **EMBEDDED_BROKER_KAFKA},
-            "storage": {"endpoint_url": stack.s3_endpoint, "region": "us-east-1", "bucket": bucket},
+            "storage": {**stack.storage_settings(), "bucket": bucket},
             "cluster": {"scheduler": f"tcp://127.0.0.1:{scheduler_port}", "connect_timeout_s": 10},
             "batch": {"linger_s": 0.5, "timeout_s": 60},
             "worker": {"web_port": free_port(), "data_dir": str(work / "worker-data")},

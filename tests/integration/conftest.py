@@ -49,6 +49,9 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     stack = EmbeddedStack(log_dir=tmp_path_factory.mktemp("stack-logs"))
     stack.start(broker=bootstrap is None, s3=endpoint is None)
     if endpoint is None:
+        # the embedded S3 server's credentials as a user's shell would hold them (AWS_*): the
+        # path the Dask workers, the CLI and the stream workers spawned here take, and what
+        # the tests mean to exercise (the plugin carries no credentials; each process reads its own)
         os.environ.update(S3_TEST_CREDENTIALS)
     try:
         yield Services(
