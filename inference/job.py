@@ -71,25 +71,29 @@ async def classify_all(
     max_in_flight: int,
     on_result: Callable[[ImageResult], None],
 ) -> Tally:
-    """Classify every URI; at most ``max_in_flight`` batches are on the cluster at once."""
+    """Classify every URI; at most ``max_in_flight`` batches are on the cluster at once, records
+    are handed to ``on_result`` as their batch completes. A batch that raises (the cluster gone,
+    retries spent) cancels the others and the error comes out of here."""
     tally = Tally()
-    pending: set[asyncio.Task[list[ImageResult]]] = set()
+    slots = asyncio.Semaphore(max_in_flight)
 
-    async def drain(until: int) -> None:
-        nonlocal pending
-        while len(pending) > until:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                for result in task.result():
-                    tally.add(result)
-                    on_result(result)
+    async def classify(batch: list[str]) -> None:
+        try:
+            for result in await cluster.classify(batch):
+                tally.add(result)
+                on_result(result)
+        finally:
+            slots.release()
 
     batches = batched(uris, batch_size)
-    # listing a bucket or walking a folder blocks: the next batch is taken in a thread, so the
-    # loop that drives the Dask client keeps serving the batches in flight meanwhile
-    while (batch := await asyncio.to_thread(next, batches, None)) is not None:
-        pending.add(asyncio.ensure_future(cluster.classify(batch)))
-        await drain(max_in_flight - 1)
-    await drain(0)
+    try:
+        async with asyncio.TaskGroup() as group:
+            # listing a bucket or walking a folder blocks: the next batch is taken in a thread, so
+            # the loop that drives the Dask client keeps serving the batches in flight meanwhile
+            while (batch := await asyncio.to_thread(next, batches, None)) is not None:
+                await slots.acquire()
+                group.create_task(classify(batch))
+    except BaseExceptionGroup as group_error:
+        raise group_error.exceptions[0]  # one batch's own error (its cause kept), as the caller knows them
     tally.finished = time.perf_counter()
     return tally

@@ -3,6 +3,8 @@
 import asyncio
 import threading
 
+import pytest
+
 from inference.job import classify_all
 
 from .test_processing import fake_result
@@ -50,3 +52,18 @@ def test_sources_are_iterated_off_the_event_loop():
 
     loop_thread = asyncio.run(run())
     assert threads and loop_thread not in threads
+
+
+def test_a_failing_batch_stops_the_job_with_its_own_error():
+    from inference.errors import ClusterUnavailable
+
+    class Failing(Cluster):
+        async def classify(self, uris: list[str]) -> list:
+            if uris[0].endswith("/40.jpg"):
+                raise ClusterUnavailable("tcp://127.0.0.1:1", "scheduler gone")
+            return await super().classify(uris)
+
+    cluster = Failing()
+    with pytest.raises(ClusterUnavailable, match="scheduler gone"):
+        asyncio.run(classify_all(cluster, (f"s3://b/{i}.jpg" for i in range(1000)), 20, 2, lambda r: None))
+    assert len(cluster.batches) < 10  # the job stopped: no batch was taken after the failure was seen
