@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import pickle
 
-from distributed import LocalCluster
 from pydantic import SecretStr
 
-from inference.cluster import InferenceCluster
+from inference.cluster import InferenceCluster, embedded_cluster
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, StorageSettings
 from inference.worker import PLUGIN_PREFIX
 
@@ -20,8 +19,7 @@ def resident(dask_worker) -> dict[str, bool]:
 
 def test_rotated_secrets_share_one_model_and_a_new_configuration_retires_the_old(tmp_path):
     async def run() -> None:
-        async with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                dashboard_address="127.0.0.1:0", asynchronous=True) as local:
+        async with embedded_cluster(ClusterSettings(gpu=False, threads_per_worker=1), asynchronous=True) as local:
             settings = ClusterSettings(scheduler=local.scheduler_address)
             model = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32")
             clusters = []
