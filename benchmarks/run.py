@@ -264,6 +264,7 @@ def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, 
     from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, EmbeddedStack, free_port, start_stream_worker
     from streams.service.kafka import ensure_topics
     from streams.service.backfill import BackfillPlan, run_backfill
+    from streams.service.events import parse_time
     from streams.service.uploads import create_bucket, upload_paths
 
     with EmbeddedStack(log_dir=work / "logs") as stack:
@@ -283,12 +284,13 @@ def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, 
             seen = warm
             rates: list[float] = []
             events: dict[str, Any] = {}
+            announcements: dict[int, datetime] = {}
             for run in range(runs):
                 # a backlog: the objects are in the bucket first, then their events arrive at once
                 # (through backfill's publisher, on the live topic), so the uploads' own PUTs do not
                 # share the S3 server with the worker's GETs while it is measured
                 asyncio.run(upload_paths([str(folder)], f"saturated{run}/", settings, notify=False))
-                announced = datetime.now(timezone.utc)
+                announced = announcements[run] = datetime.now(timezone.utc)
                 asyncio.run(run_backfill(BackfillPlan(settings.storage.bucket, f"saturated{run}/", settings.topics.uploads), settings))
                 seen += count
                 events = asyncio.run(collect(settings, seen, 600))
@@ -306,7 +308,12 @@ def stream(settings: Settings, folder: Path, work: Path, count: int, runs: int, 
     saturated = [e for uri, e in events.items() if "/saturated" in uri]
     timings = [e["timings"] for e in saturated if e.get("timings")]
     stages = {stage: statistics.mean(t[f"{stage}_ms"] for t in timings) if timings else 0.0 for stage in ("fetch", "decode", "queue", "inference")}
-    total_latency = [e["latency_ms"] for e in saturated if e.get("latency_ms") is not None]
+    # a backlog's latency counts from its announcement (the events' own eventTime is the upload)
+    total_latency = [
+        (parse_time(e["predicted_at"]) - announced).total_seconds() * 1000
+        for run, announced in announcements.items()
+        for uri, e in events.items() if f"/saturated{run}/" in uri and e.get("predicted_at")
+    ]
     stages["wait_and_publish"] = max(0.0, statistics.mean(total_latency) - sum(stages.values())) if total_latency else 0.0
     ordered = sorted(rates)
     return {

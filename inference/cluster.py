@@ -212,7 +212,9 @@ def worker_specs(settings: ClusterSettings, gpus: list[str], cores: int, env: Ma
             "options": {
                 "host": "127.0.0.1",
                 "nthreads": settings.threads_per_worker,
-                "memory_limit": MEMORY_LIMIT // count,
+                # a share of the host, but never under 8 GiB where the host has it: a CUDA torch
+                # process alone takes several, and Dask pauses a worker at 80 % of its limit
+                "memory_limit": max(MEMORY_LIMIT // count, min(MEMORY_LIMIT, 8 << 30)),
                 "env": worker_env,
                 "silence_logs": logging.WARNING,
             },

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from functools import cache, lru_cache
+from functools import lru_cache
 from typing import Any
 
 import boto3
@@ -74,11 +74,19 @@ def fetch_many(uris: list[str], storage: StorageSettings, images: ImageSettings)
     return list(pool.map(lambda uri: _fetch_one(uri, storage, images.max_bytes, images.fetch_timeout_s), uris))
 
 
-@cache
+_pools = threading.local()
+
+
 def _fetch_pool(threads: int) -> ThreadPoolExecutor:
-    """One pool per process and concurrency, kept: a pool started per batch costs its threads'
-    start-up every batch, and the task threads of a worker share the store's connections anyway."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="visionstream-fetch")
+    """The calling thread's own pool, kept: a pool started per batch pays its threads' start-up
+    every batch, and one pool shared by a worker's task threads would let a slow object of one
+    batch hold up the fetches of another (and its deadline)."""
+    kept: tuple[int, ThreadPoolExecutor] | None = getattr(_pools, "kept", None)
+    if kept is None or kept[0] != threads:
+        if kept is not None:
+            kept[1].shutdown(wait=False)
+        kept = _pools.kept = (threads, ThreadPoolExecutor(max_workers=threads, thread_name_prefix="visionstream-fetch"))
+    return kept[1]
 
 
 def _fetch_one(uri: str, storage: StorageSettings, max_bytes: int, timeout_s: float) -> bytes | FetchError:

@@ -75,7 +75,7 @@ async def classify_all(
     are handed to ``on_result`` as their batch completes. A batch that raises (the cluster gone,
     retries spent) cancels the others and the error comes out of here."""
     tally = Tally()
-    slots = asyncio.Semaphore(max_in_flight)
+    slots = asyncio.Semaphore(max(1, max_in_flight))
 
     async def classify(batch: list[str]) -> None:
         try:

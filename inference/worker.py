@@ -38,6 +38,7 @@ from inference.settings import ImageSettings, ModelSettings, StorageSettings, lo
 log = logging.getLogger(__name__)
 
 PLUGIN_PREFIX = "visionstream-model-"
+SETUP_WAIT_S = 600.0  # the longest a batch waits on a worker for its model to finish loading
 
 
 class ResidentModel(WorkerPlugin):
@@ -59,27 +60,35 @@ class ResidentModel(WorkerPlugin):
 
     async def setup(self, worker: Worker) -> None:
         """Dask calls this on the worker's event loop: the model loads in a thread (a download,
-        a checkpoint read, CUDA start-up and graph capture take seconds to minutes), so the
-        worker keeps answering the scheduler's heartbeats meanwhile."""
-        await asyncio.to_thread(self.load, worker)
+        a checkpoint read, CUDA start-up and graph capture take seconds to minutes), so the loop
+        is not held meanwhile (a running worker keeps its heartbeats). Dask lists the plugin
+        before setup ends: a batch that arrives meanwhile waits for ``ready``
+        (``classify_batch``), and finds ``loaded`` set only when everything loaded."""
+        self.ready = threading.Event()
+        try:
+            await asyncio.to_thread(self.load, worker)
+        finally:
+            self.ready.set()
 
     def load(self, worker: Worker) -> None:
-        """Build the model and everything a batch needs, once; blocking."""
+        """Build the model and everything a batch needs, once; blocking. ``loaded`` is set last,
+        and only when all of it (the warm-up too) succeeded."""
         self.storage_settings = with_local_credentials(self.storage_settings)
         cores = max(1, (os.cpu_count() or 1) // max(1, _local_workers(worker)))  # this worker's share
         self.torch_threads = cores
-        self.loaded = load_model(self.model_settings, self.storage_settings)
+        model = load_model(self.model_settings, self.storage_settings)
         self.loads += 1
         self.model_lock = threading.Lock()
         threads = self.image_settings.decode_threads or cores
         # one torch thread per decode thread: the pool itself is the parallelism
         self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="visionstream-decode", initializer=torch.set_num_threads, initargs=(1,))
         self.worker_address = worker.address
-        self.device_decoder = _device_decoder(self.image_settings.decode, self.loaded.device)
-        self.predict: Callable[[torch.Tensor], torch.Tensor] = self.loaded.predict
+        self.device_decoder = _device_decoder(self.image_settings.decode, model.device)
+        self.predict: Callable[[torch.Tensor], torch.Tensor] = model.predict
         self.streams = threading.local()
-        if self.model_settings.compile or self.loaded.device.type == "cuda":
-            self._warm_up()
+        if self.model_settings.compile or model.device.type == "cuda":
+            self._warm_up(model)
+        self.loaded = model
 
     def teardown(self, worker: Worker) -> None:
         pool = getattr(self, "decode_pool", None)  # absent when setup failed
@@ -183,12 +192,10 @@ class ResidentModel(WorkerPlugin):
         except Exception as exc:  # noqa: BLE001 - one bad image never fails its batch
             return Failure("decode", f"{type(exc).__name__}: {exc}")
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, loaded: LoadedModel) -> None:
         """Pay start-up costs before the first batch: torch.compile's compilation, or on a GPU
         cudnn's kernel choice and a CUDA graph for the batch size the stream sends, and one
         decode through nvJPEG (when it fails, images decode on the CPU instead)."""
-        loaded = self.loaded
-        assert loaded is not None
         torch.set_num_threads(self.torch_threads)
         crop = loaded.preprocessing.crop_size
         if loaded.device.type == "cuda" and not self.model_settings.compile:
@@ -296,7 +303,10 @@ def classify_batch(plugin: str, uris: list[str], truth_pattern: str) -> list[dic
     """
     worker = get_worker()
     resident = worker.plugins.get(plugin)
-    if resident is None or resident.loaded is None:
+    ready = getattr(resident, "ready", None)
+    if ready is not None and not ready.wait(SETUP_WAIT_S):  # the model is still loading: wait for it
+        raise ModelNotResident(plugin, worker.address)
+    if resident is None or resident.loaded is None:  # not registered here, or its setup failed
         raise ModelNotResident(plugin, worker.address)
     resident.active_batches += 1
     try:

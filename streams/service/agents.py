@@ -65,6 +65,7 @@ class StreamService:
             counters=self.counters,
         )
         self.slots: dict[int, asyncio.Semaphore] = {}  # per priority; sized once the cluster is known
+        self.in_flight: dict[int, int] = {}  # what each semaphore allows
         self.acks: AckTracker[EventT] = AckTracker(lambda event: event.message.tp, lambda event: event.message.offset)
         self.producer: AIOKafkaProducer | None = None
         self.draining = False
@@ -107,6 +108,14 @@ class StreamService:
         @app.timer(LAG_INTERVAL_S)
         async def measure_lag() -> None:
             self._measure_lag()
+
+        @app.timer(LAG_INTERVAL_S)
+        async def follow_the_cluster() -> None:
+            if self._started is not None and self._started.done() and not self._started.exception() and not self.settings.batch.max_in_flight:
+                try:
+                    await self.grow_in_flight()
+                except Exception as exc:  # noqa: BLE001 - the next round tries again
+                    log.warning("could not count the cluster's task threads: %s", exc)
 
         @app.timer(RETIRE_INTERVAL_S)
         async def retire_superseded_models() -> None:
@@ -168,10 +177,23 @@ class StreamService:
     async def _start(self) -> None:
         self.producer = await start_producer(self.settings.kafka)
         await self.cluster.start()
-        in_flight = batches_in_flight(self.settings.batch.max_in_flight, sum((await self.cluster.threads()).values()))
-        backfill = max(1, math.floor(in_flight * self.settings.worker.backfill_share))
-        self.slots = {LIVE_PRIORITY: asyncio.Semaphore(in_flight), BACKFILL_PRIORITY: asyncio.Semaphore(backfill)}
-        log.info("up to %d batch(es) in flight on the cluster, at most %d of them backfill", in_flight, backfill)
+        self.slots = {LIVE_PRIORITY: asyncio.Semaphore(0), BACKFILL_PRIORITY: asyncio.Semaphore(0)}
+        self.in_flight = {LIVE_PRIORITY: 0, BACKFILL_PRIORITY: 0}
+        await self.grow_in_flight()
+
+    async def grow_in_flight(self) -> None:
+        """Size the batches in flight to ``batch.max_in_flight``, or by default to the cluster's
+        task threads + 1, and grow them as workers join (a timer calls this). Never shrinks:
+        batches beyond a smaller cluster's threads wait in the scheduler's queue, harmlessly."""
+        target = batches_in_flight(self.settings.batch.max_in_flight, sum((await self.cluster.threads()).values()))
+        targets = {LIVE_PRIORITY: target, BACKFILL_PRIORITY: max(1, math.floor(target * self.settings.worker.backfill_share))}
+        if targets[LIVE_PRIORITY] <= self.in_flight[LIVE_PRIORITY]:
+            return
+        for priority, wanted in targets.items():
+            for _ in range(wanted - self.in_flight[priority]):
+                self.slots[priority].release()  # one more batch may go
+            self.in_flight[priority] = max(wanted, self.in_flight[priority])
+        log.info("up to %d batch(es) in flight on the cluster, at most %d of them backfill", *targets.values())
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> Any:
         """Send, and return only once the broker has the event (or raise after kafka.delivery_timeout_s)."""

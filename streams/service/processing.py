@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_not_exception_type, stop_before_delay, wait_exponential
+from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_exception, stop_before_delay, wait_exponential
 
 from inference.errors import BatchTimeout, ClusterUnavailable, WorkerLost
 from inference.results import Failure, ImageResult
@@ -248,7 +248,8 @@ class BatchHandler:
         one succeeds, or until the next pause would pass ``batch.retry_timeout_s``: then
         BatchRetryExhausted. WorkerLost is not retried here (the caller splits the batch)."""
         retrying = AsyncRetrying(
-            retry=retry_if_not_exception_type((WorkerLost, asyncio.CancelledError)),  # re-raised as they are
+            # errors only: WorkerLost (the caller splits), cancellation, SystemExit... go straight out
+            retry=retry_if_exception(lambda exc: isinstance(exc, Exception) and not isinstance(exc, WorkerLost)),
             stop=stop_before_delay(self.batch.retry_timeout_s),
             wait=wait_exponential(multiplier=self.batch.retry_backoff_s, exp_base=2, max=30.0),
             before_sleep=self._retrying,

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from inference.results import ImageResult, ModelInfo, Prediction
 from inference.settings import FilterSettings, Settings
-from streams.service.agents import StreamService
+from streams.service.agents import BACKFILL_PRIORITY, LIVE_PRIORITY, StreamService
 from streams.service.processing import BatchHandler
 from streams.service.s3events import ObjectRef, object_created_event
 
@@ -116,3 +116,32 @@ def test_a_batch_that_could_not_be_published_acks_nothing_and_stops_the_worker(t
         assert built.acks.waiting() == 3 and not slots.locked()  # held back: consumed again after the restart
 
     asyncio.run(run())
+
+
+def test_batches_in_flight_follow_the_cluster_as_workers_join(tmp_path: Path):
+    class Cluster:
+        def __init__(self) -> None:
+            self.workers = {"tcp://a": 2}
+
+        async def threads(self) -> dict[str, int]:
+            return dict(self.workers)
+
+    async def run() -> list[tuple[int, int]]:
+        built = service(tmp_path, Seams())
+        built.cluster = Cluster()
+        built.slots = {LIVE_PRIORITY: asyncio.Semaphore(0), BACKFILL_PRIORITY: asyncio.Semaphore(0)}
+        built.in_flight = {LIVE_PRIORITY: 0, BACKFILL_PRIORITY: 0}
+        seen = []
+        for workers in ({"tcp://a": 2}, {"tcp://a": 2, "tcp://b": 2, "tcp://c": 2}, {"tcp://a": 2}):
+            built.cluster.workers = workers
+            await built.grow_in_flight()
+            seen.append((built.in_flight[LIVE_PRIORITY], built.in_flight[BACKFILL_PRIORITY]))
+        free = 0
+        while not built.slots[LIVE_PRIORITY].locked():  # the semaphore really allows what in_flight says
+            await built.slots[LIVE_PRIORITY].acquire()
+            free += 1
+        assert free == built.in_flight[LIVE_PRIORITY]
+        return seen
+
+    # 2 threads: 3 in flight (1 backfill); 6 threads: 7 (3); a worker leaving never shrinks it
+    assert asyncio.run(run()) == [(3, 1), (7, 3), (7, 3)]

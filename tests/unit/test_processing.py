@@ -264,6 +264,33 @@ def test_a_batch_cancelled_mid_attempt_is_not_retried():
     assert attempts == 3
 
 
+def test_exceptions_that_are_not_errors_are_never_retried():
+    """A BaseException that is not an Exception (SystemExit, KeyboardInterrupt, ...) goes out at
+    once: it is not a "failed batch" to retry until the retries run out."""
+
+    class Stop(BaseException):
+        pass
+
+    attempts = 0
+
+    async def classify(uris: list[str], priority: int) -> list[ImageResult]:
+        nonlocal attempts
+        attempts += 1
+        raise Stop()
+
+    async def run() -> None:
+        h = BatchHandler(classify, Recorder().publish, BatchSettings(retry_timeout_s=60, retry_backoff_s=0.01), TOPICS, FilterSettings())
+        try:
+            await h.handle([upload("Images/a.jpg")])
+        except Stop:
+            assert h.counters.batch_retries == 0
+            return
+        raise AssertionError("Stop did not come out")
+
+    asyncio.run(run())
+    assert attempts == 1
+
+
 def test_publish_failure_propagates_so_the_input_is_not_acknowledged():
     recorder = Recorder()
 

@@ -188,3 +188,54 @@ def test_setup_loads_the_model_off_the_event_loop(monkeypatch: pytest.MonkeyPatc
         assert plugin.loaded is not None and loaded_in and loaded_in[0] is not loop_thread
     finally:
         plugin.teardown(None)
+
+
+def test_a_batch_that_arrives_while_the_model_loads_waits_for_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Dask lists the plugin before its setup ends: a batch arriving then waits for the model,
+    and never sees a half-built one."""
+    import asyncio
+    import threading
+    import time
+
+    from inference import worker as worker_module
+    from inference.worker import classify_batch
+
+    plugin = ResidentModel(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), warmup_batch=4)
+    real_load = ResidentModel.load
+    entered = threading.Event()
+
+    def slow_load(self: ResidentModel, worker: object) -> None:
+        entered.set()
+        time.sleep(0.5)
+        real_load(self, worker)
+
+    monkeypatch.setattr(ResidentModel, "load", slow_load)
+    monkeypatch.setattr(worker_module, "get_worker", lambda: SimpleNamespace(plugins={"p": plugin}, address="tcp://127.0.0.1:1"))
+    (tmp_path / "a.jpg").write_bytes(jpeg(1))
+    setup = threading.Thread(target=asyncio.run, args=(plugin.setup(SimpleNamespace(address="tcp://127.0.0.1:1")),))
+    setup.start()
+    try:
+        assert entered.wait(30)
+        [record] = classify_batch("p", [str(tmp_path / "a.jpg")], r"(?P<wnid>n\d{8})")
+        assert record["error"] is None and record["prediction"] is not None
+    finally:
+        setup.join()
+        plugin.teardown(None)
+
+
+def test_a_failed_setup_leaves_no_half_built_model(monkeypatch: pytest.MonkeyPatch):
+    import asyncio
+
+    from inference import worker as worker_module
+    from inference.errors import ModelNotResident
+    from inference.worker import classify_batch
+
+    plugin = ResidentModel(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), warmup_batch=4)
+    monkeypatch.setattr(ResidentModel, "_warm_up", lambda self, model: (_ for _ in ()).throw(RuntimeError("warm-up failed")))
+    plugin.model_settings = plugin.model_settings.model_copy(update={"compile": True})  # warm-up runs for compiled models
+    with pytest.raises(RuntimeError, match="warm-up failed"):
+        asyncio.run(plugin.setup(SimpleNamespace(address="tcp://127.0.0.1:1")))
+    monkeypatch.setattr(worker_module, "get_worker", lambda: SimpleNamespace(plugins={"p": plugin}, address="tcp://127.0.0.1:1"))
+    with pytest.raises(ModelNotResident):
+        classify_batch("p", ["a.jpg"], r"(?P<wnid>n\d{8})")
+    plugin.teardown(None)
