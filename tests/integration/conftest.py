@@ -29,7 +29,7 @@ import yaml
 
 from inference.cluster import embedded_cluster
 from inference.settings import ClusterSettings, Settings
-from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port
+from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port, start_stream_worker
 from streams.service.kafka import ensure_topics, start_consumer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -116,9 +116,7 @@ class StreamWorker:
     """`visionstream worker` in its own process, as in production."""
 
     def __init__(self, settings: Settings, workdir: Path, name: str = "worker", env: dict[str, str] | None = None) -> None:
-        self.settings = settings
-        self.env = os.environ | (env or {})
-        self.config = write_config(settings, workdir / f"{name}.yaml")
+        self.settings, self.workdir, self.name, self.env = settings, workdir, name, env
         self.log_path = workdir / f"{name}.log"
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -127,12 +125,8 @@ class StreamWorker:
         return f"http://127.0.0.1:{self.settings.worker.web_port}/health"
 
     def start(self) -> StreamWorker:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "streams", "worker", "--config", str(self.config), "--log-level", "INFO"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True,
-                env=self.env,
-            )
+        """Start (or start again, after a kill): the way the demo and the benchmark start theirs."""
+        self.process = start_stream_worker(self.settings, self.workdir, self.name, "INFO", env=self.env)
         return self
 
     def health(self) -> dict[str, Any] | None:
