@@ -146,14 +146,8 @@ def _get_local(path: str, uri: str, max_bytes: int) -> bytes | FetchError:
     try:
         with open(path, "rb") as handle:
             return handle.read(max_bytes + 1)
-    except FileNotFoundError:
-        return FetchError(uri, "object not found")
-    except IsADirectoryError:
-        return FetchError(uri, "is a directory, not an object")
-    except PermissionError:
-        return FetchError(uri, "access denied")
-    except (OSError, ValueError) as exc:  # a broken mount, a NUL in the name...
-        return FetchError(uri, f"{type(exc).__name__}: {exc}")
+    except (OSError, ValueError) as exc:  # missing, a folder, no access, a broken mount, a NUL in the name...
+        return _file_error(uri, exc)
 
 
 def _get_other(uri: str, max_bytes: int) -> bytes | FetchError:
@@ -163,14 +157,19 @@ def _get_other(uri: str, max_bytes: int) -> bytes | FetchError:
         return FetchError(uri, f"unsupported location: {exc}")
     try:
         return fs.cat_file(path, start=0, end=max_bytes + 1)
-    except FileNotFoundError:
-        return FetchError(uri, "object not found")
-    except IsADirectoryError:
-        return FetchError(uri, "is a directory, not an object")
-    except PermissionError:
-        return FetchError(uri, "access denied")
     except Exception as exc:  # noqa: BLE001 - becomes this image's error record
-        return FetchError(uri, f"{type(exc).__name__}: {exc}")
+        return _file_error(uri, exc)
+
+
+def _file_error(uri: str, exc: Exception) -> FetchError:
+    """This image's error record for a file that could not be read, local or through fsspec."""
+    if isinstance(exc, FileNotFoundError):
+        return FetchError(uri, "object not found")
+    if isinstance(exc, IsADirectoryError):
+        return FetchError(uri, "is a directory, not an object")
+    if isinstance(exc, PermissionError):
+        return FetchError(uri, "access denied")
+    return FetchError(uri, f"{type(exc).__name__}: {exc}")
 
 
 @lru_cache(maxsize=8)

@@ -304,9 +304,9 @@ def classify_batch(plugin: str, uris: list[str], truth_pattern: str) -> list[dic
     worker = get_worker()
     resident = worker.plugins.get(plugin)
     ready = getattr(resident, "ready", None)
-    if ready is not None and not ready.wait(SETUP_WAIT_S):  # the model is still loading: wait for it
-        raise ModelNotResident(plugin, worker.address)
-    if resident is None or resident.loaded is None:  # not registered here, or its setup failed
+    if ready is not None:
+        ready.wait(SETUP_WAIT_S)  # the model may still be loading: wait for it
+    if resident is None or resident.loaded is None:  # not registered here, still loading, or its setup failed
         raise ModelNotResident(plugin, worker.address)
     resident.active_batches += 1
     try:

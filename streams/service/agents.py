@@ -111,7 +111,7 @@ class StreamService:
 
         @app.timer(LAG_INTERVAL_S)
         async def follow_the_cluster() -> None:
-            if self._started is not None and self._started.done() and not self._started.exception() and not self.settings.batch.max_in_flight:
+            if self.started and not self.settings.batch.max_in_flight:
                 try:
                     await self.grow_in_flight()
                 except Exception as exc:  # noqa: BLE001 - the next round tries again
@@ -119,7 +119,7 @@ class StreamService:
 
         @app.timer(RETIRE_INTERVAL_S)
         async def retire_superseded_models() -> None:
-            if self._started is not None and self._started.done() and not self._started.exception():
+            if self.started:
                 try:
                     await self.cluster.retire_superseded(idle_s=max(RETIRE_INTERVAL_S, self.settings.batch.timeout_s))
                 except Exception as exc:  # noqa: BLE001 - housekeeping; the next round tries again
