@@ -1,14 +1,20 @@
 """Fault soak: uploads mixed with hostile messages while processes are SIGKILLed at random.
 
     python -m benchmarks.soak [--images 2000] [--kills 12] [--model resnet18] [--seed 1]
+    python -m benchmarks.soak --churn 12 --stream-workers 3   # a consumer group that changes
 
 The embedded stack (tansu broker, moto S3) with a standalone ``dask scheduler`` and ``dask
-worker`` and one ``visionstream worker``. A supervisor restarts whatever dies, as systemd or
-compose's ``restart:`` would. While notifications (and malformed, hostile, missing and
-corrupt ones between them) are sent, the stream worker, the Dask worker and the scheduler
-are SIGKILLed at random moments. At the end every output event is read back and counted:
-distinct predictions, duplicates, dead letters by stage, and every good upload without a
-prediction (lost), which must be none. Not part of CI: it runs for minutes.
+worker`` and ``--stream-workers`` ``visionstream worker`` processes in one consumer group. A
+supervisor restarts whatever dies, as systemd or compose's ``restart:`` would. While
+notifications (and malformed, hostile, missing and corrupt ones between them) are sent, the
+stream workers, the Dask worker and the scheduler are SIGKILLed at random moments; with
+``--churn N`` the group also changes N times: a stream worker joins, leaves (SIGTERM, as a
+rolling deploy or a scale-in does) or dies (SIGKILL, restarted), some of them back to back
+so that they land during a rebalance. At the end every output event is read back and
+counted: distinct predictions, duplicates (each attributed to the last group change or
+kill before it), dead letters by stage, every good upload without a prediction (lost),
+which must be none, and whether the group stalled (a stream worker's ``/livez`` failing, or
+lag left with nothing taken). Not part of CI: it runs for minutes.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -43,7 +51,7 @@ from streams.embedded.stack import (
     start_dask_worker,
     start_stream_worker,
 )
-from streams.service.events import now_iso
+from streams.service.events import now_iso, parse_time
 from streams.service.kafka import ensure_topics, start_consumer, start_producer
 from streams.service.s3events import ObjectRef, object_created_event
 
@@ -72,28 +80,80 @@ def hostile_messages(bucket: str, foreign: str) -> list[bytes]:
 
 
 class Supervisor:
-    """Keeps the scheduler, the Dask worker and the stream worker running; kills on request."""
+    """Keeps the scheduler, the Dask worker and the stream workers running; kills, stops and
+    starts them on request. A stream worker that was asked to leave stays down until it joins."""
 
-    def __init__(self, settings: Settings, work: Path, scheduler_port: int) -> None:
+    def __init__(self, settings: Settings, work: Path, scheduler_port: int, stream_workers: int = 1) -> None:
         self.settings, self.work, self.port = settings, work, scheduler_port
         self.env = os.environ | S3_TEST_CREDENTIALS
         self.scheduler = start_dask_scheduler(work / "logs", port=scheduler_port)
         self.dask_worker = start_dask_worker(self.address, work / "logs", env=self.env)
-        self.stream = start_stream_worker(settings, work / "logs", "stream-worker")
+        # each stream worker: its own web port and data directory, one consumer group
+        self.stream_settings = [
+            settings.with_overrides({"worker": {"web_port": free_port(), "data_dir": str(work / f"worker-data-{index}")}})
+            for index in range(stream_workers)
+        ]
+        self.streams: list[subprocess.Popen[bytes] | None] = [self._start_stream(index) for index in range(stream_workers)]
+        self.wanted = [True] * stream_workers  # False: left on purpose, not restarted
         self.kills: Counter[str] = Counter()
         self.restarts: Counter[str] = Counter()
+        self.changes: list[tuple[float, str]] = []  # (unix time, what): group changes and kills
+        self.unhealthy: Counter[str] = Counter()  # /livez answers other than 200, per stream worker
 
     @property
     def address(self) -> str:
         return f"tcp://127.0.0.1:{self.port}"
 
-    def kill(self, which: str) -> None:
-        process = {"scheduler": self.scheduler.process, "dask-worker": self.dask_worker.process, "stream-worker": self.stream}[which]
-        if process.poll() is None:
+    def _start_stream(self, index: int) -> subprocess.Popen[bytes]:
+        return start_stream_worker(self.stream_settings[index], self.work / "logs", f"stream-worker-{index}")
+
+    def _note(self, what: str) -> None:
+        self.changes.append((time.time(), what))
+        say(what)
+
+    def kill(self, which: str, rng: random.Random) -> None:
+        if which == "stream-worker":
+            running = [index for index, process in enumerate(self.streams) if process is not None and process.poll() is None]
+            if not running:
+                return
+            index = rng.choice(running)
+            process = self.streams[index]
+            name = f"stream-worker-{index}"
+        else:
+            process = {"scheduler": self.scheduler.process, "dask-worker": self.dask_worker.process}[which]
+            name = which
+        if process is not None and process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             self.kills[which] += 1
-            say(f"SIGKILL {which}")
+            self._note(f"SIGKILL {name}")
+
+    def churn(self, rng: random.Random) -> None:
+        """One change of the consumer group: a stream worker joins, leaves or dies."""
+        up = [i for i, wanted in enumerate(self.wanted) if wanted]
+        down = [i for i, wanted in enumerate(self.wanted) if not wanted]
+        choices = (["leave", "die"] if len(up) > 1 else ["die"]) + (["join"] if down else [])
+        action = rng.choice(choices)
+        if action == "join":
+            index = rng.choice(down)
+            self.wanted[index] = True
+            self.streams[index] = self._start_stream(index)
+            self._note(f"join stream-worker-{index}")
+        elif action == "leave":
+            index = rng.choice(up)
+            self.wanted[index] = False
+            process = self.streams[index]
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # graceful: drains, commits, leaves the group
+            self._note(f"leave stream-worker-{index}")
+        else:
+            index = rng.choice(up)
+            process = self.streams[index]
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+            self._note(f"die stream-worker-{index}")
+        self.kills[action] += 1
 
     def tend(self) -> None:
         """Restart whatever is down (the Dask worker also goes when its scheduler does)."""
@@ -103,17 +163,37 @@ class Supervisor:
         if self.dask_worker.process.poll() is not None:
             self.dask_worker = start_dask_worker(self.address, self.work / "logs", env=self.env)
             self.restarts["dask-worker"] += 1
-        if self.stream.poll() is not None:
-            self.stream = start_stream_worker(self.settings, self.work / "logs", "stream-worker")
-            self.restarts["stream-worker"] += 1
+        for index, process in enumerate(self.streams):
+            if self.wanted[index] and (process is None or process.poll() is not None):
+                self.streams[index] = self._start_stream(index)
+                self.restarts["stream-worker"] += 1
+
+    def probe(self) -> None:
+        """Count /livez failures of the stream workers that are up: a stall the service reports."""
+        for index, process in enumerate(self.streams):
+            if process is None or process.poll() is not None:
+                continue
+            url = f"http://127.0.0.1:{self.stream_settings[index].worker.web_port}/livez"
+            try:
+                with urllib.request.urlopen(url, timeout=2):
+                    pass
+            except urllib.error.HTTPError as exc:
+                self.unhealthy[f"stream-worker-{index}"] += 1
+                say(f"stream-worker-{index} /livez {exc.code}: {exc.read()[:200]!r}")
+            except OSError:
+                pass  # starting or stopping
 
     def stop(self) -> None:
-        if self.stream.poll() is None:
-            self.stream.send_signal(signal.SIGTERM)
+        for process in self.streams:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.streams:
+            if process is None:
+                continue
             try:
-                self.stream.wait(60)
+                process.wait(60)
             except subprocess.TimeoutExpired:
-                self.stream.kill()
+                process.kill()
         self.dask_worker.stop()
         self.scheduler.stop()
 
@@ -148,7 +228,9 @@ def predicted(settings: Settings, expected: set[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--kills", type=int, default=12, help="SIGKILLs in all, spread over the three processes")
+    parser.add_argument("--kills", type=int, default=12, help="SIGKILLs in all, spread over the stream workers, the Dask worker and the scheduler")
+    parser.add_argument("--churn", type=int, default=0, help="consumer-group changes: a stream worker joins, leaves (SIGTERM) or dies (SIGKILL)")
+    parser.add_argument("--stream-workers", type=int, default=1, help="stream worker processes in the group (up to this many run at once)")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--rate", type=float, default=40.0, help="notifications per second sent")
     parser.add_argument("--seed", type=int, default=1)
@@ -186,21 +268,32 @@ def main(argv: list[str] | None = None) -> int:
         for message in hostile:
             messages.insert(rng.randrange(len(messages) + 1), message)
         asyncio.run(ensure_topics(settings.kafka, settings.topics))
-        supervisor = Supervisor(settings, work, scheduler_port)
+        supervisor = Supervisor(settings, work, scheduler_port, max(1, args.stream_workers))
         started = time.monotonic()
         sending = threading.Thread(target=lambda: asyncio.run(send(settings, messages, args.rate)), daemon=True)
         sending.start()
-        kills_left = args.kills
+        kills_left, churn_left = args.kills, args.churn
         deadline = started + args.timeout
         next_kill = time.monotonic() + rng.uniform(5, 15)
+        next_change = time.monotonic() + rng.uniform(5, 10)
+        next_probe = time.monotonic()
         try:
             while time.monotonic() < deadline:
                 supervisor.tend()
-                if kills_left and time.monotonic() >= next_kill:
-                    supervisor.kill(rng.choice(["stream-worker", "stream-worker", "dask-worker", "scheduler"]))
+                now = time.monotonic()
+                if kills_left and now >= next_kill:
+                    supervisor.kill(rng.choice(["stream-worker", "stream-worker", "dask-worker", "scheduler"]), rng)
                     kills_left -= 1
-                    next_kill = time.monotonic() + rng.uniform(5, 20)
-                if not kills_left and not sending.is_alive():
+                    next_kill = now + rng.uniform(5, 20)
+                if churn_left and now >= next_change:
+                    supervisor.churn(rng)
+                    churn_left -= 1
+                    # a third of the changes come back to back, landing during the rebalance
+                    next_change = now + (rng.uniform(0.5, 2) if rng.random() < 1 / 3 else rng.uniform(4, 10))
+                if now >= next_probe:
+                    supervisor.probe()
+                    next_probe = now + 5
+                if not kills_left and not churn_left and not sending.is_alive():
                     done = predicted(settings, good)
                     say(f"{done}/{len(good)} good uploads predicted")
                     if done == len(good):
@@ -223,10 +316,13 @@ def summarize(events: list[dict[str, Any]], good: set[str], corrupt: set[str], m
     lost = sorted(good - predictions.keys())
     return {
         "images": len(good),
+        "stream_workers": args.stream_workers,
         "kills": dict(supervisor.kills),
         "restarts": dict(supervisor.restarts),
         "distinct_predictions": len(predictions.keys() & good),
         "duplicate_predictions": sum(count - 1 for count in predictions.values()),
+        "duplicates_after": duplicates_by_change(events, supervisor.changes),
+        "livez_failures": dict(supervisor.unhealthy),
         "dead_letters_by_stage": dict(Counter(e["stage"] for e in dead)),
         "distinct_dead_lettered_images": len({e["uri"] for e in dead if e.get("uri")}),
         "corrupt_uploads_dead_lettered": len(corrupt & {e["uri"] for e in dead if e.get("uri")}),
@@ -237,6 +333,27 @@ def summarize(events: list[dict[str, Any]], good: set[str], corrupt: set[str], m
         "model": args.model,
         "machine": _machine(),
     }
+
+
+def duplicates_by_change(events: list[dict[str, Any]], changes: list[tuple[float, str]]) -> dict[str, int]:
+    """Each repeated prediction of a URI counted against the kind of the last group change or
+    kill before it was published ("leave", "die", "join", "SIGKILL dask-worker", ...). Pure."""
+    seen: set[str] = set()
+    counts: Counter[str] = Counter()
+    for event in sorted((e for e in events if is_prediction(e)), key=lambda e: e.get("predicted_at") or ""):
+        if event["uri"] not in seen:
+            seen.add(event["uri"])
+            continue
+        published = parse_time(event.get("predicted_at"))
+        at = published.timestamp() if published else float("inf")
+        before = [what for when, what in changes if when <= at]
+        counts[_kind(before[-1]) if before else "none"] += 1
+    return dict(counts)
+
+
+def _kind(change: str) -> str:
+    """"leave stream-worker-2" -> "leave"; "SIGKILL dask-worker" stays as it is."""
+    return change.split(" ", 1)[0] if not change.startswith("SIGKILL") else change.rstrip("-0123456789")
 
 
 def _machine() -> str:

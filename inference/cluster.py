@@ -5,18 +5,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from distributed import Client, KilledWorker, Nanny, Scheduler, SpecCluster
 from distributed.system import MEMORY_LIMIT
 
-from inference.errors import ClusterUnavailable, InferenceError, ModelNotResident, WorkerLost
+from inference.errors import ClusterUnavailable, InferenceError, ModelLoadFailed, ModelNotResident, WorkerLost
 from inference.results import ImageResult
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, Settings, StorageSettings
 from inference.worker import ResidentModel, classify_batch, plugin_usage
 
 log = logging.getLogger(__name__)
+
+AVOID_S = (10.0, 300.0)  # how long batches avoid a worker whose model failed to load: first, longest
+
+
+@dataclass(slots=True)
+class Unhealthy:
+    """A worker whose model failed to load: why, how often in a row, and until when to avoid it."""
+
+    reason: str
+    failures: int
+    until: float  # monotonic
 
 
 class InferenceCluster:
@@ -40,6 +53,7 @@ class InferenceCluster:
         self.truth_pattern = truth_pattern
         self.client: Client | None = None
         self._local: Any = None
+        self.unhealthy: dict[str, Unhealthy] = {}  # worker address -> why its model is not loaded
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InferenceCluster:
@@ -88,9 +102,17 @@ class InferenceCluster:
 
     async def _register(self) -> None:
         """Register the model plugin: the scheduler keeps it and sets it up on every worker,
-        including workers that join later."""
+        including workers that join later. Waits for the workers' set-up for at most
+        ``cluster.setup_timeout_s``."""
         assert self.client is not None
-        await self.client.register_plugin(self.plugin, name=self.plugin.name)
+        try:
+            await asyncio.wait_for(
+                self.client.register_plugin(self.plugin, name=self.plugin.name), timeout=self.settings.setup_timeout_s
+            )
+        except TimeoutError as exc:
+            raise ClusterUnavailable(
+                self.address, f"the model was not set up on the workers within {self.settings.setup_timeout_s:g} s (cluster.setup_timeout_s)"
+            ) from exc
 
     async def classify(self, uris: list[str], priority: int = 0) -> list[ImageResult]:
         """Run one batch on the cluster; per-image failures are inside the results.
@@ -101,14 +123,42 @@ class InferenceCluster:
         """
         try:
             return await self._submit(uris, priority)
+        except ModelLoadFailed as exc:
+            self._avoid(exc)
+            raise  # retried by the caller, on the other workers while this one backs off
         except ModelNotResident as exc:
             # The scheduler restarted and its workers re-registered without the plugin.
             log.warning("%s; registering it again", exc)
             await self._register()
         try:
             return await self._submit(uris, priority)
+        except ModelLoadFailed as exc:
+            self._avoid(exc)
+            raise
         except ModelNotResident as exc:
             raise ClusterUnavailable(self.address, str(exc)) from exc
+
+    def _avoid(self, failed: ModelLoadFailed) -> None:
+        """Send no batch to ``failed.worker`` for a while (doubling while its model keeps
+        failing to load); it loads again when the next batch reaches it after that."""
+        previous = self.unhealthy.get(failed.worker)
+        failures = (previous.failures if previous else 0) + 1
+        first, longest = AVOID_S
+        pause = min(longest, first * 2 ** (failures - 1))
+        self.unhealthy[failed.worker] = Unhealthy(failed.reason, failures, time.monotonic() + pause)
+        log.warning("the model failed to load on Dask worker %s (%s); sending its batches elsewhere for %.0f s", failed.worker, failed.reason, pause)
+
+    def healthy(self, reported: Mapping[str, Any]) -> list[str]:
+        """The workers of ``reported`` (address -> anything) that batches may go to now."""
+        now = time.monotonic()
+        return [address for address in reported if address not in self.unhealthy or self.unhealthy[address].until <= now]
+
+    def model_trouble(self, workers: Mapping[str, Any]) -> str | None:
+        """Why no worker of ``workers`` can take a batch now, if none can: for readiness."""
+        if not workers or self.healthy(workers):
+            return None
+        reasons = sorted({self.unhealthy[address].reason for address in workers if address in self.unhealthy})
+        return f"the model failed to load on every Dask worker: {'; '.join(reasons)[:300]}"
 
     async def _submit(self, uris: list[str], priority: int) -> list[ImageResult]:
         if self.settings.scheduler and (self.client is None or self.client.status in ("closing", "closed")):
@@ -116,7 +166,17 @@ class InferenceCluster:
         if self.client is None:
             raise ClusterUnavailable(self.address, "not started")
         client = self.client
-        future = client.submit(classify_batch, self.plugin.name, list(uris), self.truth_pattern, pure=False, priority=priority)
+        placement: dict[str, Any] = {}
+        if self.unhealthy:
+            workers = dict(await client.nthreads())
+            healthy = self.healthy(workers)
+            for address in [address for address in self.unhealthy if address not in workers]:
+                del self.unhealthy[address]  # gone from the cluster
+            if healthy and len(healthy) < len(workers):
+                placement = {"workers": healthy, "allow_other_workers": False}
+        future = client.submit(
+            classify_batch, self.plugin.name, list(uris), self.truth_pattern, pure=False, priority=priority, **placement
+        )
         try:
             records = await future
         except asyncio.CancelledError as exc:
@@ -129,6 +189,9 @@ class InferenceCluster:
             raise WorkerLost(self.address, str(exc)[:300]) from exc
         except (OSError, TimeoutError) as exc:
             raise ClusterUnavailable(self.address, f"{type(exc).__name__}: {exc}") from exc
+        worker = records[0].get("worker") if records else None
+        if worker in self.unhealthy:
+            del self.unhealthy[worker]  # its model loaded after all
         return [ImageResult.from_dict(record) for record in records]
 
     async def _reconnect(self) -> None:

@@ -5,6 +5,7 @@
      ├── WeightsUnavailable     the asked-for weights cannot be loaded; fatal at start-up
      ├── ClusterUnavailable     no Dask scheduler at the address, or the cluster would not start
      ├── ModelNotResident       a worker has no model plugin (its scheduler restarted); re-register
+     │    └── ModelLoadFailed   the plugin is there but its model failed to load; tried again later
      ├── WorkerLost             the batch's workers kept dying (Dask's KilledWorker): split to find the image
      ├── BatchTimeout           a batch ran past batch.timeout_s; cancelled and retried
      ├── StorageUnavailable     the object store failed as a whole (not one object); the batch is retried
@@ -61,6 +62,19 @@ class ModelNotResident(InferenceError):
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:  # crosses the Dask boundary intact
         return (type(self), (self.plugin, self.worker))
+
+
+class ModelLoadFailed(ModelNotResident):
+    """A worker holds the model plugin, but loading the model failed there (a checkpoint that
+    cannot be read, memory that ran out). The worker tries again after a backoff; meanwhile
+    the client sends its batches to other workers."""
+
+    def __init__(self, plugin: str, worker: str, reason: str) -> None:
+        InferenceError.__init__(self, f"model plugin {plugin} failed to load on worker {worker}: {reason}")
+        self.plugin, self.worker, self.reason = plugin, worker, reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:  # type: ignore[override]
+        return (type(self), (self.plugin, self.worker, self.reason))
 
 
 class WorkerLost(InferenceError):

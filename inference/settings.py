@@ -197,6 +197,7 @@ class ClusterSettings(Section):
     threads_per_worker: int = Field(2, ge=1)
     gpu: Annotated[Literal["auto", True, False], BeforeValidator(_auto_or_bool)] = "auto"
     connect_timeout_s: float = Field(30.0, gt=0)
+    setup_timeout_s: float = Field(900.0, gt=0)
 
 
 class KafkaSettings(Section):

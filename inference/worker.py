@@ -26,7 +26,7 @@ import torch
 from distributed import Worker, WorkerPlugin, get_worker
 from PIL import Image
 
-from inference.errors import ConfigError, ImageError, ModelNotResident
+from inference.errors import ConfigError, ImageError, ModelLoadFailed, ModelNotResident
 from inference.fetch import fetch_many
 from inference.gpu import Decoder, batch_on, device_crops, device_decodable, jpeg_decoder
 from inference.images import ImageHeader, decode_crop, read_header
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 PLUGIN_PREFIX = "visionstream-model-"
 SETUP_WAIT_S = 600.0  # the longest a batch waits on a worker for its model to finish loading
+RELOAD_BACKOFF_S = (5.0, 300.0)  # after a failed load, the first and the longest pause before a batch tries again
 
 
 class ResidentModel(WorkerPlugin):
@@ -55,20 +56,61 @@ class ResidentModel(WorkerPlugin):
         self.name = plugin_name(model, images, storage, warmup_batch)
         self.loaded: LoadedModel | None = None
         self.loads = 0
-        self.active_batches = 0
-        self.last_used = time.monotonic()
+        self.active_batches = 0  # batches running or waiting for the model on this worker
+        self.failure: str | None = None  # why the last load failed
+        self.failed_loads = 0  # consecutive
 
     async def setup(self, worker: Worker) -> None:
         """Dask calls this on the worker's event loop: the model loads in a thread (a download,
         a checkpoint read, CUDA start-up and graph capture take seconds to minutes), so the loop
         is not held meanwhile (a running worker keeps its heartbeats). Dask lists the plugin
         before setup ends: a batch that arrives meanwhile waits for ``ready``
-        (``classify_batch``), and finds ``loaded`` set only when everything loaded."""
+        (``classify_batch``), and finds ``loaded`` set only when everything loaded.
+
+        A load that fails is tried again by a later batch (``ensure_loaded``): the scheduler
+        keeps the registered plugin and never sets it up on this worker again."""
         self.ready = threading.Event()
+        self.reload_lock = threading.Lock()
+        self.retry_at = 0.0
+        self.last_used = time.monotonic()  # this worker's clock: the client's means nothing here
         try:
-            await asyncio.to_thread(self.load, worker)
+            await asyncio.to_thread(self._load_recording, worker)
         finally:
             self.ready.set()
+
+    def _load_recording(self, worker: Worker) -> None:
+        """``load``, remembering why it failed and when to try again."""
+        try:
+            self.load(worker)
+        except BaseException as exc:
+            self.failed_loads += 1
+            self.failure = f"{type(exc).__name__}: {exc}"[:500]
+            first, longest = RELOAD_BACKOFF_S
+            self.retry_at = time.monotonic() + min(longest, first * 2 ** (self.failed_loads - 1))
+            log.error("model %s failed to load on %s (attempt %d): %s", self.name, worker.address, self.failed_loads, self.failure)
+            raise
+        self.failure, self.failed_loads = None, 0
+
+    def ensure_loaded(self, worker: Worker) -> LoadedModel:
+        """The resident model, loading it again where the last load failed and its backoff has
+        passed (a checkpoint that was missing, a download that broke, memory that was short).
+        Raises ModelLoadFailed, with the reason, while it cannot be loaded."""
+        self.ready.wait(SETUP_WAIT_S)  # the model may still be loading: wait for it
+        loaded = self.loaded
+        if loaded is not None:
+            return loaded
+        with self.reload_lock:  # one reload at a time; the other task threads wait for it
+            if self.loaded is not None:
+                return self.loaded
+            if not self.ready.is_set() or time.monotonic() < self.retry_at:
+                raise ModelLoadFailed(self.name, worker.address, self.failure or "still loading")
+            log.warning("loading model %s again on %s (the last load failed: %s)", self.name, worker.address, self.failure)
+            try:
+                self._load_recording(worker)
+            except Exception as exc:
+                raise ModelLoadFailed(self.name, worker.address, self.failure or type(exc).__name__) from None
+            assert self.loaded is not None
+            return self.loaded
 
     def load(self, worker: Worker) -> None:
         """Build the model and everything a batch needs, once; blocking. ``loaded`` is set last,
@@ -299,17 +341,16 @@ def classify_batch(plugin: str, uris: list[str], truth_pattern: str) -> list[dic
 
     Returns plain JSON-ready dicts (no tensors, nothing pickled beyond Dask's own transport).
     Raises ModelNotResident where the plugin is missing (the scheduler restarted and the
-    worker re-registered without it): the client registers it again and retries.
+    worker re-registered without it): the client registers it again and retries; and
+    ModelLoadFailed where its model could not be loaded here (tried again after a backoff).
     """
     worker = get_worker()
     resident = worker.plugins.get(plugin)
-    ready = getattr(resident, "ready", None)
-    if ready is not None:
-        ready.wait(SETUP_WAIT_S)  # the model may still be loading: wait for it
-    if resident is None or resident.loaded is None:  # not registered here, still loading, or its setup failed
+    if resident is None or not hasattr(resident, "ready"):  # not registered here, or not set up yet
         raise ModelNotResident(plugin, worker.address)
-    resident.active_batches += 1
+    resident.active_batches += 1  # waiting for the model counts: a busy plugin is never retired
     try:
+        resident.ensure_loaded(worker)
         return [result.to_dict() for result in resident.classify(uris, truth_pattern)]
     finally:
         resident.active_batches -= 1
@@ -317,13 +358,26 @@ def classify_batch(plugin: str, uris: list[str], truth_pattern: str) -> list[dic
 
 
 def plugin_usage(dask_worker: Worker) -> dict[str, tuple[int, float]]:
-    """Run on a worker: for each visionstream plugin, (batches running, seconds since last used)."""
+    """Run on a worker: for each visionstream plugin, (batches running or waiting, seconds since
+    last used), both by this worker's own clock. A plugin still loading counts as busy."""
     now = time.monotonic()
-    return {
-        name: (getattr(plugin, "active_batches", 0), now - getattr(plugin, "last_used", now))
-        for name, plugin in dask_worker.plugins.items()
-        if name.startswith(PLUGIN_PREFIX)
-    }
+    usage: dict[str, tuple[int, float]] = {}
+    for name, plugin in dask_worker.plugins.items():
+        if not name.startswith(PLUGIN_PREFIX):
+            continue
+        ready = getattr(plugin, "ready", None)
+        loading = ready is None or not ready.is_set()
+        active = getattr(plugin, "active_batches", 0) + int(loading)
+        usage[name] = (active, now - getattr(plugin, "last_used", now))
+    return usage
+
+
+def model_health(dask_worker: Worker, name: str) -> dict[str, Any]:
+    """Run on a worker: whether model plugin ``name`` is loaded there, and why not."""
+    plugin = dask_worker.plugins.get(name)
+    if plugin is None:
+        return {"loaded": False, "reason": "not registered"}
+    return {"loaded": plugin.loaded is not None, "reason": getattr(plugin, "failure", None), "loads": plugin.loads}
 
 
 def _local_workers(worker: Worker) -> int:

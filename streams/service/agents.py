@@ -66,7 +66,9 @@ class StreamService:
         )
         self.slots: dict[int, asyncio.Semaphore] = {}  # per priority; sized once the cluster is known
         self.in_flight: dict[int, int] = {}  # what each semaphore allows
-        self.acks: AckTracker[EventT] = AckTracker(lambda event: event.message.tp, lambda event: event.message.offset)
+        self.acks: AckTracker[EventT] = AckTracker(
+            lambda event: event.message.tp, lambda event: event.message.offset, lambda event: event.message.generation_id
+        )
         self.producer: AIOKafkaProducer | None = None
         self.draining = False
         self._started: asyncio.Task[None] | None = None
@@ -100,10 +102,11 @@ class StreamService:
         @app.on_partitions_assigned.connect
         async def on_assigned(app: Any, assigned: set[TP], **kwargs: Any) -> None:
             self.assigned = {tp for tp in assigned if tp.topic in self.inputs}
+            self.acks.assigned(self.app.consumer_generation_id)  # Faust sets it before this signal
 
         @app.on_partitions_revoked.connect
         async def on_revoked(app: Any, revoked: set[TP], **kwargs: Any) -> None:
-            self.acks.forget(revoked)
+            self.acks.revoked(revoked)  # what was taken so far is consumed again by the new owner
 
         @app.timer(LAG_INTERVAL_S)
         async def measure_lag() -> None:
@@ -142,11 +145,22 @@ class StreamService:
             if self.draining:
                 slots.release()
                 continue
-            events = list(taken)
-            self.acks.started(events)
+            events = self.admit(taken)
+            if not events:
+                slots.release()
+                continue
             task = asyncio.create_task(self._process(stream, events, slots, priority))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def admit(self, taken: list[EventT]) -> list[EventT]:
+        """The taken events that may be processed: those taken under the current assignment,
+        each once, in offset order (``AckTracker``). The rest were taken before a rebalance;
+        their partition's owner, maybe this worker again, consumes them from the committed offset."""
+        events = self.acks.started(taken)
+        if len(events) < len(taken):
+            self.counters.events_fenced(len(taken) - len(events))
+        return events
 
     async def _process(self, stream: StreamT[bytes], events: list[EventT], slots: asyncio.Semaphore, priority: int) -> None:
         try:

@@ -30,6 +30,7 @@ METRIC_NAMES = (
     "visionstream_images_predicted_total",
     "visionstream_dead_letters_total",
     "visionstream_events_skipped_total",
+    "visionstream_events_fenced_total",
     "visionstream_batches_total",
     "visionstream_batch_size_images",
     "visionstream_batch_retries_total",
@@ -51,6 +52,7 @@ class StreamMetrics:
     events_in: int = 0
     objects_in: int = 0
     skipped: int = 0
+    fenced: int = 0
     malformed: int = 0
     batches: int = 0
     images_classified: int = 0
@@ -66,6 +68,7 @@ class StreamMetrics:
         self._events = Counter("visionstream_events_consumed", "Input messages consumed", ["topic"], registry=r)
         self._predicted = Counter("visionstream_images_predicted", "Prediction events published", registry=r)
         self._dead = Counter("visionstream_dead_letters", "Dead-letter events published, by failed stage", ["stage"], registry=r)
+        self._fenced = Counter("visionstream_events_fenced", "Input messages taken under an assignment since revoked, left to be consumed again", registry=r)
         self._skipped = Counter("visionstream_events_skipped", "Announced objects not classified, by reason", ["reason"], registry=r)
         self._batches = Counter("visionstream_batches", "Batches classified on the cluster", registry=r)
         self._batch_size = Histogram("visionstream_batch_size_images", "Images per batch", buckets=BATCH_SIZE_BUCKETS, registry=r)
@@ -84,6 +87,10 @@ class StreamMetrics:
     def event_consumed(self, topic: str) -> None:
         self.events_in += 1
         self._events.labels(topic=topic).inc()
+
+    def events_fenced(self, count: int) -> None:
+        self.fenced += count
+        self._fenced.inc(count)
 
     def objects_announced(self, count: int) -> None:
         self.objects_in += count
@@ -173,6 +180,7 @@ class StreamMetrics:
             "events_in": self.events_in,
             "objects_in": self.objects_in,
             "skipped": self.skipped,
+            "fenced": self.fenced,
             "malformed": self.malformed,
             "batches": self.batches,
             "images_classified": self.images_classified,

@@ -44,6 +44,7 @@ Classify = Callable[[list[str], int], Awaitable[list[ImageResult]]]
 Publish = Callable[[str, bytes, bytes], Awaitable[Any]]  # topic, key, value; awaits the broker's ack
 
 WORKER_STAGE = "worker"
+MAX_WARNED_BUCKETS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,36 +73,78 @@ Item = TypeVar("Item")
 
 
 class AckTracker(Generic[Item]):
-    """Acknowledge each partition's messages in offset order, never past one still in work.
+    """Acknowledge each partition's messages in offset order, never past one still in work,
+    and never a message taken under an assignment that has since been revoked.
 
-    ``started`` registers messages as they are consumed (in order); ``finished`` marks some
-    done and returns those that may now be acknowledged: per partition, the done prefix.
-    A batch that completes before an earlier one on the same partition waits for it, so a
-    committed offset never covers a message whose events were not published. Pure.
+    ``started`` registers messages as they are consumed (in order) and returns those that may
+    be processed; ``finished`` marks some done and returns those that may now be acknowledged:
+    per partition, the done prefix. A batch that completes before an earlier one on the same
+    partition waits for it, so a committed offset never covers a message whose events were not
+    published. Pure.
+
+    Rebalances: Kafka's consumer revokes the whole assignment on every rebalance, and a message
+    fetched before the revoke can still come out of a stream's buffer after it. Such a message
+    belongs to an earlier generation of the group: ``started`` refuses it (its partition's new
+    owner, maybe this worker again, consumes it from the committed offset), and a batch of them
+    already in work acknowledges nothing when it finishes (``revoked`` forgot it). Within a
+    generation a partition's offsets only grow: an offset at or below one already tracked is
+    refused too, so a copy re-fetched behind the original never lets the original's
+    acknowledgement run ahead of it.
     """
 
-    def __init__(self, partition_of: Callable[[Item], Hashable], offset_of: Callable[[Item], int]) -> None:
-        self._partition_of, self._offset_of = partition_of, offset_of
+    def __init__(
+        self,
+        partition_of: Callable[[Item], Hashable],
+        offset_of: Callable[[Item], int],
+        generation_of: Callable[[Item], int | None] | None = None,
+    ) -> None:
+        self._partition_of, self._offset_of, self._generation_of = partition_of, offset_of, generation_of
         self._pending: dict[Hashable, deque[list[Any]]] = {}  # partition -> [[item, done], ...] in consumption order
         self._entries: dict[tuple[Hashable, int], list[Any]] = {}
+        self._tail: dict[Hashable, int] = {}  # partition -> the highest offset tracked in this generation
+        self.generation: int | None = None  # the assignment's; None between a revoke and the next assignment
 
     def _key(self, item: Item) -> tuple[Hashable, int]:
         return self._partition_of(item), self._offset_of(item)
 
-    def started(self, items: Iterable[Item]) -> None:
+    def assigned(self, generation: int | None) -> None:
+        """A new assignment: messages of this generation may start."""
+        self.generation = generation
+
+    def revoked(self, partitions: Iterable[Hashable]) -> None:
+        """A rebalance began: nothing taken so far may start, and what is in work on
+        ``partitions`` is never acknowledged (it will be consumed again)."""
+        self.generation = None
+        self.forget(partitions)
+
+    def current(self, item: Item) -> bool:
+        """Taken under the current assignment (always, where generations are not tracked)."""
+        if self._generation_of is None:
+            return True
+        return self.generation is not None and self._generation_of(item) == self.generation
+
+    def started(self, items: Iterable[Item]) -> list[Item]:
+        """Track ``items``; returns those that may be processed, in order. Refused: messages of
+        an earlier generation, and offsets at or below what their partition already tracked."""
+        accepted: list[Item] = []
         for item in items:
-            key = self._key(item)
-            if key in self._entries:
-                continue  # the same message twice: tracked once
+            if not self.current(item):
+                continue
+            partition, offset = key = self._key(item)
+            if key in self._entries or offset <= self._tail.get(partition, -1):
+                continue  # the same message again, or behind what this generation already took
             entry = [item, False]
-            self._pending.setdefault(key[0], deque()).append(entry)
+            self._pending.setdefault(partition, deque()).append(entry)
             self._entries[key] = entry
+            self._tail[partition] = offset
+            accepted.append(item)
+        return accepted
 
     def finished(self, items: Iterable[Item]) -> list[Item]:
         touched = set()
         for item in items:
             entry = self._entries.get(self._key(item))
-            if entry is not None:
+            if entry is not None and entry[0] is item:  # not a copy tracked after a revoke
                 entry[1] = True
                 touched.add(self._partition_of(item))
         ready: list[Item] = []
@@ -120,9 +163,14 @@ class AckTracker(Generic[Item]):
         for partition in partitions:
             for entry in self._pending.pop(partition, ()):
                 self._entries.pop(self._key(entry[0]), None)
+            self._tail.pop(partition, None)
 
     def waiting(self) -> int:
         return len(self._entries)
+
+    def oldest_waiting(self) -> dict[Hashable, int]:
+        """Per partition, the offset of the oldest message still in work."""
+        return {partition: self._offset_of(queue[0][0]) for partition, queue in self._pending.items() if queue}
 
 
 @dataclass
@@ -134,6 +182,7 @@ class BatchHandler:
     filter: FilterSettings
     events: EventSettings = field(default_factory=EventSettings)
     counters: StreamMetrics = field(default_factory=StreamMetrics)
+    _warned_buckets: set[str] = field(default_factory=set, init=False, repr=False)
     _isolating: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     _not_isolating: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
@@ -165,6 +214,8 @@ class BatchHandler:
             for skipped in notification.skipped:
                 self.counters.object_skipped(skipped.reason)
                 log.debug("skipped %r: %s", skipped.what, skipped.detail)
+                if skipped.bucket is not None:
+                    self._warn_bucket(skipped.bucket)
             self.counters.objects_announced(len(notification.objects))
             return notification.objects
         self.counters.message_malformed()
@@ -172,6 +223,18 @@ class BatchHandler:
         key = f"{message.topic}/{message.partition}/{message.offset}".encode()
         pending.append(self._dead_letter(key, "parse", reason, message))
         return ()
+
+    def _warn_bucket(self, bucket: str) -> None:
+        """Once per bucket (for the first 1,000 buckets): events for it arrive and are skipped."""
+        if bucket in self._warned_buckets or len(self._warned_buckets) >= MAX_WARNED_BUCKETS:
+            return
+        self._warned_buckets.add(bucket)
+        allowed = ", ".join(self.filter.buckets) or "none"
+        log.warning(
+            "skipping uploads to bucket %r: only %s allowed. To classify them, add it to filter.buckets "
+            "(VISIONSTREAM_FILTER__BUCKETS) or set storage.bucket; skipped objects are counted in "
+            "visionstream_events_skipped_total{reason=\"bucket_not_allowed\"}", bucket, allowed,
+        )
 
     def _dead_letter(self, key: bytes, stage: str, reason: str, message: InputMessage, uri: str | None = None) -> Awaitable[Any]:
         """Publish one dead letter carrying (a capped copy of) the message it came from."""

@@ -56,6 +56,7 @@ class Skipped:
     what: str  # the object's URI, or the kind of event
     reason: str  # one of the SKIP_* labels
     detail: str
+    bucket: str | None = None  # where the reason is the bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,7 +266,7 @@ def _filtered(refs: list[ObjectRef | Skipped], filter: FilterSettings) -> Notifi
         if isinstance(ref, Skipped):
             skipped.append(ref)
         elif filter.buckets and "*" not in filter.buckets and ref.bucket not in filter.buckets:
-            skipped.append(Skipped(ref.uri, SKIP_BUCKET, f"bucket {ref.bucket!r} is not in filter.buckets"))
+            skipped.append(Skipped(ref.uri, SKIP_BUCKET, f"bucket {ref.bucket!r} is not in filter.buckets", ref.bucket))
         elif not filter.accepts(ref.key):
             skipped.append(Skipped(ref.uri, SKIP_FILTERED, "outside the prefix/suffix filter"))
         else:

@@ -17,10 +17,14 @@ MODEL = ModelInfo("resnet18", "none", "fp32", "cpu")
 BEST = Prediction(151, "n02085620", "Chihuahua", 0.5)
 
 
-def upload_event(partition: int, offset: int) -> SimpleNamespace:
-    """What ``_process`` reads of a Faust event: its value and its message's place in the topic."""
+def upload_event(partition: int, offset: int, generation: int = 1) -> SimpleNamespace:
+    """What ``_process`` reads of a Faust event: its value, its message's place in the topic and
+    the consumer generation it was fetched under."""
     value = json.dumps(object_created_event(ObjectRef("b", f"Images/{partition}-{offset}.jpg"))).encode()
-    message = SimpleNamespace(topic="image-uploads", partition=partition, offset=offset, tp=("image-uploads", partition), timestamp=None, value=value)
+    message = SimpleNamespace(
+        topic="image-uploads", partition=partition, offset=offset, tp=("image-uploads", partition), timestamp=None, value=value,
+        generation_id=generation,
+    )
     return SimpleNamespace(message=message, value=value)
 
 
@@ -60,14 +64,18 @@ def service(tmp_path: Path, seams: Seams) -> StreamService:
     settings = Settings().with_overrides({"worker": {"data_dir": str(tmp_path)}, "batch": {"retry_timeout_s": 0.05, "retry_backoff_s": 0.01}})
     built = StreamService(settings)  # connects to nothing until started
     built.handler = BatchHandler(seams.classify, seams.publish, settings.batch, settings.topics, FilterSettings())
+    built.acks.assigned(1)  # what on_partitions_assigned does, generation 1
     return built
 
 
-async def start(built: StreamService, seams: Seams, batch: list[SimpleNamespace], slots: asyncio.Semaphore) -> asyncio.Task:
-    """What ``run_agent`` does for one taken batch."""
+async def start(built: StreamService, seams: Seams, batch: list[SimpleNamespace], slots: asyncio.Semaphore) -> asyncio.Task | None:
+    """What ``run_agent`` does for one taken batch; None where nothing of it was admitted."""
     await slots.acquire()
-    built.acks.started(batch)
-    task = asyncio.create_task(built._process(seams, batch, slots, 0))
+    admitted = built.admit(batch)
+    if not admitted:
+        slots.release()
+        return None
+    task = asyncio.create_task(built._process(seams, admitted, slots, 0))
     await asyncio.sleep(0)
     return task
 
@@ -145,3 +153,49 @@ def test_batches_in_flight_follow_the_cluster_as_workers_join(tmp_path: Path):
 
     # 2 threads: 3 in flight (1 backfill); 6 threads: 7 (3); a worker leaving never shrinks it
     assert asyncio.run(run()) == [(3, 1), (7, 3), (7, 3)]
+
+
+def test_a_rebalance_never_lets_a_batch_taken_before_it_acknowledge_past_unprocessed_events(tmp_path: Path):
+    """The sequence a churning group produces: batch A (offsets 0-2) is in work; a rebalance
+    revokes the partition and gives it straight back (generation 2); events 3-5, taken before
+    the revoke, come out of the stream's buffer afterwards; Faust re-fetches 0-5 from the
+    committed offset. The stale 3-5 must not start (they would ack 3-5 while 0-2 of the new
+    generation are in work), A's completion must ack nothing, and the new generation acks
+    0-5 only once its own batches are published."""
+
+    async def run() -> None:
+        seams = Seams()
+        built = service(tmp_path, seams)
+        slots = asyncio.Semaphore(4)
+        batch_a = [upload_event(0, offset) for offset in range(0, 3)]
+        task_a = await start(built, seams, batch_a, slots)
+        built.acks.revoked({("image-uploads", 0)})  # on_partitions_revoked
+        built.acks.assigned(2)  # on_partitions_assigned: the same partition, generation 2
+        stale = [upload_event(0, offset) for offset in range(3, 6)]  # fetched under generation 1
+        assert await start(built, seams, stale, slots) is None  # never started
+        seams.finish(batch_a)
+        await task_a
+        assert seams.acked == []  # A finished after the revoke: its partition's new owner acks
+        seams.release.clear()
+        refetched_head = [upload_event(0, offset, generation=2) for offset in range(0, 3)]
+        refetched_tail = [upload_event(0, offset, generation=2) for offset in range(3, 6)]
+        task_head = await start(built, seams, refetched_head, slots)
+        task_tail = await start(built, seams, refetched_tail, slots)
+        seams.finish(refetched_tail)
+        await task_tail
+        assert seams.acked == []  # 3-5 published, but 0-2 of this generation are still in work
+        seams.finish(refetched_head)
+        await task_head
+        assert seams.acked == [(0, offset) for offset in range(6)]  # once each, in order, by generation 2
+        assert built.counters.fenced == 3 and built.acks.waiting() == 0
+
+    asyncio.run(run())
+
+
+def test_an_offset_behind_what_a_partition_already_took_is_refused(tmp_path: Path):
+    built = service(tmp_path, Seams())
+    first = [upload_event(0, offset) for offset in range(5, 8)]
+    assert built.admit(first) == first
+    behind = [upload_event(0, offset) for offset in (3, 6, 8)]
+    assert [e.message.offset for e in built.admit(behind)] == [8]  # 3 and 6 are behind 7
+    assert built.counters.fenced == 2
