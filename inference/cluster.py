@@ -54,6 +54,7 @@ class InferenceCluster:
         self.client: Client | None = None
         self._local: Any = None
         self.unhealthy: dict[str, Unhealthy] = {}  # worker address -> why its model is not loaded
+        self.workers: dict[str, int] = {}  # task threads per worker, as last seen (``threads``)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InferenceCluster:
@@ -98,7 +99,8 @@ class InferenceCluster:
     async def threads(self) -> dict[str, int]:
         """Task threads per worker address."""
         assert self.client is not None
-        return dict(await self.client.nthreads())
+        self.workers = dict(await self.client.nthreads())
+        return dict(self.workers)
 
     async def _register(self) -> None:
         """Register the model plugin: the scheduler keeps it and sets it up on every worker,
@@ -153,8 +155,13 @@ class InferenceCluster:
         now = time.monotonic()
         return [address for address in reported if address not in self.unhealthy or self.unhealthy[address].until <= now]
 
-    def model_trouble(self, workers: Mapping[str, Any]) -> str | None:
-        """Why no worker of ``workers`` can take a batch now, if none can: for readiness."""
+    def without_model(self) -> int:
+        """Workers, of those last seen, whose model failed to load and that batches avoid now."""
+        return len(self.workers) - len(self.healthy(self.workers))
+
+    def model_trouble(self) -> str | None:
+        """Why no worker (of those last seen) can take a batch now, if none can: for readiness."""
+        workers = self.workers
         if not workers or self.healthy(workers):
             return None
         reasons = sorted({self.unhealthy[address].reason for address in workers if address in self.unhealthy})
@@ -168,7 +175,7 @@ class InferenceCluster:
         client = self.client
         placement: dict[str, Any] = {}
         if self.unhealthy:
-            workers = dict(await client.nthreads())
+            workers = await self.threads()
             healthy = self.healthy(workers)
             for address in [address for address in self.unhealthy if address not in workers]:
                 del self.unhealthy[address]  # gone from the cluster

@@ -44,11 +44,19 @@ PERMANENT_S3_ERRORS = {
 }
 # Codes that name the caller's credentials, clock or configuration, not the object: every
 # object would fail the same way, so the batch is retried (and the worker stops loudly).
+# Transient ones too, whatever their status: RequestTimeout is a 400 that botocore itself retries.
 SERVICE_S3_ERRORS = {
     "ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "InvalidToken", "InvalidAccessKeyId",
     "SignatureDoesNotMatch", "RequestTimeTooSkewed", "AuthorizationHeaderMalformed", "InvalidSecurity",
     "MissingSecurityHeader", "AccountProblem", "AllAccessDisabled",
+    "RequestTimeout", "RequestTimeoutException", "SlowDown", "Throttling", "ThrottlingException",
+    "RequestLimitExceeded", "InternalError", "ServiceUnavailable",
 }
+SLOW_OBJECT = "reading the object took longer than images.fetch_timeout_s"
+# Per-object answers that, when every object of a batch gets the same one, say something about
+# the store (a missing KMS permission, a wrong region or endpoint, a store that stalls) rather
+# than about the images: then the batch is retried as a store failure, never 60 dead letters.
+STORE_WIDE_REASONS = {"access denied", "bucket in another region or endpoint", SLOW_OBJECT}
 CHUNK_BYTES = 1 << 20
 _client_lock = threading.Lock()
 
@@ -71,7 +79,22 @@ def fetch_many(uris: list[str], storage: StorageSettings, images: ImageSettings)
     if not uris:
         return []
     pool = _fetch_pool(images.fetch_concurrency)
-    return list(pool.map(lambda uri: _fetch_one(uri, storage, images.max_bytes, images.fetch_timeout_s), uris))
+    results = list(pool.map(lambda uri: _fetch_one(uri, storage, images.max_bytes, images.fetch_timeout_s), uris))
+    store_wide = _store_wide_failure(uris, results)
+    if store_wide is not None:
+        raise StorageUnavailable(storage.endpoint_url or "s3", f"every object of a batch of {len(uris)} failed the same way: {store_wide}")
+    return results
+
+
+def _store_wide_failure(uris: list[str], results: list[bytes | FetchError]) -> str | None:
+    """The reason shared by every object of a batch of two or more S3 objects, where it says
+    something about the store rather than the objects (``STORE_WIDE_REASONS``). Pure."""
+    if len(results) < 2 or not all(uri.startswith(S3_SCHEMES) for uri in uris):
+        return None
+    reasons = {result.reason if isinstance(result, FetchError) else None for result in results}
+    if len(reasons) == 1 and (reason := reasons.pop()) in STORE_WIDE_REASONS:
+        return reason
+    return None
 
 
 @cache
@@ -106,7 +129,7 @@ def _get_s3(uri: str, storage: StorageSettings, max_bytes: int, timeout_s: float
     try:
         response = s3_client(storage).get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}")
         with response["Body"] as body:
-            return _read_within(body, max_bytes + 1, time.monotonic() + timeout_s, uri, storage)
+            return _read_within(body, max_bytes + 1, time.monotonic() + timeout_s, uri)
     except botocore.exceptions.ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
@@ -119,20 +142,26 @@ def _get_s3(uri: str, storage: StorageSettings, max_bytes: int, timeout_s: float
         if 400 <= status < 500 and status not in (408, 429):
             return FetchError(uri, f"refused by the store: {code or status}")
         raise StorageUnavailable(storage.endpoint_url or "s3", f"{code or status} reading {uri}") from exc
+    except _TooSlow:
+        return FetchError(uri, SLOW_OBJECT)  # this object alone; every object of a batch slow is the store's
     except (botocore.exceptions.ParamValidationError, botocore.exceptions.UnsupportedS3AccesspointConfigurationError) as exc:
         return FetchError(uri, f"invalid bucket or key: {type(exc).__name__}"[:300])
     except (botocore.exceptions.BotoCoreError, OSError) as exc:  # no credentials, connection refused, timeouts
         raise StorageUnavailable(storage.endpoint_url or "s3", f"{type(exc).__name__} reading {uri}") from exc
 
 
-def _read_within(body: Any, limit: int, deadline: float, uri: str, storage: StorageSettings) -> bytes:
+class _TooSlow(Exception):
+    """An object's body did not arrive within ``images.fetch_timeout_s``."""
+
+
+def _read_within(body: Any, limit: int, deadline: float, uri: str) -> bytes:
     """Read at most ``limit`` bytes, and give up at ``deadline`` however slowly the store sends them:
     a batch's deadline cancels its Dask future, but only this frees the worker's thread."""
     parts: list[bytes] = []
     size = 0
     while size < limit:
         if time.monotonic() > deadline:
-            raise StorageUnavailable(storage.endpoint_url or "s3", f"reading {uri} took longer than images.fetch_timeout_s")
+            raise _TooSlow(uri)
         chunk = body.read(min(CHUNK_BYTES, limit - size))
         if not chunk:
             break

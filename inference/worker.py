@@ -231,6 +231,8 @@ class ResidentModel(WorkerPlugin):
             )
         except ImageError as exc:
             return Failure(exc.stage, exc.reason)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise  # the worker's memory, not the image (its pixels are bounded): the batch is retried
         except Exception as exc:  # noqa: BLE001 - one bad image never fails its batch
             return Failure("decode", f"{type(exc).__name__}: {exc}")
 

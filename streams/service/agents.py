@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from typing import Any
 
 import faust
@@ -34,6 +35,7 @@ from streams.service.app import create_app
 from streams.service.kafka import start_producer
 from streams.service.metrics import CONTENT_TYPE, StreamMetrics
 from streams.service.processing import AckTracker, BatchHandler, InputMessage
+from streams.service.progress import ProgressWatch, Stall
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,9 @@ class StreamService:
         self._started: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
         self.assigned: set[TP] = set()
+        self.progress = ProgressWatch()
+        self.stalls: list[Stall] = []  # input partitions still stalled after a recovery was tried
+        self.waiting_for_slot: dict[int, bool] = {LIVE_PRIORITY: False, BACKFILL_PRIORITY: False}
         self._register()
 
     def _register(self) -> None:
@@ -103,22 +108,35 @@ class StreamService:
         async def on_assigned(app: Any, assigned: set[TP], **kwargs: Any) -> None:
             self.assigned = {tp for tp in assigned if tp.topic in self.inputs}
             self.acks.assigned(self.app.consumer_generation_id)  # Faust sets it before this signal
+            self.progress.assigned(self.assigned, time.monotonic())
+            self.stalls = []
 
         @app.on_partitions_revoked.connect
         async def on_revoked(app: Any, revoked: set[TP], **kwargs: Any) -> None:
             self.acks.revoked(revoked)  # what was taken so far is consumed again by the new owner
+            self.progress.assigned((), time.monotonic())  # nothing to watch until the next assignment
+            self.stalls = []
 
         @app.timer(LAG_INTERVAL_S)
         async def measure_lag() -> None:
             self._measure_lag()
 
+        @app.timer(min(LAG_INTERVAL_S, self.settings.worker.stall_s / 3))
+        async def watch_partitions() -> None:
+            if self.started and not self.draining:
+                try:
+                    await self.watch_partitions()
+                except Exception as exc:  # noqa: BLE001 - the next round tries again
+                    log.warning("could not check the input partitions' progress: %s", exc)
+
         @app.timer(LAG_INTERVAL_S)
         async def follow_the_cluster() -> None:
-            if self.started and not self.settings.batch.max_in_flight:
+            if self.started:
                 try:
                     await self.grow_in_flight()
                 except Exception as exc:  # noqa: BLE001 - the next round tries again
                     log.warning("could not count the cluster's task threads: %s", exc)
+                self.counters.workers_without_model(self.cluster.without_model())
 
         @app.timer(RETIRE_INTERVAL_S)
         async def retire_superseded_models() -> None:
@@ -139,9 +157,16 @@ class StreamService:
         await self.ensure_started()
         slots = self.slots[priority]
         async for taken in stream.noack_take(batch.size, within=batch.linger_s):
+            now = time.monotonic()
+            for event in taken:
+                self.progress.taken(event.message.tp, event.message.offset, now)
             if self.draining:
                 continue  # left unacknowledged: consumed again after the restart
-            await slots.acquire()  # backpressure: lag stays in Kafka, memory stays flat
+            self.waiting_for_slot[priority] = True
+            try:
+                await slots.acquire()  # backpressure: lag stays in Kafka, memory stays flat
+            finally:
+                self.waiting_for_slot[priority] = False
             if self.draining:
                 slots.release()
                 continue
@@ -199,7 +224,7 @@ class StreamService:
         """Size the batches in flight to ``batch.max_in_flight``, or by default to the cluster's
         task threads + 1, and grow them as workers join (a timer calls this). Never shrinks:
         batches beyond a smaller cluster's threads wait in the scheduler's queue, harmlessly."""
-        target = batches_in_flight(self.settings.batch.max_in_flight, sum((await self.cluster.threads()).values()))
+        target = batches_in_flight(self.settings.batch.max_in_flight, sum((await self.cluster.threads()).values()))  # refreshes cluster.workers
         targets = {LIVE_PRIORITY: target, BACKFILL_PRIORITY: max(1, math.floor(target * self.settings.worker.backfill_share))}
         if targets[LIVE_PRIORITY] <= self.in_flight[LIVE_PRIORITY]:
             return
@@ -239,13 +264,60 @@ class StreamService:
                 log.warning("producer did not stop cleanly: %s", exc)
             self.producer = None
 
+    async def watch_partitions(self) -> None:
+        """Find assigned input partitions with events waiting and none taken for
+        ``worker.stall_s``; try once to get them moving again (resume them, seek to the
+        committed offsets); a partition still stalled a window later fails ``/livez``."""
+        consumer = self.app.consumer
+        ends: dict[TP, int] = {}
+        for tp in self.progress.partitions():
+            highwater = _highwater(consumer, tp)
+            if highwater is not None:
+                ends[tp] = highwater
+        unknown = [tp for tp in self.progress.partitions() if tp not in ends]
+        if unknown:  # never fetched since the assignment: ask the broker
+            try:
+                ends.update(await asyncio.wait_for(consumer.highwaters(*unknown), timeout=STOP_STEP_S))
+            except Exception as exc:  # noqa: BLE001 - unknown offsets never make a stall
+                log.debug("could not read end offsets: %s", exc)
+        committed = dict(consumer._committed_offset)  # noqa: SLF001 - Faust keeps it; no public accessor
+        for tp in self.progress.partitions():
+            if committed.get(tp) is None:  # not known to Faust yet: where the fetcher stands
+                try:
+                    committed[tp] = await asyncio.wait_for(consumer.position(tp), timeout=STOP_STEP_S)
+                except Exception as exc:  # noqa: BLE001 - unknown offsets never make a stall
+                    log.debug("could not read the position of %s: %s", tp, exc)
+        topics = {self.settings.topics.uploads: LIVE_PRIORITY, self.settings.topics.backfill: BACKFILL_PRIORITY}
+        stalls = self.progress.stalled(
+            time.monotonic(), self.settings.worker.stall_s, ends.get, committed.get,
+            excused=lambda tp: self.waiting_for_slot.get(topics.get(tp.topic, LIVE_PRIORITY), False),
+        )
+        fresh = [stall.partition for stall in stalls if not stall.recovery_tried]
+        if fresh:
+            log.warning("input partitions stalled, trying to recover in place: %s", "; ".join(s.describe() for s in stalls if not s.recovery_tried))
+            await self._recover(fresh)
+            self.progress.recovery_tried(fresh, time.monotonic())
+        self.stalls = [stall for stall in stalls if stall.recovery_tried]
+        if self.stalls:
+            log.error("input partitions still stalled after a recovery; /livez fails: %s", "; ".join(s.describe() for s in self.stalls))
+        self.counters.stalled_partitions(len(self.stalls))
+
+    async def _recover(self, partitions: list[TP]) -> None:
+        """Resume fetching ``partitions``, let Faust's flow go on, and seek every assigned
+        partition to its committed offset: what was taken already is refused by the tracker
+        (behind its tail), what was never taken is fetched again."""
+        consumer = self.app.consumer
+        consumer.resume_partitions(partitions)
+        if not self.app.flow_control.is_active():
+            log.warning("Faust's flow control was suspended outside a rebalance; resuming it")
+            self.app.flow_control.resume()
+            consumer.resume_flow()
+        await asyncio.wait_for(consumer.seek_to_committed(), timeout=STOP_STEP_S)
+
     def _measure_lag(self) -> None:
         consumer = self.app.consumer
         for tp in self.assigned:
-            try:
-                highwater = consumer.highwater(tp)
-            except Exception:  # noqa: BLE001 - not fetched yet, or the broker reports none
-                highwater = None
+            highwater = _highwater(consumer, tp)
             committed = consumer._committed_offset.get(tp)  # noqa: SLF001 - Faust keeps it; no public accessor
             lag = None if highwater is None else highwater - (committed or 0)
             self.counters.consumer_lag(tp.topic, tp.partition, lag)
@@ -256,7 +328,10 @@ class StreamService:
         return started is not None and started.done() and not started.cancelled() and started.exception() is None
 
     def live(self) -> tuple[bool, str]:
-        """Wedged: work waiting, and no batch completed for ``worker.stall_s``."""
+        """Wedged: work waiting, and no batch completed for ``worker.stall_s``; or input
+        partitions with events waiting and none taken, even after a recovery was tried."""
+        if self.stalls:
+            return False, "input partitions stalled: " + "; ".join(stall.describe() for stall in self.stalls)
         stalled = self.counters.seconds_stalled()
         if stalled > self.settings.worker.stall_s:
             return False, f"no batch completed for {stalled:.0f} s while {self.counters.in_flight_batches} batch(es) waited"
@@ -271,6 +346,9 @@ class StreamService:
             return False, "cluster unreachable"
         if not self.assigned:
             return False, "no input partition assigned"
+        trouble = self.cluster.model_trouble()
+        if trouble is not None:
+            return False, trouble
         return self.live()
 
     def health(self) -> dict[str, Any]:
@@ -280,8 +358,17 @@ class StreamService:
             "reason": why,
             "cluster": self.cluster.address,
             "assigned_partitions": len(self.assigned),
+            "stalled_partitions": [stall.describe() for stall in self.stalls],
             "counters": self.counters.snapshot(),
         }
+
+
+def _highwater(consumer: Any, tp: TP) -> int | None:
+    """The partition's high watermark from the consumer's last fetch; None before one."""
+    try:
+        return consumer.highwater(tp)
+    except Exception:  # noqa: BLE001 - not fetched yet, or the broker reports none
+        return None
 
 
 def allowed_filter(settings: Settings) -> FilterSettings:

@@ -41,6 +41,8 @@ METRIC_NAMES = (
     "visionstream_consumer_lag_messages",
     "visionstream_last_batch_completed_timestamp_seconds",
     "visionstream_model_info",
+    "visionstream_workers_without_model",
+    "visionstream_stalled_partitions",
 )
 
 
@@ -79,6 +81,8 @@ class StreamMetrics:
         self._in_flight = Gauge("visionstream_in_flight_batches", "Batches on the cluster now", registry=r)
         self._lag = Gauge("visionstream_consumer_lag_messages", "High watermark minus committed offset, per input partition (where the broker reports a high watermark)", ["topic", "partition"], registry=r)
         self._last_done = Gauge("visionstream_last_batch_completed_timestamp_seconds", "Unix time the last batch was published and acknowledged", registry=r)
+        self._without_model = Gauge("visionstream_workers_without_model", "Dask workers whose model failed to load, avoided by batches until it loads", registry=r)
+        self._stalled = Gauge("visionstream_stalled_partitions", "Assigned input partitions with events waiting and none taken for worker.stall_s, after a recovery was tried", registry=r)
         self._model = Info("visionstream_model", "The model the cluster runs", registry=r)
         self._model_labels: dict[str, str] = {}
 
@@ -152,6 +156,12 @@ class StreamMetrics:
             self._lag.remove(topic, str(partition))
         except KeyError:
             pass
+
+    def stalled_partitions(self, count: int) -> None:
+        self._stalled.set(count)
+
+    def workers_without_model(self, count: int) -> None:
+        self._without_model.set(count)
 
     def model(self, info: ModelInfo) -> None:
         """The model the batches report (its resolved precision and device)."""

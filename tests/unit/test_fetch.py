@@ -1,5 +1,10 @@
+import io
+import time
+
 import fsspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from inference.errors import FetchError
 from inference.fetch import fetch_many
@@ -52,6 +57,7 @@ def test_unsupported_protocol_is_an_error_record():
         ("RequestTimeTooSkewed", 403, None),
         ("SlowDown", 503, None),
         ("InternalError", 500, None),
+        ("RequestTimeout", 400, None),  # a 400 that botocore itself retries: the network, not the object
     ],
 )
 def test_object_errors_are_records_and_service_errors_are_retried(code, status, permanent):
@@ -87,3 +93,80 @@ def test_an_s3_key_is_fetched_verbatim_never_globbed():
                              storage, ImageSettings(max_bytes=1000, fetch_concurrency=1))
         stub.assert_no_pending_responses()
     assert all(isinstance(r, FetchError) and r.reason == "object not found" for r in results)
+
+
+def stubbed_storage() -> StorageSettings:
+    return StorageSettings(endpoint_url="http://127.0.0.1:9", region="us-east-1", access_key_id="k", secret_access_key="s")
+
+
+@pytest.mark.parametrize(("code", "status"), [("AccessDenied", 403), ("PermanentRedirect", 301)])
+def test_a_batch_whose_every_object_fails_alike_is_a_store_failure_not_dead_letters(code, status):
+    """A missing KMS permission or a wrong region denies every object: retried, and shown as
+    the store's fault, never 60 dead letters. One denied object among readable ones is its own."""
+    from botocore.response import StreamingBody
+    from botocore.stub import Stubber
+
+    from inference.errors import StorageUnavailable
+    from inference.fetch import s3_client
+
+    storage = stubbed_storage()
+    with Stubber(s3_client(storage)) as stub:
+        for _ in range(3):
+            stub.add_client_error("get_object", service_error_code=code, http_status_code=status)
+        with pytest.raises(StorageUnavailable, match="every object of a batch of 3"):
+            fetch_many([f"s3://bucket/{i}.jpg" for i in range(3)], storage, ImageSettings(fetch_concurrency=1))
+    with Stubber(s3_client(storage)) as stub:
+        stub.add_client_error("get_object", service_error_code=code, http_status_code=status)
+        stub.add_response("get_object", {"Body": StreamingBody(io.BytesIO(b"abc"), 3)})
+        results = fetch_many(["s3://bucket/denied.jpg", "s3://bucket/fine.jpg"], storage, ImageSettings(fetch_concurrency=1))
+    assert isinstance(results[0], FetchError) and results[1] == b"abc"
+
+
+class SlowBody:
+    """A response body that sends a byte at a time, slowly."""
+
+    def __init__(self, pause_s: float) -> None:
+        self.pause_s = pause_s
+
+    def read(self, size: int = -1) -> bytes:
+        time.sleep(self.pause_s)
+        return b"x"
+
+    def __enter__(self) -> "SlowBody":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+
+def test_one_slow_object_is_its_own_dead_letter_and_a_slow_store_is_retried():
+    from botocore.response import StreamingBody
+    from botocore.stub import Stubber
+
+    from inference.errors import StorageUnavailable
+    from inference.fetch import SLOW_OBJECT, s3_client
+
+    storage = stubbed_storage()
+    images = ImageSettings(fetch_concurrency=1, fetch_timeout_s=0.2)
+    with Stubber(s3_client(storage)) as stub:
+        stub.add_response("get_object", {"Body": SlowBody(0.05)})
+        stub.add_response("get_object", {"Body": StreamingBody(io.BytesIO(b"abc"), 3)})
+        results = fetch_many(["s3://bucket/slow.jpg", "s3://bucket/fine.jpg"], storage, images)
+    assert isinstance(results[0], FetchError) and results[0].reason == SLOW_OBJECT and results[1] == b"abc"
+    with Stubber(s3_client(storage)) as stub:
+        for _ in range(2):
+            stub.add_response("get_object", {"Body": SlowBody(0.05)})
+        with pytest.raises(StorageUnavailable, match="took longer"):
+            fetch_many(["s3://bucket/a.jpg", "s3://bucket/b.jpg"], storage, images)
+
+
+@given(st.lists(st.sampled_from(["access denied", "object not found", "bucket in another region or endpoint", None]), min_size=1, max_size=8))
+def test_only_a_shared_store_wide_reason_makes_a_store_failure(reasons):
+    from inference.fetch import STORE_WIDE_REASONS, _store_wide_failure
+
+    uris = [f"s3://b/{i}.jpg" for i in range(len(reasons))]
+    results = [b"ok" if reason is None else FetchError(uri, reason) for uri, reason in zip(uris, reasons)]
+    found = _store_wide_failure(uris, results)
+    alike = len(reasons) >= 2 and len(set(reasons)) == 1 and reasons[0] in STORE_WIDE_REASONS
+    assert found == (reasons[0] if alike else None)
+    assert _store_wide_failure([f"/local/{i}.jpg" for i in range(len(reasons))], results) is None  # local files: each its own

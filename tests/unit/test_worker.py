@@ -239,3 +239,62 @@ def test_a_failed_setup_leaves_no_half_built_model(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ModelNotResident):
         classify_batch("p", ["a.jpg"], r"(?P<wnid>n\d{8})")
     plugin.teardown(None)
+
+
+def test_a_model_that_failed_to_load_is_loaded_again_by_a_later_batch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The scheduler sets a registered plugin up once per worker and ignores registering it
+    again: a load that failed (a checkpoint not there yet, a broken download) must be retried
+    on the worker, after a backoff, or the worker answers every batch with an error forever."""
+    import asyncio
+
+    from inference import worker as worker_module
+    from inference.errors import ModelLoadFailed
+    from inference.worker import classify_batch
+
+    plugin = ResidentModel(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), warmup_batch=4)
+    real_load = ResidentModel.load
+    attempts: list[int] = []
+
+    def flaky_load(self: ResidentModel, worker: object) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("checkpoint s3://models/resnet.pt: connection reset")
+        real_load(self, worker)
+
+    monkeypatch.setattr(ResidentModel, "load", flaky_load)
+    monkeypatch.setattr(worker_module, "RELOAD_BACKOFF_S", (0.3, 1.0))
+    worker = SimpleNamespace(plugins={"p": plugin}, address="tcp://127.0.0.1:1")
+    monkeypatch.setattr(worker_module, "get_worker", lambda: worker)
+    with pytest.raises(OSError):
+        asyncio.run(plugin.setup(worker))
+    (tmp_path / "a.jpg").write_bytes(jpeg(1))
+    with pytest.raises(ModelLoadFailed, match="connection reset"):  # within the backoff: says why, at once
+        classify_batch("p", [str(tmp_path / "a.jpg")], r"(?P<wnid>n\d{8})")
+    assert len(attempts) == 1
+    import time
+
+    time.sleep(0.35)
+    try:
+        [record] = classify_batch("p", [str(tmp_path / "a.jpg")], r"(?P<wnid>n\d{8})")
+        assert record["error"] is None and record["prediction"] is not None
+        assert len(attempts) == 2 and plugin.failure is None and plugin.loads == 1
+    finally:
+        plugin.teardown(None)
+
+
+def test_plugin_usage_counts_a_loading_model_and_waiting_batches_as_busy_by_the_workers_clock():
+    import threading
+
+    from inference.worker import PLUGIN_PREFIX, plugin_usage
+
+    plugin = ResidentModel(SETTINGS, ImageSettings(), StorageSettings())
+    worker = SimpleNamespace(plugins={plugin.name: plugin, "other": object()})
+    assert plugin_usage(worker)[plugin.name][0] == 1  # not set up yet: loading
+    plugin.ready = threading.Event()
+    plugin.last_used = 0.0  # a clock reading from another host would be meaningless; this is the worker's own
+    assert plugin_usage(worker)[plugin.name][0] == 1  # still loading
+    plugin.ready.set()
+    active, idle = plugin_usage(worker)[plugin.name]
+    assert active == 0 and idle > 0 and set(plugin_usage(worker)) == {plugin.name} and plugin.name.startswith(PLUGIN_PREFIX)
+    plugin.active_batches = 2  # running, or waiting for the model
+    assert plugin_usage(worker)[plugin.name][0] == 2
