@@ -6,12 +6,16 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from distributed import Client, KilledWorker, Nanny, Scheduler, SpecCluster
+from distributed import Client, KilledWorker, Nanny, Scheduler, Semaphore, SpecCluster
 from distributed.system import MEMORY_LIMIT
+
+from inference.deaths import Death, DeathTally, batch_digest, batch_key, deaths_from_events, key_digest, tally
 
 from inference.errors import ClusterUnavailable, InferenceError, ModelLoadFailed, ModelNotResident, WorkerLost
 from inference.results import ImageResult
@@ -21,6 +25,9 @@ from inference.worker import ResidentModel, classify_batch, plugin_usage
 log = logging.getLogger(__name__)
 
 AVOID_S = (10.0, 300.0)  # how long batches avoid a worker whose model failed to load: first, longest
+ISOLATION_LEASE = "visionstream-isolation"  # held, cluster-wide, by the stream worker that isolates a worker-killer
+DEATHS_KEPT = 10_000  # the newest worker deaths remembered (a few hundred bytes each)
+BUSY_CHECK_S = 1.0  # how often a waiting batch asks whether another stream worker isolates
 
 
 @dataclass(slots=True)
@@ -55,6 +62,12 @@ class InferenceCluster:
         self._local: Any = None
         self.unhealthy: dict[str, Unhealthy] = {}  # worker address -> why its model is not loaded
         self.workers: dict[str, int] = {}  # task threads per worker, as last seen (``threads``)
+        self.deaths: deque[Death] = deque(maxlen=DEATHS_KEPT)  # the scheduler's record, kept current
+        self._death_watch: dict[str, asyncio.Event] = {}  # key of a batch in flight -> set when its worker dies
+        self._in_flight: dict[str, list[str]] = {}  # key of a batch in flight -> its URIs
+        self.suspects: set[str] = set()  # URIs that were on a worker when it died (this process's batches)
+        self._isolation: Semaphore | None = None
+        self._isolating_checked = (0.0, False)  # (monotonic, another stream worker isolates)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InferenceCluster:
@@ -91,10 +104,83 @@ class InferenceCluster:
         except Exception as exc:
             await self.close()
             raise ClusterUnavailable(self.address, f"model plugin failed on a worker: {exc}") from exc
+        await self._follow_deaths()
         threads = await self.threads()
         if not threads:
             log.warning("Dask cluster %s has no workers yet; batches wait until one joins", self.address)
         log.info("Dask cluster %s ready: %d worker(s) with the model resident", self.address, len(threads))
+
+    async def _follow_deaths(self) -> None:
+        """Read the scheduler's record of workers that died with batches of ours on them, and
+        follow it from now on (the scheduler pushes each new event)."""
+        assert self.client is not None
+        try:
+            history = await asyncio.wait_for(self.client.get_events("all"), timeout=self.settings.connect_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - an older record is a nicety; new deaths still arrive
+            log.warning("could not read the scheduler's event log: %s", exc)
+            history = ()
+        self.deaths.clear()
+        self.deaths.extend(deaths_from_events(history))
+        self.client.subscribe_topic("all", self._on_event)
+
+    def _on_event(self, event: tuple[float, Any]) -> None:
+        for death in deaths_from_events([event]):
+            self.deaths.append(death)
+            for key in death.keys:
+                watch = self._death_watch.get(key)
+                if watch is not None:
+                    watch.set()
+                if len(self.suspects) < DEATHS_KEPT:
+                    self.suspects.update(self._in_flight.get(key, ()))
+
+    def tally_deaths(self, uris: list[str]) -> DeathTally:
+        """How often Dask workers died with these images on them (any stream worker's attempts)."""
+        return tally(self.deaths, uris)
+
+    @asynccontextmanager
+    async def isolation(self) -> AsyncIterator[None]:
+        """Hold the cluster-wide isolation lease while one stream worker runs suspects alone;
+        the others hold their new batches meanwhile (``wait_while_isolating``). The lease
+        lapses by itself if its holder dies."""
+        assert self.client is not None
+        if self._isolation is None:
+            self._isolation = await Semaphore(max_leases=1, name=ISOLATION_LEASE, scheduler_rpc=self.client.scheduler, loop=self.client.loop)
+        await self._isolation.acquire()
+        try:
+            yield
+        finally:
+            try:
+                await self._isolation.release()
+            except Exception as exc:  # noqa: BLE001 - the lease lapses by itself
+                log.warning("could not release the isolation lease: %s", exc)
+
+    async def wait_while_isolating(self, deadline_s: float) -> None:
+        """Hold a new batch while another stream worker isolates a worker-killer, for at most ``deadline_s``."""
+        give_up = time.monotonic() + deadline_s
+        while time.monotonic() < give_up and await self._someone_isolates():
+            await asyncio.sleep(BUSY_CHECK_S)
+
+    async def _someone_isolates(self) -> bool:
+        checked_at, isolating = self._isolating_checked
+        if time.monotonic() - checked_at < BUSY_CHECK_S or self.client is None:
+            return isolating
+        try:
+            leases = await asyncio.wait_for(self.client.scheduler.semaphore_value(name=ISOLATION_LEASE), timeout=5.0)
+        except Exception:  # noqa: BLE001 - no lease registered yet, or the scheduler is busy: go on
+            leases = 0
+        isolating = bool(leases) and not (self._isolation is not None and self._isolation._leases)  # noqa: SLF001 - not our own
+        self._isolating_checked = (time.monotonic(), isolating)
+        return isolating
+
+    async def others_processing(self, uris: list[str]) -> int:
+        """Batches of ours, other than attempts at ``uris``, processing on the cluster now."""
+        assert self.client is not None
+        processing = await self.client.processing()
+        digest = batch_digest(uris)
+        return sum(
+            1 for keys in processing.values() for key in keys
+            if (other := key_digest(key)) is not None and other != digest
+        )
 
     async def threads(self) -> dict[str, int]:
         """Task threads per worker address."""
@@ -119,12 +205,16 @@ class InferenceCluster:
     async def classify(self, uris: list[str], priority: int = 0) -> list[ImageResult]:
         """Run one batch on the cluster; per-image failures are inside the results.
 
-        Raises ClusterUnavailable (scheduler gone), WorkerLost (Dask gave up: the batch kept
-        killing workers), or the task's own error (a failed forward pass, storage down).
+        Raises ClusterUnavailable (scheduler gone), WorkerLost (workers died with the batch on
+        them: a second death for images never seen at one before, the first for images that
+        were; Dask's own limit is four, each a restart and a model load), or the task's own
+        error (a failed forward pass, storage down).
         Cancelling the caller cancels the batch on the cluster too.
         """
+        seen_dying = self.tally_deaths(uris).total or not self.suspects.isdisjoint(uris)
+        deaths_allowed = 0 if seen_dying else 1
         try:
-            return await self._submit(uris, priority)
+            return await self._submit(uris, priority, deaths_allowed)
         except ModelLoadFailed as exc:
             self._avoid(exc)
             raise  # retried by the caller, on the other workers while this one backs off
@@ -133,7 +223,7 @@ class InferenceCluster:
             log.warning("%s; registering it again", exc)
             await self._register()
         try:
-            return await self._submit(uris, priority)
+            return await self._submit(uris, priority, deaths_allowed)
         except ModelLoadFailed as exc:
             self._avoid(exc)
             raise
@@ -167,7 +257,7 @@ class InferenceCluster:
         reasons = sorted({self.unhealthy[address].reason for address in workers if address in self.unhealthy})
         return f"the model failed to load on every Dask worker: {'; '.join(reasons)[:300]}"
 
-    async def _submit(self, uris: list[str], priority: int) -> list[ImageResult]:
+    async def _submit(self, uris: list[str], priority: int, deaths_allowed: int | None = None) -> list[ImageResult]:
         if self.settings.scheduler and (self.client is None or self.client.status in ("closing", "closed")):
             await self._reconnect()
         if self.client is None:
@@ -181,11 +271,14 @@ class InferenceCluster:
                 del self.unhealthy[address]  # gone from the cluster
             if healthy and len(healthy) < len(workers):
                 placement = {"workers": healthy, "allow_other_workers": False}
+        key = batch_key(uris)  # names the images: deaths count against them, whoever submits them
         future = client.submit(
-            classify_batch, self.plugin.name, list(uris), self.truth_pattern, pure=False, priority=priority, **placement
+            classify_batch, self.plugin.name, list(uris), self.truth_pattern, key=key, priority=priority, **placement
         )
+        died = self._death_watch[key] = asyncio.Event()
+        self._in_flight[key] = list(uris)
         try:
-            records = await future
+            records = await self._await_batch(future, died, deaths_allowed)
         except asyncio.CancelledError as exc:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
@@ -196,10 +289,39 @@ class InferenceCluster:
             raise WorkerLost(self.address, str(exc)[:300]) from exc
         except (OSError, TimeoutError) as exc:
             raise ClusterUnavailable(self.address, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._death_watch.pop(key, None)
+            self._in_flight.pop(key, None)
         worker = records[0].get("worker") if records else None
         if worker in self.unhealthy:
             del self.unhealthy[worker]  # its model loaded after all
+        self.suspects.difference_update(uris)  # classified: they did not kill this worker
         return [ImageResult.from_dict(record) for record in records]
+
+    async def _await_batch(self, future: Any, died: asyncio.Event, deaths_allowed: int | None) -> Any:
+        """The batch's records; with ``deaths_allowed``, give up (WorkerLost) once more workers than
+        that died with it, rather than waiting for Dask's own limit (each death costs a restart
+        and a model load)."""
+        if deaths_allowed is None:
+            return await future
+        waiting = asyncio.ensure_future(future)
+        deaths = 0
+        try:
+            while True:
+                died.clear()
+                watching = asyncio.ensure_future(died.wait())
+                done, _ = await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
+                if waiting in done:
+                    watching.cancel()
+                    return waiting.result()
+                deaths += 1
+                if deaths > deaths_allowed:
+                    waiting.cancel()
+                    await _cancel(self.client, future)
+                    raise WorkerLost(self.address, f"{deaths} worker(s) died with the batch on them")
+        finally:
+            if not waiting.done():
+                waiting.cancel()
 
     async def _reconnect(self) -> None:
         """A new client after the old one gave up on a scheduler that went away."""
@@ -210,6 +332,8 @@ class InferenceCluster:
         try:
             self.client = await Client(self.settings.scheduler, asynchronous=True, timeout=self.settings.connect_timeout_s)
             await self._register()
+            self._isolation = None  # a lease of the old scheduler's
+            await self._follow_deaths()
         except (OSError, TimeoutError) as exc:
             raise ClusterUnavailable(self.address, f"reconnect failed: {exc}") from exc
 

@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 PLUGIN_PREFIX = "visionstream-model-"
 SETUP_WAIT_S = 600.0  # the longest a batch waits on a worker for its model to finish loading
 RELOAD_BACKOFF_S = (5.0, 300.0)  # after a failed load, the first and the longest pause before a batch tries again
+# Fault injection for tests and the soak, off unless set in a Dask worker's environment: the
+# worker process exits at once when it starts decoding an object whose URI contains this text,
+# as a decoder crash would make it. Nothing else reads it.
+KILL_SWITCH_ENV = "VISIONSTREAM_FAULT_EXIT_ON"
 
 
 class ResidentModel(WorkerPlugin):
@@ -125,6 +129,7 @@ class ResidentModel(WorkerPlugin):
         # one torch thread per decode thread: the pool itself is the parallelism
         self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="visionstream-decode", initializer=torch.set_num_threads, initargs=(1,))
         self.worker_address = worker.address
+        self.exit_on = os.environ.get(KILL_SWITCH_ENV) or None
         self.device_decoder = _device_decoder(self.image_settings.decode, model.device)
         self.predict: Callable[[torch.Tensor], torch.Tensor] = model.predict
         self.streams = threading.local()
@@ -225,6 +230,9 @@ class ResidentModel(WorkerPlugin):
         """The CPU path for one image: a uint8 crop on the CPU, or its Failure."""
         if isinstance(data, ImageError):
             return Failure(data.stage, data.reason)
+        if self.exit_on is not None and self.exit_on in uri:
+            log.critical("fault injection: %s=%r matches %r; exiting", KILL_SWITCH_ENV, self.exit_on, uri)
+            os._exit(70)
         try:
             return decode_crop(
                 data, uri, self.loaded.preprocessing, self.image_settings.max_pixels, self.image_settings.draft  # type: ignore[union-attr]

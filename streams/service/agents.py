@@ -65,6 +65,7 @@ class StreamService:
             filter=allowed_filter(settings),
             events=settings.events,
             counters=self.counters,
+            cluster=self.cluster,
         )
         self.slots: dict[int, asyncio.Semaphore] = {}  # per priority; sized once the cluster is known
         self.in_flight: dict[int, int] = {}  # what each semaphore allows

@@ -12,7 +12,10 @@ Failures, and what becomes of them:
   - an object that cannot be fetched or decoded: a dead letter for that image (``fetch``,
     ``decode``); the rest of its batch is classified;
   - an image whose batch keeps killing Dask workers: the batch is split until the image
-    is alone, and only it is dead-lettered (``worker``);
+    is alone, and only it is dead-lettered (``worker``), once workers died with it alone on
+    them twice (the scheduler's record, ``inference.deaths``: the same for every stream
+    worker, and kept across their restarts); while one stream worker isolates, the others
+    hold their new batches (a cluster-wide lease), so that a suspect really runs alone;
   - anything else (cluster unreachable, a failed forward pass, storage down, a batch past
     ``batch.timeout_s``): transient; the batch is retried with backoff.
 """
@@ -24,12 +27,14 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_exception, stop_before_delay, wait_exponential
 
+from inference.deaths import DeathTally, convicted
 from inference.errors import BatchTimeout, ClusterUnavailable, WorkerLost
 from inference.results import Failure, ImageResult
 from inference.settings import BatchSettings, EventSettings, FilterSettings, TopicSettings
@@ -173,6 +178,36 @@ class AckTracker(Generic[Item]):
         return {partition: self._offset_of(queue[0][0]) for partition, queue in self._pending.items() if queue}
 
 
+class Isolation(Protocol):
+    """What isolating a worker-killer needs of the cluster (``InferenceCluster`` has it)."""
+
+    def tally_deaths(self, uris: list[str]) -> DeathTally: ...
+    def isolation(self) -> AbstractAsyncContextManager[None]: ...
+    async def wait_while_isolating(self, deadline_s: float) -> None: ...
+    async def others_processing(self, uris: list[str]) -> int: ...
+
+
+class NoLedger:
+    """No record of deaths (a cluster that keeps none): one WorkerLost of an image alone
+    convicts it, as Dask's KilledWorker says it died on every worker that tried it."""
+
+    def tally_deaths(self, uris: list[str]) -> DeathTally | None:  # type: ignore[override]
+        return None
+
+    @asynccontextmanager
+    async def isolation(self) -> AsyncIterator[None]:
+        yield
+
+    async def wait_while_isolating(self, deadline_s: float) -> None:
+        return None
+
+    async def others_processing(self, uris: list[str]) -> int:
+        return 0
+
+
+ALONE_POLL_S = 0.5  # how often an isolated attempt checks whether other batches still run
+
+
 @dataclass
 class BatchHandler:
     classify: Classify
@@ -182,6 +217,7 @@ class BatchHandler:
     filter: FilterSettings
     events: EventSettings = field(default_factory=EventSettings)
     counters: StreamMetrics = field(default_factory=StreamMetrics)
+    cluster: Isolation = field(default_factory=NoLedger)
     _warned_buckets: set[str] = field(default_factory=set, init=False, repr=False)
     _isolating: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     _not_isolating: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
@@ -277,12 +313,13 @@ class BatchHandler:
         """Classify; where the batch keeps killing workers, split it until the image that does is alone.
 
         Dask counts a worker's death against every task on it, so a batch beside the culprit
-        dies with it. The split therefore runs alone: one at a time, and no new batch of this
-        handler is submitted until it is over."""
+        dies with it. The split therefore runs alone: one suspect at a time under the
+        cluster-wide isolation lease, each attempt only once no other batch of ours runs, and
+        no new batch of this handler is submitted until it is over."""
         try:
             return list(await self._classify_with_retry(uris, priority))
         except WorkerLost:
-            async with self._isolating:
+            async with self._isolating, self.cluster.isolation():
                 self._not_isolating.clear()
                 try:
                     if len(uris) == 1:
@@ -297,14 +334,40 @@ class BatchHandler:
         return [*await self._alone(uris[:middle], priority), *await self._alone(uris[middle:], priority)]
 
     async def _alone(self, uris: list[str], priority: int) -> list[ImageResult | Failure]:
-        """Classify with nothing else of ours on the cluster; split further if the workers die."""
-        try:
-            return list(await self._classify_with_retry(uris, priority, isolated=True))
-        except WorkerLost as exc:
-            if len(uris) > 1:
-                return await self._halves(uris, priority)
-            log.error("dead-lettering %r: every worker that classified it, alone, died (%s)", uris[0], exc.reason)
-            return [Failure(WORKER_STAGE, f"the Dask workers classifying this image died: {exc.reason}")]
+        """Classify with nothing else of ours on the cluster; split further if the workers die.
+
+        One image is dead-lettered only once workers died with it alone on them twice (the
+        scheduler's record); a death beside other work, or a single one, says nothing about
+        it, and it is tried again, within ``batch.retry_timeout_s`` of isolation."""
+        give_up = time.monotonic() + self.batch.retry_timeout_s
+        while True:
+            await self._wait_until_alone(uris)
+            try:
+                return list(await self._classify_with_retry(uris, priority, isolated=True))
+            except WorkerLost as exc:
+                if len(uris) > 1:
+                    return await self._halves(uris, priority)
+                counted = self.cluster.tally_deaths(uris)
+                if counted is None or convicted(uris, counted):
+                    alone = "" if counted is None else f" ({counted.alone} time(s) alone on the worker)"
+                    log.error("dead-lettering %r: the Dask workers classifying it died%s: %s", uris[0], alone, exc.reason)
+                    return [Failure(WORKER_STAGE, f"the Dask workers classifying this image died{alone}: {exc.reason}")]
+                if time.monotonic() > give_up:
+                    raise BatchRetryExhausted(1, self.batch.retry_timeout_s, f"workers kept dying beside other work with {uris[0]!r} on them") from exc
+                log.warning("a worker died with %r on it (%d time(s) alone, %d beside other work): not enough to blame it; trying it alone again", uris[0], counted.alone, counted.beside)
+
+    async def _wait_until_alone(self, uris: list[str]) -> None:
+        """Until no other batch of ours runs on the cluster (at most ``batch.timeout_s``): those
+        of other stream workers already submitted finish, and new ones wait for the lease."""
+        give_up = time.monotonic() + self.batch.timeout_s
+        while time.monotonic() < give_up:
+            try:
+                if not await self.cluster.others_processing(uris):
+                    return
+            except Exception as exc:  # noqa: BLE001 - the attempt itself reports a lost cluster
+                log.debug("could not list the batches processing: %s", exc)
+                return
+            await asyncio.sleep(ALONE_POLL_S)
 
     async def _classify_with_retry(self, uris: list[str], priority: int, isolated: bool = False) -> list[ImageResult]:
         """Attempts with exponential backoff (``batch.retry_backoff_s``, doubling to 30 s) until
@@ -323,6 +386,7 @@ class BatchHandler:
                 with attempt:
                     if not isolated:
                         await self._not_isolating.wait()
+                        await self.cluster.wait_while_isolating(self.batch.timeout_s)
                     results = await self._attempt(uris, priority)
                     if len(results) != len(uris):
                         raise ClusterUnavailable("cluster", f"returned {len(results)} results for {len(uris)} images")
@@ -344,4 +408,7 @@ class BatchHandler:
         try:
             return await asyncio.wait_for(self.classify(uris, priority), timeout=self.batch.timeout_s)
         except TimeoutError as exc:
+            counted = self.cluster.tally_deaths(uris)
+            if counted is not None and counted.total:  # restarts and model loads ate the deadline
+                raise WorkerLost("cluster", f"past batch.timeout_s after {counted.total} worker death(s) with these images") from exc
             raise BatchTimeout(len(uris), self.batch.timeout_s) from exc

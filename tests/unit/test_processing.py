@@ -366,3 +366,89 @@ def test_ack_tracker_tracks_a_message_seen_twice_once():
     tracker.started([again, second])
     assert tracker.finished([first]) == [first]
     assert tracker.finished([second]) == [second] and tracker.waiting() == 0
+
+
+class Ledger:
+    """The scheduler's record of deaths, as the handler sees it: per image set, alone or beside."""
+
+    def __init__(self) -> None:
+        from inference.deaths import DeathTally
+
+        self.tallies: dict[tuple[str, ...], DeathTally] = {}
+        self.isolations = 0
+
+    def died(self, uris: list[str], alone: bool) -> None:
+        from inference.deaths import DeathTally
+
+        old = self.tallies.get(tuple(sorted(uris)), DeathTally(0, 0))
+        self.tallies[tuple(sorted(uris))] = DeathTally(old.beside + (not alone), old.alone + alone)
+
+    def tally_deaths(self, uris):
+        from inference.deaths import DeathTally
+
+        return self.tallies.get(tuple(sorted(uris)), DeathTally(0, 0))
+
+    def isolation(self):
+        from contextlib import asynccontextmanager
+
+        @asynccontextmanager
+        async def held():
+            self.isolations += 1
+            yield
+
+        return held()
+
+    async def wait_while_isolating(self, deadline_s):
+        return None
+
+    async def others_processing(self, uris):
+        return 0
+
+
+def test_a_worker_killer_is_dead_lettered_only_after_dying_alone_twice():
+    """Among 60, the poison image kills whatever worker runs it; the halves run alone, and the
+    image alone is dead-lettered once the record shows two deaths with it alone on the worker."""
+    ledger = Ledger()
+
+    class Killing(Recorder):
+        async def classify(self, uris, priority):
+            if any("poison" in uri for uri in uris):
+                self.batches.append(uris)
+                ledger.died(uris, alone=True)
+                raise WorkerLost("tcp://scheduler", "1 worker(s) died with the batch on them")
+            return await super().classify(uris, priority)
+
+    recorder = Killing()
+    keys = [f"Images/{i}.jpg" for i in range(60)]
+    keys[37] = "Images/poison.jpg"
+    h = handler(recorder)
+    h.cluster = ledger
+    asyncio.run(h.handle([upload(key, i) for i, key in enumerate(keys)]))
+    dead = [event for topic, _, event in recorder.published if topic == TOPICS.dead_letter]
+    assert [(event["stage"], event["uri"]) for event in dead] == [("worker", "s3://b/Images/poison.jpg")]
+    assert "2 time(s) alone" in dead[0]["reason"]
+    assert len([1 for topic, _, _ in recorder.published if topic == TOPICS.predictions]) == 59
+    assert [b for b in recorder.batches if b == ["s3://b/Images/poison.jpg"]] == [["s3://b/Images/poison.jpg"]] * 2
+    assert ledger.isolations == 1
+
+
+def test_a_death_that_no_image_explains_never_dead_letters_one():
+    """An operator's kill lands while an innocent image runs, beside another stream worker's
+    batch: it is tried alone again and predicted, never dead-lettered."""
+    ledger = Ledger()
+
+    class UnluckyOnce(Recorder):
+        deaths = 0
+
+        async def classify(self, uris, priority):
+            if self.deaths < 2 and "s3://b/Images/innocent.jpg" in uris:
+                self.deaths += 1
+                ledger.died(uris, alone=False)  # other work was on the worker too
+                raise WorkerLost("tcp://scheduler", "1 worker(s) died with the batch on them")
+            return await super().classify(uris, priority)
+
+    recorder = UnluckyOnce()
+    h = handler(recorder)
+    h.cluster = ledger
+    asyncio.run(h.handle([upload("Images/innocent.jpg")]))
+    assert [topic for topic, _, _ in recorder.published] == [TOPICS.predictions]
