@@ -42,6 +42,7 @@ import boto3
 from inference.results import is_dead_letter, is_prediction
 from inference.settings import Settings
 from streams.embedded.samples import generate_dataset
+from inference.worker import KILL_SWITCH_ENV
 from streams.embedded.stack import (
     EMBEDDED_BROKER_KAFKA,
     S3_TEST_CREDENTIALS,
@@ -83,9 +84,10 @@ class Supervisor:
     """Keeps the scheduler, the Dask worker and the stream workers running; kills, stops and
     starts them on request. A stream worker that was asked to leave stays down until it joins."""
 
-    def __init__(self, settings: Settings, work: Path, scheduler_port: int, stream_workers: int = 1) -> None:
+    def __init__(self, settings: Settings, work: Path, scheduler_port: int, stream_workers: int = 1, poison: str | None = None) -> None:
         self.settings, self.work, self.port = settings, work, scheduler_port
-        self.env = os.environ | S3_TEST_CREDENTIALS
+        # the Dask worker exits when it decodes an object whose URI holds ``poison`` (fault injection)
+        self.env = os.environ | S3_TEST_CREDENTIALS | ({KILL_SWITCH_ENV: poison} if poison else {})
         self.scheduler = start_dask_scheduler(work / "logs", port=scheduler_port)
         self.dask_worker = start_dask_worker(self.address, work / "logs", env=self.env)
         # each stream worker: its own web port and data directory, one consumer group
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=12, help="SIGKILLs in all, spread over the stream workers, the Dask worker and the scheduler")
     parser.add_argument("--churn", type=int, default=0, help="consumer-group changes: a stream worker joins, leaves (SIGTERM) or dies (SIGKILL)")
     parser.add_argument("--stream-workers", type=int, default=1, help="stream worker processes in the group (up to this many run at once)")
+    parser.add_argument("--poison", action="store_true", help="upload one image that kills the Dask worker decoding it (fault injection)")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--rate", type=float, default=40.0, help="notifications per second sent")
     parser.add_argument("--seed", type=int, default=1)
@@ -262,13 +265,18 @@ def main(argv: list[str] | None = None) -> int:
             s3.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
             (corrupt if "_bad" in path.name else good).add(f"s3://{bucket}/{key}")
         s3.put_object(Bucket=foreign, Key="Images/secret.jpg", Body=paths[0].read_bytes())
+        poisoned: set[str] = set()
+        if args.poison:  # a good JPEG; only the fault injection makes it deadly
+            key = "Images/n02085620-Chihuahua/poison-pill.jpg"
+            s3.put_object(Bucket=bucket, Key=key, Body=paths[0].read_bytes())
+            poisoned.add(f"s3://{bucket}/{key}")
         missing = {f"s3://{bucket}/Images/never-uploaded-{i}.jpg" for i in range(20)}
-        messages = [json.dumps(object_created_event(ObjectRef(bucket, uri.split("/", 3)[3], event_time=now_iso()))).encode() for uri in sorted(good | corrupt | missing)]
+        messages = [json.dumps(object_created_event(ObjectRef(bucket, uri.split("/", 3)[3], event_time=now_iso()))).encode() for uri in sorted(good | corrupt | missing | poisoned)]
         hostile = hostile_messages(bucket, foreign) * 3
         for message in hostile:
             messages.insert(rng.randrange(len(messages) + 1), message)
         asyncio.run(ensure_topics(settings.kafka, settings.topics))
-        supervisor = Supervisor(settings, work, scheduler_port, max(1, args.stream_workers))
+        supervisor = Supervisor(settings, work, scheduler_port, max(1, args.stream_workers), "poison-pill" if args.poison else None)
         started = time.monotonic()
         sending = threading.Thread(target=lambda: asyncio.run(send(settings, messages, args.rate)), daemon=True)
         sending.start()
@@ -304,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.monotonic() - started
         events = asyncio.run(read_all(settings))
     report = summarize(events, good, corrupt, missing, supervisor, elapsed, args)
+    report["poison_dead_lettered_as_worker"] = sorted(poisoned & {e["uri"] for e in events if is_dead_letter(e) and e["stage"] == "worker"})
+    report["worker_dead_letters"] = sorted({e["uri"] for e in events if is_dead_letter(e) and e["stage"] == "worker"})
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import pickle
 
+import pytest
+
 from pydantic import SecretStr
 
 from inference.cluster import InferenceCluster, embedded_cluster
@@ -45,5 +47,45 @@ def test_rotated_secrets_share_one_model_and_a_new_configuration_retires_the_old
             assert list(models) == [newer.plugin.name]  # the old model was released on the worker
             for cluster in [*clusters, newer]:
                 await cluster.close()
+
+    asyncio.run(run())
+
+
+def test_a_model_that_failed_to_load_is_loaded_again_once_its_checkpoint_exists(tmp_path, dask_scheduler):
+    """A stream worker starts before its checkpoint is in place: start-up fails loudly. The
+    scheduler keeps the registered plugin and never sets it up again; the restarted stream
+    worker's batches must still get a model: the worker loads it again after its backoff."""
+    import time
+
+    import torch
+
+    from inference.errors import ModelLoadFailed, WeightsUnavailable
+    from inference.model import load_model
+    from streams.embedded.samples import generate_dataset
+
+    checkpoint = tmp_path / "resnet18-late.pt"
+    model = ModelSettings(name="resnet18", weights=str(checkpoint), device="cpu", precision="fp32")
+    [image] = generate_dataset(tmp_path / "one", 1)
+    settings = ClusterSettings(scheduler=dask_scheduler)
+
+    async def run() -> None:
+        first = InferenceCluster(settings, model, ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
+        with pytest.raises(WeightsUnavailable, match="not found"):
+            await first.start()
+        torch.save(load_model(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32")).module.state_dict(), checkpoint)
+        second = InferenceCluster(settings, model, ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
+        await second.start()  # registering again is a no-op on the scheduler
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                [result] = await second.classify([str(image)])
+                break
+            except ModelLoadFailed as exc:  # within the worker's backoff: says why
+                assert "not found" in exc.reason and time.monotonic() < deadline
+                await asyncio.sleep(0.5)
+        assert result.error is None and result.prediction is not None
+        assert set((await second.model_loads()).values()) == {1}
+        await first.close()
+        await second.close()
 
     asyncio.run(run())
