@@ -125,3 +125,50 @@ def test_random_bytes_under_an_image_name_are_a_decode_failure(data):
     with pytest.raises(ImageDecodeError) as caught:
         decode_crop(b"\xff\xd8" + data, "random.jpg", SPEC, 10**7)
     assert caught.value.stage == "decode"
+
+
+def device_path_plugin():
+    """A CPU model whose worker takes the device-decode path, the device decoder stubbed at its
+    seam by libjpeg-turbo on the CPU (what nvJPEG does on a GPU, less the speed)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from inference.gpu import jpeg_decoder
+    from inference.model import load_model
+    from inference.settings import ImageSettings, ModelSettings, StorageSettings
+    from inference.worker import ResidentModel
+
+    plugin = ResidentModel(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32"), ImageSettings(), StorageSettings())
+    plugin.loaded = load_model(plugin.model_settings)
+    plugin.decode_pool = ThreadPoolExecutor(1)
+    plugin.device_decoder = jpeg_decoder("cpu")
+    plugin.exit_on = None
+    plugin.ready = threading.Event()
+    return plugin
+
+
+DEVICE_PLUGIN = device_path_plugin()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    fmt=st.sampled_from(sorted(SEEDS)),
+    edits=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6),
+    cut=st.one_of(st.none(), st.integers(0, 400)),
+    noise_bytes=st.binary(max_size=300),
+)
+def test_the_device_decode_path_gives_each_image_a_crop_or_its_own_failure(fmt, edits, cut, noise_bytes):
+    from inference.results import Failure
+
+    data = bytearray(SEEDS[fmt])
+    for position, value in edits:
+        if position < len(data):
+            data[position] = value
+    mutated = bytes(data[:cut] if cut is not None else data)
+    good = SEEDS["JPEG"]
+    uris = ["a.jpg", "m.jpg", "r.jpg", "b.jpg"]
+    outcomes = DEVICE_PLUGIN._prepare_all(uris, [good, mutated, b"\xff\xd8" + noise_bytes, good])
+    assert len(outcomes) == 4
+    for outcome in outcomes:
+        assert isinstance(outcome, Failure) and outcome.stage == "decode" or outcome.shape == (3, 224, 224)
+    assert outcomes[0].shape == outcomes[3].shape == (3, 224, 224)  # the good ones never pay for the others
