@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
+import re
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -159,7 +161,7 @@ def load_model(settings: ModelSettings, storage: StorageSettings | None = None) 
     if spec.kind == "torchvision":
         weights = _torchvision_weights(weights_enum, spec.value)
         reference = weights
-        module = _download_pretrained(settings.name, weights, spec.value)
+        module = _load_pretrained(settings.name, weights, spec.value)
     else:
         torch.manual_seed(settings.seed)
         module = torchvision.models.get_model(settings.name, weights=None)
@@ -240,15 +242,47 @@ def _torchvision_weights(weights_enum: Any, name: str) -> Any:
         raise ConfigError(f"model.weights {name!r}: not one of {known}, a checkpoint path, or none") from exc
 
 
-def _download_pretrained(model_name: str, weights: Any, spec: str) -> nn.Module:
-    """torchvision's own loading: the torch cache, else a download where a network exists."""
+def _load_pretrained(model_name: str, weights: Any, spec: str) -> nn.Module:
+    """torchvision's weights as a plain state_dict: from the torch cache (``$TORCH_HOME``),
+    downloaded there first where a network exists; the file's SHA-256 checked against the
+    digest prefix torchvision puts in its name on every load, not only at download (a file
+    planted in a shared cache is refused); loaded with ``weights_only`` (no code runs, whatever
+    the file holds). torchvision's own loader unpickles the cached file in full."""
+    url = weights.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    expected = _digest_prefix(path.name)
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=expected, progress=False)
+        except Exception as exc:  # noqa: BLE001 - URLError, OSError, hash mismatch...
+            raise WeightsUnavailable(
+                f"{spec} ({weights})", f"not in the torch cache ({path.parent}) and not downloadable: {type(exc).__name__}: {exc}"
+            ) from exc
+    digest = _sha256(path)
+    if expected and not digest.startswith(expected):
+        raise WeightsUnavailable(f"{spec} ({weights})", f"{path} does not match its published digest ({expected}...): refused")
     try:
-        return torchvision.models.get_model(model_name, weights=weights)
-    except Exception as exc:  # noqa: BLE001 - URLError, OSError, hash mismatch...
-        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-        raise WeightsUnavailable(
-            f"{spec} ({weights})", f"not in the torch cache ({cache}) and not downloadable: {exc}"
-        ) from exc
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        module = torchvision.models.get_model(model_name, weights=None, num_classes=len(weights.meta["categories"]))
+        module.load_state_dict(state, strict=True)
+    except Exception as exc:  # noqa: BLE001 - not a plain state_dict, or not this architecture's
+        raise WeightsUnavailable(f"{spec} ({weights})", f"{path} cannot be loaded as a state_dict: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _digest_prefix(filename: str) -> str | None:
+    """``resnet50-11ad3fa6.pth`` -> ``11ad3fa6``: the SHA-256 prefix torchvision publishes."""
+    match = re.search(r"-([a-f0-9]{6,})\.", filename)
+    return match.group(1) if match else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings) -> None:
