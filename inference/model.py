@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import torch
@@ -288,29 +289,43 @@ def _sha256(path: Path) -> str:
 def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings) -> None:
     """A state_dict file, local or s3://; loaded with weights_only (no code runs)."""
     options = storage.storage_options() if uri.startswith(("s3://", "s3a://")) else {}
+    shown = redact_uri(uri)  # what errors say: never a token the URI carries
     try:
         with fsspec.open(uri, "rb", **options) as handle:
             data = handle.read()
     except FileNotFoundError as exc:
-        raise WeightsUnavailable(uri, "checkpoint file not found") from exc
+        raise WeightsUnavailable(shown, "checkpoint file not found") from exc
     except Exception as exc:  # noqa: BLE001
-        raise WeightsUnavailable(uri, f"checkpoint unreadable: {type(exc).__name__}: {exc}") from exc
+        raise WeightsUnavailable(shown, f"checkpoint unreadable: {type(exc).__name__}: {exc}") from exc
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise WeightsUnavailable(uri, f"not a torch state_dict file: {exc}") from exc
+        raise WeightsUnavailable(shown, f"not a torch state_dict file: {exc}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise WeightsUnavailable(uri, f"holds a {type(state).__name__}, not a state_dict")
+        raise WeightsUnavailable(shown, f"holds a {type(state).__name__}, not a state_dict")
     state = {key.removeprefix("module."): value for key, value in state.items()}
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise WeightsUnavailable(uri, f"does not fit the model: {str(exc).splitlines()[0]}") from exc
+        raise WeightsUnavailable(shown, f"does not fit the model: {str(exc).splitlines()[0]}") from exc
 
 
 def _describe(spec: WeightsSpec) -> str:
+    """What events, logs and metrics say of the weights: never a secret a URI may carry."""
     if spec.kind == "checkpoint":
-        return spec.value  # a path or URI; never carries credentials (they live in settings)
+        return redact_uri(spec.value)
     return spec.value.upper() if spec.kind == "torchvision" else "none"
+
+
+def redact_uri(uri: str) -> str:
+    """A checkpoint's path or URI without what could be a credential: ``user:token@`` and the
+    query (a presigned URL's signature) are dropped. Pure."""
+    parts = urlsplit(uri)
+    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -181,3 +181,24 @@ def test_pretrained_weights_are_loaded_without_unpickling_and_checked_against_th
     torch.save(state, buffer)
     module = _load_pretrained("resnet18", plant(buffer.getvalue()), "IMAGENET1K_V1")
     assert torch.equal(module.state_dict()["fc.weight"], state["fc.weight"])
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("https://user:s3cr3t@models.example/resnet.pt?X-Amz-Signature=abc", "https://models.example/resnet.pt"),
+        ("s3://models/resnet50.pt", "s3://models/resnet50.pt"),
+        ("/models/resnet50.pt", "/models/resnet50.pt"),
+        ("https://models.example:8443/a.pt?token=t0k", "https://models.example:8443/a.pt"),
+    ],
+)
+def test_a_checkpoint_uri_is_described_without_credentials(uri, shown):
+    from inference.model import redact_uri
+
+    assert redact_uri(uri) == shown
+
+
+def test_a_checkpoint_that_cannot_be_read_is_reported_without_its_token():
+    with pytest.raises(WeightsUnavailable) as caught:
+        load_model(SMALL.model_copy(update={"weights": "memory://user:t0ps3cret@nowhere/ckpt.pt?sig=s1gn4ture"}))
+    assert "t0ps3cret" not in str(caught.value) and "s1gn4ture" not in str(caught.value)
