@@ -14,9 +14,10 @@ ENV PYTHONUNBUFFERED=1 \
     TORCH_HOME=/models/torch
 
 WORKDIR /app
-RUN pip install torch==2.14.1 torchvision==0.29.1
-COPY pyproject.toml README.md ./
 COPY requirements ./requirements
+# torch first (its own layer: gigabytes that change rarely), under the same constraints as the rest
+RUN pip install -c requirements/constraints.txt torch==2.14.1 torchvision==0.29.1
+COPY pyproject.toml README.md ./
 COPY inference ./inference
 COPY streams ./streams
 ARG EXTRAS=gpu

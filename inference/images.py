@@ -14,6 +14,7 @@ as the limit too, since lifting it would change what every other Pillow user in 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -32,6 +33,16 @@ from inference.errors import ImageDecodeError
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated")
 
 EXIF_ORIENTATION = 0x0112
+# The formats an object may be decoded as, whatever its key says: Pillow knows about 40, some
+# of which hand the bytes to other programs (EPS to Ghostscript) or decode a whole embedded
+# image while merely opening (ICO wrapping a PNG). Every one of these is opened header first,
+# so the pixel limit is checked before any pixel is decoded.
+ALLOWED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+_OPENERS = tuple(name for name in ALLOWED_FORMATS if name != "MPO")  # Pillow opens MPO through its JPEG plugin
+# A progressive JPEG is decoded scan by scan, each pass over every coefficient: a small file of
+# thousands of tiny scans costs minutes. Real encoders write at most a few dozen
+# (libjpeg-turbo's own advice for untrusted input is a limit of the same order).
+DEFAULT_MAX_SCANS = 100
 # JPEGs whose short side is at least this many times the resize target decode faster through
 # Pillow's draft mode (libjpeg's DCT scaling: 1/2, 1/4, 1/8) than in full through decode_jpeg;
 # below it decode_jpeg wins. Measured on this project's CPU (BENCHMARKS.md, "CPU decode").
@@ -82,30 +93,77 @@ class ImageHeader:
         return min(self.width, self.height) / resize_size
 
 
-def open_image(data: bytes, uri: str, max_pixels: int) -> Image.Image:
-    """``Image.open`` (header only, no pixels decoded) under our pixel limit; ImageDecodeError for
-    empty or unrecognised data or more than ``max_pixels`` pixels (a decompression bomb)."""
+def open_image(data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT_MAX_SCANS) -> Image.Image:
+    """``Image.open`` (header only, no pixels decoded) of one of ``ALLOWED_FORMATS``, under our
+    limits; ImageDecodeError for empty or unrecognised data, another format, more than
+    ``max_pixels`` pixels (a decompression bomb) or a JPEG of more than ``max_scans`` scans."""
     if not data:
         raise ImageDecodeError(uri, "empty object")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=_OPENERS)
     except Image.DecompressionBombError as exc:  # over Pillow's own ceiling (2 x MAX_IMAGE_PIXELS)
         raise ImageDecodeError(uri, f"exceeds the limit of Pillow's decompression-bomb guard: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(uri, "not a recognised image format") from exc
-    except (OSError, SyntaxError, ValueError, TypeError) as exc:
-        raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from exc
+        raise ImageDecodeError(uri, f"not a recognised image format (accepted: {', '.join(ALLOWED_FORMATS)})") from exc
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError, IndexError, KeyError, struct.error, NotImplementedError) as exc:
+        raise ImageDecodeError(uri, f"corrupt or truncated image: {type(exc).__name__}: {exc}") from exc
     width, height = image.size
     if width * height > max_pixels:
         image.close()
         raise ImageDecodeError(uri, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
+    if image.format in ("JPEG", "MPO"):
+        scans = jpeg_scans(data, max_scans)
+        if scans > max_scans:
+            image.close()
+            raise ImageDecodeError(uri, f"a JPEG of more than {max_scans} scans (images.max_jpeg_scans): too costly to decode")
     return image
 
 
-def read_header(data: bytes, uri: str, max_pixels: int) -> ImageHeader:
+def jpeg_scans(data: bytes, limit: int) -> int:
+    """How many scans (SOS segments) a JPEG holds, counting no further than ``limit`` + 1. Walks
+    the marker segments by their lengths (an EXIF thumbnail's scans inside APP1 do not count)
+    and skips each scan's entropy-coded data (where 0xFF is always stuffed or a restart marker).
+    Stops quietly at anything malformed: the decoder reports that. Pure."""
+    size = len(data)
+    position, scans = 2, 0  # past SOI
+    while position + 1 < size and scans <= limit:
+        if data[position] != 0xFF:
+            break
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
+            position += 2
+            continue
+        if position + 4 > size:
+            break
+        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker != 0xDA:
+            position = end
+            continue
+        scans += 1
+        position = end
+        while True:  # the entropy-coded data: up to the next marker that is not stuffing or a restart
+            position = data.find(b"\xff", position)
+            if position < 0 or position + 1 >= size:
+                return scans
+            following = data[position + 1]
+            if following == 0x00 or 0xD0 <= following <= 0xD7:
+                position += 2
+            elif following == 0xFF:
+                position += 1
+            else:
+                break
+    return scans
+
+
+def read_header(data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT_MAX_SCANS) -> ImageHeader:
     """Format, mode, size and orientation from the header; ImageDecodeError for empty or
     unrecognised data, or more than ``max_pixels`` pixels (a decompression bomb is refused here)."""
-    with open_image(data, uri, max_pixels) as image:
+    with open_image(data, uri, max_pixels, max_scans) as image:
         try:
             orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image.format in ("JPEG", "MPO") else 1
         except (OSError, SyntaxError, ValueError, TypeError) as exc:
@@ -114,13 +172,13 @@ def read_header(data: bytes, uri: str, max_pixels: int) -> ImageHeader:
         return ImageHeader(image.format, image.mode, width, height, orientation if orientation in range(1, 9) else 1)
 
 
-def decode(data: bytes, uri: str, max_pixels: int, draft_size: int | None = None) -> Image.Image:
+def decode(data: bytes, uri: str, max_pixels: int, draft_size: int | None = None, max_scans: int = DEFAULT_MAX_SCANS) -> Image.Image:
     """Decode bytes into an upright RGB Pillow image, or raise ImageDecodeError.
 
     ``draft_size`` lets JPEG decode at 1/2, 1/4 or 1/8 scale while the short side stays at
     least that large: the resize that follows is then cheaper and nearly identical.
     """
-    image = open_image(data, uri, max_pixels)
+    image = open_image(data, uri, max_pixels, max_scans)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -155,14 +213,16 @@ def as_bytes_tensor(data: bytes) -> Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def decode_crop(data: bytes, uri: str, spec: Preprocessing, max_pixels: int, draft: bool = True) -> Tensor:
+def decode_crop(
+    data: bytes, uri: str, spec: Preprocessing, max_pixels: int, draft: bool = True, max_scans: int = DEFAULT_MAX_SCANS
+) -> Tensor:
     """The CPU path: bytes -> upright uint8 crop [3, crop, crop], or ImageDecodeError.
 
     Plain JPEGs decode through torchvision.io (libjpeg-turbo, about twice Pillow's rate with the
     tensor resize), except large ones that Pillow's draft mode decodes at reduced scale; the
     rest, and any JPEG decode_jpeg refuses, through Pillow, whose errors name what is wrong.
     """
-    header = read_header(data, uri, max_pixels)
+    header = read_header(data, uri, max_pixels, max_scans)
     if header.plain_jpeg and not (draft and header.draft_scale(spec.resize_size) >= DRAFT_MIN_SCALE):
         try:
             image = decode_jpeg(as_bytes_tensor(data), mode=ImageReadMode.RGB)
@@ -170,7 +230,7 @@ def decode_crop(data: bytes, uri: str, spec: Preprocessing, max_pixels: int, dra
             pass  # corrupt, truncated or unusual: Pillow decides, and says why if it fails too
         else:
             return resize_crop(orient(image, header.orientation), spec)
-    image = decode(data, uri, max_pixels, spec.resize_size if draft else None)
+    image = decode(data, uri, max_pixels, spec.resize_size if draft else None, max_scans)
     return resize_crop(F.pil_to_tensor(image), spec)
 
 

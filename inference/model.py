@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
+import re
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
 import torch
@@ -159,7 +162,7 @@ def load_model(settings: ModelSettings, storage: StorageSettings | None = None) 
     if spec.kind == "torchvision":
         weights = _torchvision_weights(weights_enum, spec.value)
         reference = weights
-        module = _download_pretrained(settings.name, weights, spec.value)
+        module = _load_pretrained(settings.name, weights, spec.value)
     else:
         torch.manual_seed(settings.seed)
         module = torchvision.models.get_model(settings.name, weights=None)
@@ -240,43 +243,89 @@ def _torchvision_weights(weights_enum: Any, name: str) -> Any:
         raise ConfigError(f"model.weights {name!r}: not one of {known}, a checkpoint path, or none") from exc
 
 
-def _download_pretrained(model_name: str, weights: Any, spec: str) -> nn.Module:
-    """torchvision's own loading: the torch cache, else a download where a network exists."""
+def _load_pretrained(model_name: str, weights: Any, spec: str) -> nn.Module:
+    """torchvision's weights as a plain state_dict: from the torch cache (``$TORCH_HOME``),
+    downloaded there first where a network exists; the file's SHA-256 checked against the
+    digest prefix torchvision puts in its name on every load, not only at download (a file
+    planted in a shared cache is refused); loaded with ``weights_only`` (no code runs, whatever
+    the file holds). torchvision's own loader unpickles the cached file in full."""
+    url = weights.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    expected = _digest_prefix(path.name)
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=expected, progress=False)
+        except Exception as exc:  # noqa: BLE001 - URLError, OSError, hash mismatch...
+            raise WeightsUnavailable(
+                f"{spec} ({weights})", f"not in the torch cache ({path.parent}) and not downloadable: {type(exc).__name__}: {exc}"
+            ) from exc
+    digest = _sha256(path)
+    if expected and not digest.startswith(expected):
+        raise WeightsUnavailable(f"{spec} ({weights})", f"{path} does not match its published digest ({expected}...): refused")
     try:
-        return torchvision.models.get_model(model_name, weights=weights)
-    except Exception as exc:  # noqa: BLE001 - URLError, OSError, hash mismatch...
-        cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-        raise WeightsUnavailable(
-            f"{spec} ({weights})", f"not in the torch cache ({cache}) and not downloadable: {exc}"
-        ) from exc
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        module = torchvision.models.get_model(model_name, weights=None, num_classes=len(weights.meta["categories"]))
+        module.load_state_dict(state, strict=True)
+    except Exception as exc:  # noqa: BLE001 - not a plain state_dict, or not this architecture's
+        raise WeightsUnavailable(f"{spec} ({weights})", f"{path} cannot be loaded as a state_dict: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
+def _digest_prefix(filename: str) -> str | None:
+    """``resnet50-11ad3fa6.pth`` -> ``11ad3fa6``: the SHA-256 prefix torchvision publishes."""
+    match = re.search(r"-([a-f0-9]{6,})\.", filename)
+    return match.group(1) if match else None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings) -> None:
     """A state_dict file, local or s3://; loaded with weights_only (no code runs)."""
     options = storage.storage_options() if uri.startswith(("s3://", "s3a://")) else {}
+    shown = redact_uri(uri)  # what errors say: never a token the URI carries
     try:
         with fsspec.open(uri, "rb", **options) as handle:
             data = handle.read()
     except FileNotFoundError as exc:
-        raise WeightsUnavailable(uri, "checkpoint file not found") from exc
+        raise WeightsUnavailable(shown, "checkpoint file not found") from exc
     except Exception as exc:  # noqa: BLE001
-        raise WeightsUnavailable(uri, f"checkpoint unreadable: {type(exc).__name__}: {exc}") from exc
+        raise WeightsUnavailable(shown, f"checkpoint unreadable: {type(exc).__name__}: {exc}") from exc
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise WeightsUnavailable(uri, f"not a torch state_dict file: {exc}") from exc
+        raise WeightsUnavailable(shown, f"not a torch state_dict file: {exc}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise WeightsUnavailable(uri, f"holds a {type(state).__name__}, not a state_dict")
+        raise WeightsUnavailable(shown, f"holds a {type(state).__name__}, not a state_dict")
     state = {key.removeprefix("module."): value for key, value in state.items()}
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise WeightsUnavailable(uri, f"does not fit the model: {str(exc).splitlines()[0]}") from exc
+        raise WeightsUnavailable(shown, f"does not fit the model: {str(exc).splitlines()[0]}") from exc
 
 
 def _describe(spec: WeightsSpec) -> str:
+    """What events, logs and metrics say of the weights: never a secret a URI may carry."""
     if spec.kind == "checkpoint":
-        return spec.value  # a path or URI; never carries credentials (they live in settings)
+        return redact_uri(spec.value)
     return spec.value.upper() if spec.kind == "torchvision" else "none"
+
+
+def redact_uri(uri: str) -> str:
+    """A checkpoint's path or URI without what could be a credential: ``user:token@`` and the
+    query (a presigned URL's signature) are dropped. Pure."""
+    parts = urlsplit(uri)
+    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
+        return uri
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +62,11 @@ def _markdown(summary: dict[str, Any], source: str, charts: list[Path]) -> str:
         "| --- | --- | ---: | ---: | ---: |",
     ]
     lines += [
-        f"| {wnid} | {c['label'] or ''} | {c['images']} | {c['correct']} | {c['accuracy']:.1%} |"
+        f"| {_cell(wnid)} | {_cell(c['label'] or '')} | {c['images']} | {c['correct']} | {c['accuracy']:.1%} |"
         for wnid, c in summary["per_class"].items()
     ]
     lines += ["", "## Most confused (truth -> predicted)", "", "| truth | predicted | count |", "| --- | --- | ---: |"]
-    lines += [f"| {c['truth']} | {c['predicted']} | {c['count']} |" for c in summary["confusions"]]
+    lines += [f"| {_cell(c['truth'])} | {_cell(c['predicted'])} | {c['count']} |" for c in summary["confusions"]]
     scores = summary["scores"]
     lines += [
         "",
@@ -83,6 +85,17 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _cell(text: Any) -> str:
+    """A Markdown table cell that shows ``text`` as it is: no column break, no HTML, no markup."""
+    escaped = re.sub(r"[\r\n]+", " ", html.escape(str(text), quote=False))
+    return re.sub(r"([\\`*_\[\]|#!~$])", r"\\\1", escaped)
+
+
+def _plain_text(text: str) -> str:
+    """A chart label as it is: matplotlib reads ``$...$`` as mathtext (and fails on bad TeX)."""
+    return text.replace("$", "\\$")
+
+
 def _charts(summary: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib
 
@@ -92,7 +105,7 @@ def _charts(summary: dict[str, Any], folder: Path) -> list[Path]:
     written: list[Path] = []
     classes = summary["per_class"]
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * len(classes) + 1)))
-    labels = [c["label"] or wnid for wnid, c in classes.items()]
+    labels = [_plain_text(c["label"] or wnid) for wnid, c in classes.items()]
     ax.barh(labels, [c["accuracy"] for c in classes.values()], color="#4c72b0")
     ax.set_xlim(0, 1)
     ax.set_xlabel("top-1 accuracy")

@@ -202,9 +202,14 @@ class ResidentModel(WorkerPlugin):
                 outcomes[index] = Failure(data.stage, data.reason)
                 continue
             try:
-                header = read_header(data, uri, self.image_settings.max_pixels)
+                header = read_header(data, uri, self.image_settings.max_pixels, self.image_settings.max_jpeg_scans)
             except ImageError as exc:
                 outcomes[index] = Failure(exc.stage, exc.reason)
+                continue
+            except (MemoryError, torch.OutOfMemoryError):
+                raise  # the worker's memory, not the image: the batch is retried
+            except Exception as exc:  # noqa: BLE001 - whatever a parser raises, it is this image's alone
+                outcomes[index] = Failure("decode", f"{type(exc).__name__}: {exc}"[:500])
                 continue
             if device_decodable(header, data):
                 on_device.append(index)
@@ -234,9 +239,8 @@ class ResidentModel(WorkerPlugin):
             log.critical("fault injection: %s=%r matches %r; exiting", KILL_SWITCH_ENV, self.exit_on, uri)
             os._exit(70)
         try:
-            return decode_crop(
-                data, uri, self.loaded.preprocessing, self.image_settings.max_pixels, self.image_settings.draft  # type: ignore[union-attr]
-            )
+            images = self.image_settings
+            return decode_crop(data, uri, self.loaded.preprocessing, images.max_pixels, images.draft, images.max_jpeg_scans)  # type: ignore[union-attr]
         except ImageError as exc:
             return Failure(exc.stage, exc.reason)
         except (MemoryError, torch.OutOfMemoryError):

@@ -15,12 +15,16 @@ from datetime import UTC, datetime
 
 NOISY = ("distributed", "aiokafka", "faust", "mode", "botocore", "s3fs", "urllib3", "asyncio")
 FIELDS = ("batch", "topic", "partition", "offsets", "images", "predictions", "dead_letters", "duration_ms")
-_CONTROL = {code: f"\\x{code:02x}" for code in [*range(0x20), 0x7F]} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
+# C0 and C1 controls (0x9b is a one-byte CSI to many terminals), the bidirectional overrides
+# and isolates (U+202E shows a key backwards), and the line and paragraph separators.
+_INVISIBLE = [*range(0x20), *range(0x7F, 0xA0), 0x061C, 0x200E, 0x200F, *range(0x2028, 0x202F), *range(0x2066, 0x206A), 0xFEFF]
+_CONTROL = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in _INVISIBLE} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
 
 
 def escape(text: str) -> str:
-    """Control characters as visible escapes: a key with a newline cannot forge a log line,
-    one with ANSI escapes cannot repaint a terminal."""
+    """Control and invisible formatting characters as visible escapes: a key with a newline
+    cannot forge a log line, one with ANSI or C1 escapes cannot repaint a terminal, one with
+    a bidirectional override cannot show itself reversed."""
     return text.translate(_CONTROL)
 
 

@@ -16,8 +16,11 @@ Failures, and what becomes of them:
     them twice (the scheduler's record, ``inference.deaths``: the same for every stream
     worker, and kept across their restarts); while one stream worker isolates, the others
     hold their new batches (a cluster-wide lease), so that a suspect really runs alone;
-  - anything else (cluster unreachable, a failed forward pass, storage down, a batch past
-    ``batch.timeout_s``): transient; the batch is retried with backoff.
+  - a batch past ``batch.timeout_s``: split like a batch that kills workers, so that an image
+    that will not finish ends alone; it is dead-lettered (``decode``) once it timed out alone
+    twice while other images were classified (a cluster that stalls as a whole convicts none);
+  - anything else (cluster unreachable, a failed forward pass, storage down): transient; the
+    batch is retried with backoff.
 """
 
 from __future__ import annotations
@@ -206,6 +209,7 @@ class NoLedger:
 
 
 ALONE_POLL_S = 0.5  # how often an isolated attempt checks whether other batches still run
+CANARY_URI = "memory://visionstream-probe/nothing-here.jpg"  # fetched by a probe; never exists
 
 
 @dataclass
@@ -219,6 +223,7 @@ class BatchHandler:
     counters: StreamMetrics = field(default_factory=StreamMetrics)
     cluster: Isolation = field(default_factory=NoLedger)
     _warned_buckets: set[str] = field(default_factory=set, init=False, repr=False)
+    _last_success: float = field(default=0.0, init=False, repr=False)  # monotonic: an attempt of ours completed
     _isolating: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     _not_isolating: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
 
@@ -318,7 +323,9 @@ class BatchHandler:
         no new batch of this handler is submitted until it is over."""
         try:
             return list(await self._classify_with_retry(uris, priority))
-        except WorkerLost:
+        except (WorkerLost, BatchTimeout) as exc:
+            self.counters.batch_retried()  # its images are tried again, in smaller batches
+            log.warning("batch of %d failed (%s); trying its images again in isolation", len(uris), exc)
             async with self._isolating, self.cluster.isolation():
                 self._not_isolating.clear()
                 try:
@@ -328,9 +335,9 @@ class BatchHandler:
                 finally:
                     self._not_isolating.set()
 
-    async def _halves(self, uris: list[str], priority: int) -> list[ImageResult | Failure]:
+    async def _halves(self, uris: list[str], priority: int, why: str = "killed its workers") -> list[ImageResult | Failure]:
         middle = len(uris) // 2
-        log.warning("a batch of %d killed its workers; splitting it to find the image", len(uris))
+        log.warning("a batch of %d %s; splitting it to find the image", len(uris), why)
         return [*await self._alone(uris[:middle], priority), *await self._alone(uris[middle:], priority)]
 
     async def _alone(self, uris: list[str], priority: int) -> list[ImageResult | Failure]:
@@ -340,10 +347,25 @@ class BatchHandler:
         scheduler's record); a death beside other work, or a single one, says nothing about
         it, and it is tried again, within ``batch.retry_timeout_s`` of isolation."""
         give_up = time.monotonic() + self.batch.retry_timeout_s
+        timeouts: list[float] = []  # when each attempt of this one image began, that then timed out
         while True:
             await self._wait_until_alone(uris)
+            began = time.monotonic()
             try:
                 return list(await self._classify_with_retry(uris, priority, isolated=True))
+            except BatchTimeout as exc:
+                if len(uris) > 1:
+                    return await self._halves(uris, priority, f"did not finish within {self.batch.timeout_s:g} s")
+                timeouts.append(began)
+                if len(timeouts) >= 2 and self._last_success > timeouts[-2]:
+                    log.error("dead-lettering %r: it did not finish within batch.timeout_s alone, %d times, while other images were classified", uris[0], len(timeouts))
+                    return [Failure("decode", f"classifying this image alone did not finish within batch.timeout_s ({self.batch.timeout_s:g} s), {len(timeouts)} times, while other images were")]
+                if time.monotonic() > give_up:
+                    raise BatchRetryExhausted(1, self.batch.retry_timeout_s, str(exc)) from exc
+                self.counters.batch_retried()
+                log.warning("%r did not finish within batch.timeout_s alone; checking that the cluster answers, then trying it again", uris[0])
+                await self._probe_cluster(priority)
+                await asyncio.sleep(self.batch.retry_backoff_s)
             except WorkerLost as exc:
                 if len(uris) > 1:
                     return await self._halves(uris, priority)
@@ -355,6 +377,17 @@ class BatchHandler:
                 if time.monotonic() > give_up:
                     raise BatchRetryExhausted(1, self.batch.retry_timeout_s, f"workers kept dying beside other work with {uris[0]!r} on them") from exc
                 log.warning("a worker died with %r on it (%d time(s) alone, %d beside other work): not enough to blame it; trying it alone again", uris[0], counted.alone, counted.beside)
+
+    async def _probe_cluster(self, priority: int) -> None:
+        """One tiny batch (an object that does not exist: its record comes back at once): if it
+        completes within the deadline, the cluster works, and an image that keeps timing out
+        alone is the image's fault. Its record is not published."""
+        try:
+            await asyncio.wait_for(self.classify([CANARY_URI], priority), timeout=self.batch.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - a cluster that does not answer convicts no image
+            log.warning("the cluster did not answer a probe (%s: %s)", type(exc).__name__, exc)
+        else:
+            self._last_success = time.monotonic()
 
     async def _wait_until_alone(self, uris: list[str]) -> None:
         """Until no other batch of ours runs on the cluster (at most ``batch.timeout_s``): those
@@ -372,10 +405,11 @@ class BatchHandler:
     async def _classify_with_retry(self, uris: list[str], priority: int, isolated: bool = False) -> list[ImageResult]:
         """Attempts with exponential backoff (``batch.retry_backoff_s``, doubling to 30 s) until
         one succeeds, or until the next pause would pass ``batch.retry_timeout_s``: then
-        BatchRetryExhausted. WorkerLost is not retried here (the caller splits the batch)."""
+        BatchRetryExhausted. WorkerLost and BatchTimeout are not retried here (the caller splits
+        the batch)."""
         retrying = AsyncRetrying(
-            # errors only: WorkerLost (the caller splits), cancellation, SystemExit... go straight out
-            retry=retry_if_exception(lambda exc: isinstance(exc, Exception) and not isinstance(exc, WorkerLost)),
+            # errors only: WorkerLost and BatchTimeout (the caller splits), cancellation, SystemExit... go straight out
+            retry=retry_if_exception(lambda exc: isinstance(exc, Exception) and not isinstance(exc, WorkerLost | BatchTimeout)),
             stop=stop_before_delay(self.batch.retry_timeout_s),
             wait=wait_exponential(multiplier=self.batch.retry_backoff_s, exp_base=2, max=30.0),
             before_sleep=self._retrying,
@@ -390,6 +424,7 @@ class BatchHandler:
                     results = await self._attempt(uris, priority)
                     if len(results) != len(uris):
                         raise ClusterUnavailable("cluster", f"returned {len(results)} results for {len(uris)} images")
+            self._last_success = time.monotonic()
             return results
         except RetryError as exc:
             cause = exc.last_attempt.exception()

@@ -95,3 +95,16 @@ def test_accuracy_is_none_when_nothing_was_judged_and_the_classify_tally_uses_it
     assert (tally.matches, tally.with_truth, tally.accuracy) == (2, 3, accuracy(2, 3))
     assert "66.67% top-1 (2/3 with truth)" in tally.summary()
     assert "no ground truth" in Tally().summary()
+
+
+def test_labels_from_keys_cannot_break_the_report(tmp_path: Path):
+    """Ground truth comes from object keys: TeX for matplotlib, pipes and HTML for Markdown."""
+    odd = ("n09999999", "$\\frac{1}{0$ <script>x</script> | a|b")
+    records = [event("s3://b/odd1", odd, odd, 0.9), event("s3://b/odd2", odd, CHI, 0.3)]
+    summary = summarize(latest_per_uri(records).values())
+    written = write_report(summary, tmp_path / "report", "s3://b/")
+    assert len([p for p in written if p.suffix == ".png"]) == 3
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "<script>" not in text and "&lt;script&gt;" in text
+    row = next(line for line in text.splitlines() if line.startswith("| n09999999"))
+    assert row.count("|") - row.count("\\|") == 6  # five columns, the label's pipes escaped

@@ -33,3 +33,13 @@ def test_tail_escapes_terminal_control_sequences():
     assert "\x1b" not in line and "\r" not in line and "\\x1b[2J" in line
     assert "\x1b" not in render(b"\x1b[2J not json") and "\x1b" not in render(json.dumps(["\x1b"]).encode())
     assert escape("ok") == "ok"
+
+
+def test_c1_controls_bidi_overrides_and_line_separators_are_escaped_too():
+    hostile = "a\x9b2Jb\u202egpj.exe\u2028level=ERROR\u2029c\u2066d\ufeff"
+    line = TextFormatter().format(record(f"skipped {hostile!s}"))
+    for character in ("\x9b", "\u202e", "\u2028", "\u2029", "\u2066", "\ufeff"):
+        assert character not in line
+    assert "\\x9b" in line and "\\u202e" in line and "\\u2028" in line
+    assert escape("Chihuahua – naïve café") == "Chihuahua – naïve café"  # ordinary text stays as it is
+    assert "\u202e" not in render(json.dumps({"schema": DEAD_LETTER_SCHEMA, "uri": "s3://b/\u202eexe.jpg", "stage": "x", "reason": "y"}).encode())

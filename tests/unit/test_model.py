@@ -1,3 +1,4 @@
+import io
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,7 @@ def test_checkpoint_for_another_architecture(tmp_path: Path):
 
 def test_pretrained_weights_that_cannot_be_had_fail_with_one_clear_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty cache; this machine has no network
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
     with pytest.raises(WeightsUnavailable, match="IMAGENET1K_V1.*not in the torch cache.*--weights none"):
         load_model(SMALL.model_copy(update={"weights": "IMAGENET1K_V1"}))
 
@@ -131,3 +132,73 @@ def test_cuda_graphs_need_a_cuda_device():
 
     with pytest.raises(ValueError, match="CUDA device"):
         GraphedModel.capture(load_model(SMALL), 4)
+
+
+class PlantedPickle:
+    """What an attacker plants in a shared torch cache: unpickling it runs code."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pretrained_weights_are_loaded_without_unpickling_and_checked_against_their_digest(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    import hashlib
+    import pickle
+
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    cached = tmp_path / "hub" / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    cached.parent.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    cached.write_bytes(pickle.dumps({"fc.weight": PlantedPickle(str(marker))}))
+    with pytest.raises(WeightsUnavailable, match="does not match its published digest"):
+        load_model(ModelSettings(name="resnet18", weights="IMAGENET1K_V1", device="cpu", precision="fp32"))
+    assert not marker.exists()
+
+    # a file that does match its name's digest (made here, as no network is at hand) loads
+    # through weights_only: a pickle that would run code is refused, a plain state_dict loads
+    from inference.model import _load_pretrained
+
+    class Named:
+        def __init__(self, url: str) -> None:
+            self.url, self.meta = url, weights.meta
+
+    def plant(payload: bytes) -> Named:
+        name = f"resnet18-{hashlib.sha256(payload).hexdigest()[:8]}.pth"
+        (cached.parent / name).write_bytes(payload)
+        return Named(f"https://example.invalid/models/{name}")
+
+    with pytest.raises(WeightsUnavailable, match="cannot be loaded as a state_dict"):
+        _load_pretrained("resnet18", plant(pickle.dumps({"fc.weight": PlantedPickle(str(marker))})), "IMAGENET1K_V1")
+    assert not marker.exists()
+    buffer = io.BytesIO()
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, buffer)
+    module = _load_pretrained("resnet18", plant(buffer.getvalue()), "IMAGENET1K_V1")
+    assert torch.equal(module.state_dict()["fc.weight"], state["fc.weight"])
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("https://user:s3cr3t@models.example/resnet.pt?X-Amz-Signature=abc", "https://models.example/resnet.pt"),
+        ("s3://models/resnet50.pt", "s3://models/resnet50.pt"),
+        ("/models/resnet50.pt", "/models/resnet50.pt"),
+        ("https://models.example:8443/a.pt?token=t0k", "https://models.example:8443/a.pt"),
+    ],
+)
+def test_a_checkpoint_uri_is_described_without_credentials(uri, shown):
+    from inference.model import redact_uri
+
+    assert redact_uri(uri) == shown
+
+
+def test_a_checkpoint_that_cannot_be_read_is_reported_without_its_token():
+    with pytest.raises(WeightsUnavailable) as caught:
+        load_model(SMALL.model_copy(update={"weights": "memory://user:t0ps3cret@nowhere/ckpt.pt?sig=s1gn4ture"}))
+    assert "t0ps3cret" not in str(caught.value) and "s1gn4ture" not in str(caught.value)

@@ -452,3 +452,54 @@ def test_a_death_that_no_image_explains_never_dead_letters_one():
     h.cluster = ledger
     asyncio.run(h.handle([upload("Images/innocent.jpg")]))
     assert [topic for topic, _, _ in recorder.published] == [TOPICS.predictions]
+
+
+class SlowImage(Recorder):
+    """Any batch holding the slow image never finishes within the deadline; the rest are quick."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts_with_slow = 0
+
+    async def classify(self, uris, priority):
+        if any("slow" in uri for uri in uris):
+            self.attempts_with_slow += 1
+            await asyncio.sleep(3600)
+        return await super().classify(uris, priority)
+
+
+def test_a_batch_past_its_deadline_is_split_and_only_the_image_that_never_finishes_is_dead_lettered():
+    recorder = SlowImage()
+    keys = [f"Images/{i}.jpg" for i in range(20)]
+    keys[13] = "Images/slow.jpg"
+    h = handler(recorder, timeout_s=0.05, retry_timeout_s=30, retry_backoff_s=0.01)
+    started = time.monotonic()
+    asyncio.run(h.handle([upload(key, i) for i, key in enumerate(keys)]))
+    dead = [event for topic, _, event in recorder.published if topic == TOPICS.dead_letter]
+    assert [(event["stage"], event["uri"]) for event in dead] == [("decode", "s3://b/Images/slow.jpg")]
+    assert "did not finish within batch.timeout_s" in dead[0]["reason"]
+    assert len([1 for topic, _, _ in recorder.published if topic == TOPICS.predictions]) == 19
+    assert recorder.attempts_with_slow <= 8  # log2(20) splits and two tries alone, not a retry loop
+    assert time.monotonic() - started < 10
+
+
+def test_a_cluster_that_stalls_as_a_whole_convicts_no_image():
+    """Every attempt hangs until the cluster comes back: the halves and the single images all time
+    out, and none is blamed, since nothing else finished meanwhile; then everything is predicted."""
+
+    class Stalled(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.hung = 0
+
+        async def classify(self, uris, priority):
+            if self.hung < 12:
+                self.hung += 1
+                await asyncio.sleep(3600)
+            return await super().classify(uris, priority)
+
+    recorder = Stalled()
+    h = handler(recorder, timeout_s=0.05, retry_timeout_s=30, retry_backoff_s=0.01)
+    asyncio.run(h.handle([upload(f"Images/{i}.jpg", i) for i in range(4)]))
+    assert [topic for topic, _, _ in recorder.published] == [TOPICS.predictions] * 4
+    assert h.counters.batch_retries >= 1

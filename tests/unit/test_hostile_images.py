@@ -1,0 +1,174 @@
+"""Objects built to hurt: scans that cost minutes, formats we never chose, and random bytes under
+image names. Each ends as that image's own decode failure, at bounded cost, on every path."""
+
+import io
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from inference.errors import ImageDecodeError
+from inference.images import ALLOWED_FORMATS, DEFAULT_MAX_SCANS, Preprocessing, decode_crop, jpeg_scans, read_header
+
+SPEC = Preprocessing()
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def progressive(width: int = 256, height: int = 256, flat: bool = False) -> bytes:
+    pixels = np.random.default_rng(1).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    picture = Image.new("RGB", (width, height), (120, 130, 140)) if flat else Image.fromarray(pixels)
+    return encoded(picture, "JPEG", progressive=True, quality=90)
+
+
+def with_extra_scans(data: bytes, copies: int) -> bytes:
+    """The hostile file: the last scan (SOS to EOI) repeated ``copies`` times before EOI."""
+    last_scan = data.rindex(b"\xff\xda")
+    scan = data[last_scan:-2]
+    return data[:-2] + scan * copies + b"\xff\xd9"
+
+
+def test_a_real_progressive_jpeg_is_decoded_and_its_scans_counted():
+    data = progressive()
+    scans = jpeg_scans(data, DEFAULT_MAX_SCANS)
+    assert 2 <= scans <= 20  # what libjpeg writes for a progressive file
+    assert decode_crop(data, "p.jpg", SPEC, 10**8).shape == (3, 224, 224)
+    assert jpeg_scans(encoded(Image.new("RGB", (64, 64)), "JPEG"), DEFAULT_MAX_SCANS) == 1  # baseline: one scan
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_any_decoding():
+    data = with_extra_scans(progressive(1024, 1024, flat=True), 4000)  # a flat picture: each scan is tiny
+    assert len(data) < 1_000_000
+    started = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="more than 100 scans") as caught:
+        decode_crop(data, "slow.jpg", SPEC, 10**8)
+    assert caught.value.stage == "decode"
+    assert time.perf_counter() - started < 1.0  # counted, not decoded (decoding takes seconds)
+    with pytest.raises(ImageDecodeError, match="images.max_jpeg_scans"):
+        read_header(data, "slow.jpg", 10**8)
+    assert decode_crop(with_extra_scans(progressive(), 3), "few.jpg", SPEC, 10**8, max_scans=100).shape == (3, 224, 224)
+
+
+def test_a_thumbnails_scans_inside_exif_do_not_count():
+    thumbnail = encoded(Image.new("RGB", (16, 16), (9, 9, 9)), "JPEG")
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 10  # a description; the thumbnail rides in APP1 as raw bytes below
+    main = encoded(Image.new("RGB", (64, 64), (200, 10, 10)), "JPEG", exif=exif.tobytes() + thumbnail * 3)
+    assert jpeg_scans(main, DEFAULT_MAX_SCANS) == 1
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [("ICO", {"sizes": [(64, 64)]}), ("EPS", {}), ("TGA", {}), ("PCX", {}), ("DDS", {}), ("PPM", {})],
+)
+def test_formats_we_did_not_choose_are_refused_whatever_the_key_says(fmt, options):
+    try:
+        data = encoded(Image.new("RGB", (64, 64), (10, 200, 10)), fmt, **options)
+    except (OSError, KeyError, ValueError) as exc:  # this Pillow cannot write it: nothing to refuse
+        pytest.skip(f"Pillow cannot write {fmt}: {exc}")
+    assert fmt not in ALLOWED_FORMATS
+    with pytest.raises(ImageDecodeError, match="not a recognised image format") as caught:
+        decode_crop(data, "innocent.jpg", SPEC, 10**8)
+    assert caught.value.stage == "decode"
+
+
+def test_an_ico_wrapping_a_huge_png_is_refused_without_decoding_it():
+    """Pillow's ICO plugin decodes an embedded PNG while merely opening it: never opened here."""
+    inner = encoded(Image.new("L", (4000, 4000)), "PNG")
+    header = b"\x00\x00\x01\x00\x01\x00" + bytes([0, 0, 0, 0]) + (1).to_bytes(2, "little") + (32).to_bytes(2, "little")
+    entry_end = len(header) + 8
+    ico = header + len(inner).to_bytes(4, "little") + entry_end.to_bytes(4, "little") + inner
+    with pytest.raises(ImageDecodeError, match="not a recognised image format"):
+        read_header(ico, "icon.jpg", 1_000_000)
+
+
+def test_every_allowed_format_is_accepted():
+    picture = Image.new("RGB", (80, 60), (10, 120, 200))
+    for fmt in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"):
+        assert decode_crop(encoded(picture, fmt), f"x.{fmt.lower()}", SPEC, 10**8).shape == (3, 224, 224), fmt
+
+
+SEEDS = {fmt: encoded(Image.new("RGB", (40, 30), (1, 2, 3)), fmt) for fmt in ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    fmt=st.sampled_from(sorted(SEEDS)),
+    edits=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, 400)),
+)
+def test_mutated_headers_decode_or_fail_as_that_image_alone(fmt, edits, cut):
+    data = bytearray(SEEDS[fmt])
+    for position, value in edits:
+        if position < len(data):
+            data[position] = value
+    data = bytes(data[:cut] if cut is not None else data)
+    try:
+        crop = decode_crop(data, "m.jpg", SPEC, 10**7)
+    except ImageDecodeError as exc:
+        assert exc.stage == "decode" and exc.uri == "m.jpg"
+    else:
+        assert crop.shape == (3, 224, 224)
+    assert jpeg_scans(data, 10) <= 11
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_random_bytes_under_an_image_name_are_a_decode_failure(data):
+    with pytest.raises(ImageDecodeError) as caught:
+        decode_crop(b"\xff\xd8" + data, "random.jpg", SPEC, 10**7)
+    assert caught.value.stage == "decode"
+
+
+def device_path_plugin():
+    """A CPU model whose worker takes the device-decode path, the device decoder stubbed at its
+    seam by libjpeg-turbo on the CPU (what nvJPEG does on a GPU, less the speed)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from inference.gpu import jpeg_decoder
+    from inference.model import load_model
+    from inference.settings import ImageSettings, ModelSettings, StorageSettings
+    from inference.worker import ResidentModel
+
+    plugin = ResidentModel(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32"), ImageSettings(), StorageSettings())
+    plugin.loaded = load_model(plugin.model_settings)
+    plugin.decode_pool = ThreadPoolExecutor(1)
+    plugin.device_decoder = jpeg_decoder("cpu")
+    plugin.exit_on = None
+    plugin.ready = threading.Event()
+    return plugin
+
+
+DEVICE_PLUGIN = device_path_plugin()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    fmt=st.sampled_from(sorted(SEEDS)),
+    edits=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6),
+    cut=st.one_of(st.none(), st.integers(0, 400)),
+    noise_bytes=st.binary(max_size=300),
+)
+def test_the_device_decode_path_gives_each_image_a_crop_or_its_own_failure(fmt, edits, cut, noise_bytes):
+    from inference.results import Failure
+
+    data = bytearray(SEEDS[fmt])
+    for position, value in edits:
+        if position < len(data):
+            data[position] = value
+    mutated = bytes(data[:cut] if cut is not None else data)
+    good = SEEDS["JPEG"]
+    uris = ["a.jpg", "m.jpg", "r.jpg", "b.jpg"]
+    outcomes = DEVICE_PLUGIN._prepare_all(uris, [good, mutated, b"\xff\xd8" + noise_bytes, good])
+    assert len(outcomes) == 4
+    for outcome in outcomes:
+        assert isinstance(outcome, Failure) and outcome.stage == "decode" or outcome.shape == (3, 224, 224)
+    assert outcomes[0].shape == outcomes[3].shape == (3, 224, 224)  # the good ones never pay for the others
