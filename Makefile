@@ -6,7 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
-# `slow`: the packaging checks that ask PyPI to resolve every extra (about 2 minutes; CI runs them)
+# `slow`: the packaging checks that ask PyPI to resolve every extra, and the scale-out tests
+# (several stream workers churning; a worker-killing image): about 6 minutes; CI runs them
 FAST := -m "not slow"
 
 .PHONY: install demo test test-slow unit bench compose-check constraints clean

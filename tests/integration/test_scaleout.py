@@ -61,6 +61,7 @@ def announce(settings, keys: list[str], per_second: float) -> threading.Thread:
     return thread
 
 
+@pytest.mark.slow
 def test_stream_workers_that_join_leave_and_die_lose_nothing(settings, bucket, tmp_path, start_worker):
     settings = settings.with_overrides({"batch": {"size": 10, "max_in_flight": 2}, "worker": {"stall_s": 20}})
     create_topics(settings)
