@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torchvision
 
-from inference.cluster import InferenceCluster, embedded_cluster
+from inference.cluster import InferenceCluster, embedded_cluster, reaching
 from inference.evaluation import percentile
 from inference.images import decode_crop
 from inference.job import batches_in_flight, classify_all
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             keep(results, output)
         # what `visionstream classify` starts; its workers read the embedded S3 server with its credentials
         with embedded_cluster(settings.cluster, env=WORKER_ENV | S3_TEST_CREDENTIALS) as cluster:
-            settings = settings.with_overrides({"cluster": {"scheduler": cluster.scheduler_address}})
+            settings = settings.with_overrides({"cluster": reaching(cluster)})
             say("running visionstream classify ...")
             results["classify"], records = asyncio.run(classify_runs(settings, paths, args.runs))
             results["stages"] = {"classify": stage_breakdown(records)}
@@ -219,7 +219,7 @@ def tutorial_runs(device: torch.device, paths: list[str], checkpoint: Path, work
     workers = max(1, torch.cuda.device_count()) if device.type == "cuda" else 1
     threads = max(1, cores // workers)
     classes = [f"{i}: {name}" for i, name in enumerate(torchvision.models.ResNet50_Weights.DEFAULT.meta["categories"])]
-    with tutorial_cluster(device, workers, threads) as cluster, Client(cluster.scheduler_address) as client:
+    with tutorial_cluster(device, workers, threads) as cluster, Client(cluster) as client:
         out = work / "pickles"
         out.mkdir(exist_ok=True)
         target = "cuda" if device.type == "cuda" else "cpu"

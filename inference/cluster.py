@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from distributed import Client, KilledWorker, Nanny, Scheduler, Semaphore, SpecCluster
+from distributed.security import Security
 from distributed.system import MEMORY_LIMIT
 
 from inference.deaths import Death, DeathTally, batch_digest, batch_key, deaths_from_events, key_digest, tally
 
-from inference.errors import ClusterUnavailable, InferenceError, ModelLoadFailed, ModelNotResident, WorkerLost
+from inference.errors import ClusterUnavailable, ConfigError, InferenceError, ModelLoadFailed, ModelNotResident, WorkerLost
 from inference.results import ImageResult
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, Settings, StorageSettings
 from inference.worker import ResidentModel, classify_batch, plugin_usage
@@ -28,6 +29,7 @@ AVOID_S = (10.0, 300.0)  # how long batches avoid a worker whose model failed to
 ISOLATION_LEASE = "visionstream-isolation"  # held, cluster-wide, by the stream worker that isolates a worker-killer
 DEATHS_KEPT = 10_000  # the newest worker deaths remembered (a few hundred bytes each)
 BUSY_CHECK_S = 1.0  # how often a waiting batch asks whether another stream worker isolates
+SUBSCRIBE_EVERY_S = 5.0  # a client that reconnects to a restarted scheduler is subscribed to nothing there
 
 
 @dataclass(slots=True)
@@ -68,6 +70,7 @@ class InferenceCluster:
         self.suspects: set[str] = set()  # URIs that were on a worker when it died (this process's batches)
         self._isolation: Semaphore | None = None
         self._isolating_checked = (0.0, False)  # (monotonic, another stream worker isolates)
+        self._subscribed_at = 0.0  # monotonic
 
     @classmethod
     def from_settings(cls, settings: Settings) -> InferenceCluster:
@@ -88,7 +91,8 @@ class InferenceCluster:
         try:
             if self.settings.scheduler:
                 self.client = await Client(
-                    self.settings.scheduler, asynchronous=True, timeout=self.settings.connect_timeout_s
+                    self.settings.scheduler, asynchronous=True, timeout=self.settings.connect_timeout_s,
+                    security=client_security(self.settings),
                 )
             else:
                 self._local = await embedded_cluster(self.settings, asynchronous=True)
@@ -121,7 +125,14 @@ class InferenceCluster:
             history = ()
         self.deaths.clear()
         self.deaths.extend(deaths_from_events(history))
-        self.client.subscribe_topic("all", self._on_event)
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        """Ask the scheduler for its events, again every few seconds: Dask's client reconnects
+        to a restarted scheduler by itself, and the new scheduler knows no subscription."""
+        if self.client is not None and time.monotonic() - self._subscribed_at >= SUBSCRIBE_EVERY_S:
+            self.client.subscribe_topic("all", self._on_event)
+            self._subscribed_at = time.monotonic()
 
     def _on_event(self, event: tuple[float, Any]) -> None:
         for death in deaths_from_events([event]):
@@ -141,18 +152,26 @@ class InferenceCluster:
     async def isolation(self) -> AsyncIterator[None]:
         """Hold the cluster-wide isolation lease while one stream worker runs suspects alone;
         the others hold their new batches meanwhile (``wait_while_isolating``). The lease
-        lapses by itself if its holder dies."""
+        lapses by itself if its holder dies. Where it cannot be had (a scheduler that just
+        restarted), isolation goes on without it: suspects still wait to run alone."""
         assert self.client is not None
-        if self._isolation is None:
-            self._isolation = await Semaphore(max_leases=1, name=ISOLATION_LEASE, scheduler_rpc=self.client.scheduler, loop=self.client.loop)
-        await self._isolation.acquire()
+        lease: Semaphore | None = None
+        try:
+            if self._isolation is None:
+                self._isolation = await Semaphore(max_leases=1, name=ISOLATION_LEASE, scheduler_rpc=self.client.scheduler, loop=self.client.loop)
+            lease = self._isolation
+            await lease.acquire()
+        except Exception as exc:  # noqa: BLE001 - a lease of a scheduler that is gone
+            log.warning("could not take the isolation lease (%s: %s); isolating without it", type(exc).__name__, exc)
+            self._isolation, lease = None, None
         try:
             yield
         finally:
-            try:
-                await self._isolation.release()
-            except Exception as exc:  # noqa: BLE001 - the lease lapses by itself
-                log.warning("could not release the isolation lease: %s", exc)
+            if lease is not None:
+                try:
+                    await lease.release()
+                except Exception as exc:  # noqa: BLE001 - the lease lapses by itself
+                    log.warning("could not release the isolation lease: %s", exc)
 
     async def wait_while_isolating(self, deadline_s: float) -> None:
         """Hold a new batch while another stream worker isolates a worker-killer, for at most ``deadline_s``."""
@@ -271,6 +290,7 @@ class InferenceCluster:
                 del self.unhealthy[address]  # gone from the cluster
             if healthy and len(healthy) < len(workers):
                 placement = {"workers": healthy, "allow_other_workers": False}
+        self._subscribe()
         key = batch_key(uris)  # names the images: deaths count against them, whoever submits them
         future = client.submit(
             classify_batch, self.plugin.name, list(uris), self.truth_pattern, key=key, priority=priority, **placement
@@ -330,7 +350,10 @@ class InferenceCluster:
         if old is not None:
             await old.close()
         try:
-            self.client = await Client(self.settings.scheduler, asynchronous=True, timeout=self.settings.connect_timeout_s)
+            self.client = await Client(
+                self.settings.scheduler, asynchronous=True, timeout=self.settings.connect_timeout_s,
+                security=client_security(self.settings),
+            )
             await self._register()
             self._isolation = None  # a lease of the old scheduler's
             await self._follow_deaths()
@@ -384,9 +407,48 @@ def embedded_cluster(settings: ClusterSettings, *, asynchronous: bool = False, e
     gpus = _visible_gpus() if settings.gpu is not False else []
     if settings.gpu is True and not gpus:
         raise ClusterUnavailable("embedded", "cluster.gpu is true but no CUDA device is visible")
+    # Mutual TLS with a certificate made for this cluster alone (``cluster.tls``): loopback is
+    # shared by every local user, and Dask's transport runs whatever a peer sends (pickles).
+    security = Security.temporary() if settings.tls else None
+    transport = {"security": security, "protocol": "tls://"} if security is not None else {}
     workers = worker_specs(settings, gpus, os.cpu_count() or 1, env or {})
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
-    return SpecCluster(workers=workers, scheduler=scheduler, asynchronous=asynchronous, silence_logs=logging.WARNING, name="visionstream-embedded")
+    for spec in workers.values():
+        spec["options"].update(transport)
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0", **transport}}
+    return SpecCluster(
+        workers=workers, scheduler=scheduler, asynchronous=asynchronous, silence_logs=logging.WARNING,
+        name="visionstream-embedded", security=security,
+    )
+
+
+def client_security(settings: ClusterSettings) -> Security | None:
+    """How to reach a standing scheduler: mutual TLS where ``cluster.tls_ca``, ``tls_cert`` and
+    ``tls_key`` are set (files or PEM text); plain TCP otherwise. ConfigError where they are
+    incomplete, or the address is ``tls://`` without them."""
+    given = {"tls_ca": settings.tls_ca, "tls_cert": settings.tls_cert, "tls_key": settings.tls_key}
+    if any(given.values()):
+        missing = [f"cluster.{name}" for name, value in given.items() if not value]
+        if missing:
+            raise ConfigError(f"TLS to the Dask scheduler needs cluster.tls_ca, tls_cert and tls_key; missing {', '.join(missing)}")
+        assert settings.tls_key is not None
+        return Security(
+            tls_ca_file=settings.tls_ca, tls_client_cert=settings.tls_cert,
+            tls_client_key=settings.tls_key.get_secret_value(), require_encryption=True,
+        )
+    if settings.scheduler and settings.scheduler.startswith("tls://"):
+        raise ConfigError("cluster.scheduler is a tls:// address: set cluster.tls_ca, tls_cert and tls_key (files or PEM)")
+    return None
+
+
+def reaching(cluster: SpecCluster) -> dict[str, Any]:
+    """``cluster`` settings with which another process reaches this embedded cluster: its
+    address and, where it runs TLS, its certificate and key (the key is a secret: it travels
+    through the child's environment, ``Settings.secrets_env``)."""
+    security = cluster.security
+    settings: dict[str, Any] = {"scheduler": cluster.scheduler_address}
+    if security is not None and security.require_encryption:
+        settings |= {"tls_ca": security.tls_ca_file, "tls_cert": security.tls_client_cert, "tls_key": security.tls_client_key}
+    return settings
 
 
 def worker_specs(settings: ClusterSettings, gpus: list[str], cores: int, env: Mapping[str, str]) -> dict[str, dict[str, Any]]:

@@ -193,12 +193,18 @@ class BatchSettings(Section):
 
 
 class ClusterSettings(Section):
+    _credentials = ("tls_key",)
+
     scheduler: str | None = None
     n_workers: int = Field(0, ge=0)
     threads_per_worker: int = Field(2, ge=1)
     gpu: Annotated[Literal["auto", True, False], BeforeValidator(_auto_or_bool)] = "auto"
     connect_timeout_s: float = Field(30.0, gt=0)
     setup_timeout_s: float = Field(900.0, gt=0)
+    tls: bool = True
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: SecretStr | None = None
 
 
 class KafkaSettings(Section):

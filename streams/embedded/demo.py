@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from inference.cluster import embedded_cluster
+from inference.cluster import embedded_cluster, reaching
 from inference.evaluation import percentile, accuracy
 from inference.model import WeightsSpec
 from inference.results import is_prediction
@@ -49,7 +49,7 @@ def run_demo(settings: Settings, images: str | None, count: int, timeout_s: floa
             # server's in their own environment, set by their nannies (never in ours)
             cluster = embedded_cluster(settings.cluster, env=S3_TEST_CREDENTIALS)
             try:
-                settings = settings.with_overrides({"cluster": {"scheduler": cluster.scheduler_address}})
+                settings = settings.with_overrides({"cluster": reaching(cluster)})
                 return _run(settings, work, images, count, timeout_s, show)
             finally:
                 cluster.close()

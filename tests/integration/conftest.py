@@ -27,7 +27,7 @@ import boto3
 import pytest
 import yaml
 
-from inference.cluster import embedded_cluster
+from inference.cluster import embedded_cluster, reaching
 from inference.settings import ClusterSettings, Settings
 from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port, start_stream_worker
 from streams.service.kafka import ensure_topics, start_consumer
@@ -65,16 +65,34 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 
 
 @pytest.fixture(scope="session")
-def dask_scheduler(services: Services) -> Iterator[str]:
-    cluster = embedded_cluster(ClusterSettings(gpu=False))  # visionstream's own embedded cluster, on the CPU
+def dask_cluster(services: Services) -> Iterator[Any]:
+    """visionstream's own embedded cluster, on the CPU, with its default mutual TLS."""
+    cluster = embedded_cluster(ClusterSettings(gpu=False))
     try:
-        yield cluster.scheduler_address
+        yield cluster
     finally:
         cluster.close()
 
 
+@pytest.fixture(scope="session")
+def dask_scheduler(dask_cluster: Any) -> str:
+    return dask_cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def dask_reach(dask_cluster: Any) -> dict[str, Any]:
+    """``cluster`` settings that reach the session's cluster: its address, certificate and key."""
+    return reaching(dask_cluster)
+
+
+@pytest.fixture(scope="session")
+def dask_env(dask_reach: dict[str, Any]) -> dict[str, str]:
+    """The same for a `visionstream` subprocess given ``--scheduler``: through its environment."""
+    return {f"VISIONSTREAM_CLUSTER__{key.upper()}": value for key, value in dask_reach.items() if key.startswith("tls_")}
+
+
 @pytest.fixture
-def settings(services: Services, dask_scheduler: str, tmp_path: Path) -> Settings:
+def settings(services: Services, dask_reach: dict[str, Any], tmp_path: Path) -> Settings:
     suffix = uuid.uuid4().hex[:8]
     return Settings().with_overrides(
         {
@@ -87,7 +105,7 @@ def settings(services: Services, dask_scheduler: str, tmp_path: Path) -> Setting
                 "dead_letter": f"dlq-{suffix}",
             },
             "storage": {"endpoint_url": services.s3_endpoint, "region": "us-east-1", "bucket": f"bucket-{suffix}"},
-            "cluster": {"scheduler": dask_scheduler},
+            "cluster": dask_reach,
             "batch": {"linger_s": 0.5, "retry_timeout_s": 60},
             "worker": {"web_port": free_port(), "data_dir": str(tmp_path / "worker-data"), "shutdown_grace_s": 5},
         }

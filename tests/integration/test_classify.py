@@ -26,21 +26,21 @@ def records(output: Path) -> list[dict]:
     return [json.loads(line) for line in output.read_text().splitlines()]
 
 
-def plugin_loads(scheduler: str) -> dict[str, dict[str, int]]:
+def plugin_loads(cluster) -> dict[str, dict[str, int]]:
     """Per worker: how many times each resident model plugin built its model."""
-    with Client(scheduler, timeout=30) as client:
+    with Client(cluster, timeout=30) as client:
         return client.run(lambda dask_worker: {
             name: plugin.loads for name, plugin in dask_worker.plugins.items() if name.startswith(PLUGIN_PREFIX)
         })
 
 
-def test_classify_a_stanford_dogs_folder_with_corrupt_files(tmp_path: Path, dask_scheduler: str):
+def test_classify_a_stanford_dogs_folder_with_corrupt_files(tmp_path: Path, dask_scheduler: str, dask_cluster, dask_env):
     paths = generate_dataset(tmp_path / "dogs", 20, bad_files=2)
     (tmp_path / "dogs" / "Images" / "n02085620-Chihuahua" / "n02085620_empty.jpg").write_bytes(b"")
     output = tmp_path / "out.jsonl"
     done = visionstream(
         "classify", str(tmp_path / "dogs"), "--weights", "none", "--batch-size", "8",
-        "--scheduler", dask_scheduler, "--output", str(output),
+        "--scheduler", dask_scheduler, "--output", str(output), env=dask_env,
     )
     assert done.returncode == 0, done.stderr
     found = records(output)
@@ -59,11 +59,11 @@ def test_classify_a_stanford_dogs_folder_with_corrupt_files(tmp_path: Path, dask
         assert record["prediction"] == record["top_k"][0]
     assert len({r["prediction"]["score"] for r in good}) > 1  # each image's own softmax
     assert "23 images, 3 errors" in done.stderr and "images/s" in done.stderr
-    loads = plugin_loads(dask_scheduler)
+    loads = plugin_loads(dask_cluster)
     assert loads and all(set(per_plugin.values()) == {1} for per_plugin in loads.values())  # once per worker, 4 batches
 
 
-def test_classify_with_a_checkpoint_gives_that_models_predictions(tmp_path: Path, dask_scheduler: str):
+def test_classify_with_a_checkpoint_gives_that_models_predictions(tmp_path: Path, dask_scheduler: str, dask_env):
     [image] = generate_dataset(tmp_path / "one", 1)
     base = load_model(ModelSettings(name="resnet18", weights="none", seed=7, device="cpu", precision="fp32"))
     checkpoint = tmp_path / "resnet18-tuned.pt"
@@ -71,7 +71,7 @@ def test_classify_with_a_checkpoint_gives_that_models_predictions(tmp_path: Path
     output = tmp_path / "out.jsonl"
     done = visionstream(
         "classify", str(image), "--model", "resnet18", "--weights", str(checkpoint), "--precision", "fp32",
-        "--scheduler", dask_scheduler, "--output", str(output),
+        "--scheduler", dask_scheduler, "--output", str(output), env=dask_env,
     )
     assert done.returncode == 0, done.stderr
     [record] = records(output)
@@ -81,7 +81,7 @@ def test_classify_with_a_checkpoint_gives_that_models_predictions(tmp_path: Path
     assert record["prediction"]["score"] == pytest.approx(expected_scores[0, 0].item(), abs=1e-4)
 
 
-def test_classify_reads_an_s3_prefix(tmp_path: Path, dask_scheduler: str, services, settings):
+def test_classify_reads_an_s3_prefix(tmp_path: Path, dask_scheduler: str, dask_env, services, settings):
     bucket = settings.storage.bucket
     client = boto3.client("s3", **settings.storage.boto3_kwargs())
     client.create_bucket(Bucket=bucket)
@@ -92,7 +92,7 @@ def test_classify_reads_an_s3_prefix(tmp_path: Path, dask_scheduler: str, servic
     done = visionstream(
         "classify", f"s3://{bucket}/dogs/", "--model", "resnet18", "--weights", "none",
         "--scheduler", dask_scheduler, "--output", str(output),
-        env={"VISIONSTREAM_STORAGE__ENDPOINT_URL": services.s3_endpoint, "VISIONSTREAM_STORAGE__REGION": "us-east-1"},
+        env={"VISIONSTREAM_STORAGE__ENDPOINT_URL": services.s3_endpoint, "VISIONSTREAM_STORAGE__REGION": "us-east-1", **dask_env},
     )
     assert done.returncode == 0, done.stderr
     found = records(output)
@@ -119,13 +119,13 @@ def test_a_missing_s3_object_is_a_fetch_error_record_and_the_rest_of_its_batch_i
     assert found.error is None and found.prediction is not None
 
 
-def test_an_s3_object_that_is_not_an_image_is_a_decode_error_record_not_a_crash(tmp_path: Path, dask_scheduler: str, services, settings, bucket):
+def test_an_s3_object_that_is_not_an_image_is_a_decode_error_record_not_a_crash(tmp_path: Path, dask_scheduler: str, dask_env, services, settings, bucket):
     output = tmp_path / "out.jsonl"
     boto3.client("s3", **settings.storage.boto3_kwargs()).put_object(Bucket=bucket, Key="a.jpg", Body=b"x")
     done = visionstream(
         "classify", f"s3://{bucket}/a.jpg", "--model", "resnet18", "--weights", "none", "--scheduler", dask_scheduler,
         "--output", str(output),
-        env={"VISIONSTREAM_STORAGE__ENDPOINT_URL": services.s3_endpoint, "VISIONSTREAM_STORAGE__REGION": "us-east-1"},
+        env={"VISIONSTREAM_STORAGE__ENDPOINT_URL": services.s3_endpoint, "VISIONSTREAM_STORAGE__REGION": "us-east-1", **dask_env},
     )
     assert done.returncode == 0, done.stderr
     [record] = records(output)

@@ -10,7 +10,7 @@ import pytest
 
 from pydantic import SecretStr
 
-from inference.cluster import InferenceCluster, embedded_cluster
+from inference.cluster import InferenceCluster, embedded_cluster, reaching
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, StorageSettings
 from inference.worker import PLUGIN_PREFIX
 
@@ -22,7 +22,7 @@ def resident(dask_worker) -> dict[str, bool]:
 def test_rotated_secrets_share_one_model_and_a_new_configuration_retires_the_old(tmp_path):
     async def run() -> None:
         async with embedded_cluster(ClusterSettings(gpu=False, threads_per_worker=1), asynchronous=True) as local:
-            settings = ClusterSettings(scheduler=local.scheduler_address)
+            settings = ClusterSettings(**reaching(local))
             model = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32")
             clusters = []
             for secret in ("first-secret-abc", "rotated-secret-xyz"):
@@ -51,7 +51,7 @@ def test_rotated_secrets_share_one_model_and_a_new_configuration_retires_the_old
     asyncio.run(run())
 
 
-def test_a_model_that_failed_to_load_is_loaded_again_once_its_checkpoint_exists(tmp_path, dask_scheduler):
+def test_a_model_that_failed_to_load_is_loaded_again_once_its_checkpoint_exists(tmp_path, dask_reach):
     """A stream worker starts before its checkpoint is in place: start-up fails loudly. The
     scheduler keeps the registered plugin and never sets it up again; the restarted stream
     worker's batches must still get a model: the worker loads it again after its backoff."""
@@ -66,7 +66,7 @@ def test_a_model_that_failed_to_load_is_loaded_again_once_its_checkpoint_exists(
     checkpoint = tmp_path / "resnet18-late.pt"
     model = ModelSettings(name="resnet18", weights=str(checkpoint), device="cpu", precision="fp32")
     [image] = generate_dataset(tmp_path / "one", 1)
-    settings = ClusterSettings(scheduler=dask_scheduler)
+    settings = ClusterSettings(**dask_reach)
 
     async def run() -> None:
         first = InferenceCluster(settings, model, ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
@@ -87,5 +87,27 @@ def test_a_model_that_failed_to_load_is_loaded_again_once_its_checkpoint_exists(
         assert set((await second.model_loads()).values()) == {1}
         await first.close()
         await second.close()
+
+    asyncio.run(run())
+
+
+def test_the_embedded_cluster_admits_only_peers_with_its_certificate():
+    """Loopback is every local user's: without the cluster's own certificate nobody can connect,
+    let alone register a worker or run code; with it (``reaching``) a client classifies."""
+    import pytest
+    from distributed import Client
+
+    async def run() -> None:
+        async with embedded_cluster(ClusterSettings(gpu=False, threads_per_worker=1), asynchronous=True) as local:
+            address = local.scheduler_address
+            assert address.startswith("tls://127.0.0.1:")
+            plain = address.replace("tls://", "tcp://")
+            for attempt in (address, plain):
+                with pytest.raises((OSError, TimeoutError, TypeError)):  # refused, whichever way
+                    await Client(attempt, asynchronous=True, timeout=3)
+            cluster = InferenceCluster(ClusterSettings(**reaching(local)), ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32"), ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
+            await cluster.start()
+            assert (await cluster.threads()) and cluster.client.status == "running"
+            await cluster.close()
 
     asyncio.run(run())

@@ -19,7 +19,7 @@ import boto3
 import pytest
 from distributed import Client
 
-from inference.cluster import embedded_cluster
+from inference.cluster import embedded_cluster, reaching
 from inference.results import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA
 from inference.settings import ClusterSettings
 from inference.worker import KILL_SWITCH_ENV
@@ -122,7 +122,7 @@ def test_an_image_that_kills_its_worker_is_the_only_dead_letter_with_two_stream_
     cluster = embedded_cluster(ClusterSettings(gpu=False, n_workers=2, threads_per_worker=1), env=env)
     try:
         settings = settings.with_overrides({
-            "cluster": {"scheduler": cluster.scheduler_address},
+            "cluster": reaching(cluster),
             "batch": {"size": 10, "max_in_flight": 2, "timeout_s": 60, "retry_timeout_s": 240},
         })
         create_topics(settings)
@@ -137,7 +137,7 @@ def test_an_image_that_kills_its_worker_is_the_only_dead_letter_with_two_stream_
         ]
         pids = [w.wait_ready() and w.process.pid for w in workers]
         sending = announce(settings, keys, per_second=40)
-        with Client(cluster.scheduler_address, timeout=30) as client:
+        with Client(cluster, timeout=30) as client:
             deadline = time.monotonic() + 180
             while sum((w.health() or {"counters": {"images_classified": 0}})["counters"]["images_classified"] for w in workers) < 40:
                 assert time.monotonic() < deadline, "no progress before the unrelated kill"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import boto3
 
-from inference.cluster import embedded_cluster
+from inference.cluster import embedded_cluster, reaching
 from streams.embedded.samples import generate_dataset
 from streams.embedded.stack import S3_TEST_CREDENTIALS
 from streams.service.events import now_iso
@@ -170,7 +170,7 @@ def test_a_dask_worker_lost_mid_batch_loses_nothing(settings, bucket, tmp_path, 
     from distributed import Client
 
     with embedded_cluster(settings.cluster.model_copy(update={"gpu": False})) as cluster:
-        settings = settings.with_overrides({"cluster": {"scheduler": cluster.scheduler_address}, "batch": {"size": 20}})
+        settings = settings.with_overrides({"cluster": reaching(cluster), "batch": {"size": 20}})
         create_topics(settings)
         uris = put_images(settings, tmp_path, 60)
         worker = start_worker(settings)
@@ -179,7 +179,7 @@ def test_a_dask_worker_lost_mid_batch_loses_nothing(settings, bucket, tmp_path, 
         while worker.health()["counters"]["in_flight_batches"] == 0 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert worker.health()["counters"]["in_flight_batches"] > 0, "the kill must land while a batch is on the worker"
-        with Client(cluster.scheduler_address) as client:
+        with Client(cluster) as client:
             [pid] = client.run(os_module.getpid).values()
         os_module.kill(pid, signal.SIGKILL)
         events = collect_events(settings, uris, timeout_s=240)

@@ -38,3 +38,21 @@ def test_batches_in_flight_default_to_one_per_task_thread_and_one_more(configure
     from inference.job import batches_in_flight
 
     assert batches_in_flight(configured, threads) == expected
+
+
+def test_tls_to_a_standing_scheduler_needs_all_three_and_a_tls_address_needs_them():
+    import pytest
+    from pydantic import SecretStr
+
+    from inference.cluster import client_security
+    from inference.errors import ConfigError
+    from inference.settings import ClusterSettings
+
+    assert client_security(ClusterSettings(scheduler="tcp://dask:8786")) is None
+    with pytest.raises(ConfigError, match="tls_ca, tls_cert and tls_key"):
+        client_security(ClusterSettings(scheduler="tls://dask:8786"))
+    with pytest.raises(ConfigError, match="missing cluster.tls_key"):
+        client_security(ClusterSettings(scheduler="tls://dask:8786", tls_ca="/ca.pem", tls_cert="/me.pem"))
+    security = client_security(ClusterSettings(scheduler="tls://dask:8786", tls_ca="/ca.pem", tls_cert="/me.pem", tls_key=SecretStr("/me.key")))
+    assert security.require_encryption and security.tls_client_key == "/me.key"
+    assert "me.key" not in repr(ClusterSettings(tls_key=SecretStr("/me.key")))
