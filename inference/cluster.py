@@ -29,6 +29,7 @@ AVOID_S = (10.0, 300.0)  # how long batches avoid a worker whose model failed to
 ISOLATION_LEASE = "visionstream-isolation"  # held, cluster-wide, by the stream worker that isolates a worker-killer
 DEATHS_KEPT = 10_000  # the newest worker deaths remembered (a few hundred bytes each)
 BUSY_CHECK_S = 1.0  # how often a waiting batch asks whether another stream worker isolates
+LEASE_WAIT_S = 120.0  # the longest one stream worker waits for another's isolation before its own
 SUBSCRIBE_EVERY_S = 5.0  # a client that reconnects to a restarted scheduler is subscribed to nothing there
 
 
@@ -160,7 +161,9 @@ class InferenceCluster:
             if self._isolation is None:
                 self._isolation = await Semaphore(max_leases=1, name=ISOLATION_LEASE, scheduler_rpc=self.client.scheduler, loop=self.client.loop)
             lease = self._isolation
-            await lease.acquire()
+            if not await lease.acquire(timeout=LEASE_WAIT_S):
+                log.warning("another stream worker has isolated for %.0f s; isolating beside it", LEASE_WAIT_S)
+                lease = None
         except Exception as exc:  # noqa: BLE001 - a lease of a scheduler that is gone
             log.warning("could not take the isolation lease (%s: %s); isolating without it", type(exc).__name__, exc)
             self._isolation, lease = None, None
@@ -253,6 +256,9 @@ class InferenceCluster:
         """Send no batch to ``failed.worker`` for a while (doubling while its model keeps
         failing to load); it loads again when the next batch reaches it after that."""
         previous = self.unhealthy.get(failed.worker)
+        if previous is not None and previous.until > time.monotonic():
+            previous.reason = failed.reason  # the batches in flight meanwhile say the same: no escalation
+            return
         failures = (previous.failures if previous else 0) + 1
         first, longest = AVOID_S
         pause = min(longest, first * 2 ** (failures - 1))
@@ -274,7 +280,7 @@ class InferenceCluster:
         if not workers or self.healthy(workers):
             return None
         reasons = sorted({self.unhealthy[address].reason for address in workers if address in self.unhealthy})
-        return f"the model failed to load on every Dask worker: {'; '.join(reasons)[:300]}"
+        return f"no Dask worker has the model loaded: {'; '.join(reasons)[:300]}"
 
     async def _submit(self, uris: list[str], priority: int, deaths_allowed: int | None = None) -> list[ImageResult]:
         if self.settings.scheduler and (self.client is None or self.client.status in ("closing", "closed")):
@@ -325,6 +331,7 @@ class InferenceCluster:
         if deaths_allowed is None:
             return await future
         waiting = asyncio.ensure_future(future)
+        watching: asyncio.Future[Any] | None = None
         deaths = 0
         try:
             while True:
@@ -332,7 +339,6 @@ class InferenceCluster:
                 watching = asyncio.ensure_future(died.wait())
                 done, _ = await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
                 if waiting in done:
-                    watching.cancel()
                     return waiting.result()
                 deaths += 1
                 if deaths > deaths_allowed:
@@ -340,8 +346,9 @@ class InferenceCluster:
                     await _cancel(self.client, future)
                     raise WorkerLost(self.address, f"{deaths} worker(s) died with the batch on them")
         finally:
-            if not waiting.done():
-                waiting.cancel()
+            for task in (waiting, watching):
+                if task is not None and not task.done():
+                    task.cancel()
 
     async def _reconnect(self) -> None:
         """A new client after the old one gave up on a scheduler that went away."""
@@ -430,6 +437,8 @@ def client_security(settings: ClusterSettings) -> Security | None:
         missing = [f"cluster.{name}" for name, value in given.items() if not value]
         if missing:
             raise ConfigError(f"TLS to the Dask scheduler needs cluster.tls_ca, tls_cert and tls_key; missing {', '.join(missing)}")
+        if settings.scheduler and not settings.scheduler.startswith("tls://"):
+            raise ConfigError(f"cluster.tls_* are set but cluster.scheduler {settings.scheduler!r} is not a tls:// address")
         assert settings.tls_key is not None
         return Security(
             tls_ca_file=settings.tls_ca, tls_client_cert=settings.tls_cert,

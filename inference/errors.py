@@ -9,6 +9,7 @@
      ├── WorkerLost             the batch's workers kept dying (Dask's KilledWorker): split to find the image
      ├── BatchTimeout           a batch ran past batch.timeout_s; cancelled and retried
      ├── StorageUnavailable     the object store failed as a whole (not one object); the batch is retried
+     │    └── StoreWideFailure  every object of a batch refused alike (denied, redirected, too slow)
      ├── SourceError            a classify SOURCE that names nothing readable
      └── ImageError             one image failed; becomes that image's error record
           ├── FetchError        the object could not be read (missing, denied, too large)
@@ -102,6 +103,12 @@ class StorageUnavailable(InferenceError):
 
     def __reduce__(self) -> tuple[type, tuple[str, str]]:
         return (type(self), (self.endpoint, self.reason))
+
+
+class StoreWideFailure(StorageUnavailable):
+    """Every object of a batch failed its fetch the same way (access denied, a redirect, too
+    slow): more likely the store or our access to it than the objects. Retried as the store's
+    fault; if it lasts, the objects are tried one by one and get their own dead letters."""
 
 
 class SourceError(InferenceError):

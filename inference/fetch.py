@@ -22,7 +22,7 @@ import botocore.config
 import botocore.exceptions
 import fsspec
 
-from inference.errors import FetchError, StorageUnavailable
+from inference.errors import FetchError, StorageUnavailable, StoreWideFailure
 from inference.settings import ImageSettings, StorageSettings
 
 S3_SCHEMES = ("s3://", "s3a://")
@@ -82,7 +82,7 @@ def fetch_many(uris: list[str], storage: StorageSettings, images: ImageSettings)
     results = list(pool.map(lambda uri: _fetch_one(uri, storage, images.max_bytes, images.fetch_timeout_s), uris))
     store_wide = _store_wide_failure(uris, results)
     if store_wide is not None:
-        raise StorageUnavailable(storage.endpoint_url or "s3", f"every object of a batch of {len(uris)} failed the same way: {store_wide}")
+        raise StoreWideFailure(storage.endpoint_url or "s3", f"every object of a batch of {len(uris)} failed the same way: {store_wide}")
     return results
 
 

@@ -38,7 +38,7 @@ from inference.settings import ImageSettings, ModelSettings, StorageSettings, lo
 log = logging.getLogger(__name__)
 
 PLUGIN_PREFIX = "visionstream-model-"
-SETUP_WAIT_S = 600.0  # the longest a batch waits on a worker for its model to finish loading
+LOAD_WAIT_S = 30.0  # the longest a batch waits on a worker for its model to finish loading; then it goes elsewhere
 RELOAD_BACKOFF_S = (5.0, 300.0)  # after a failed load, the first and the longest pause before a batch tries again
 # Fault injection for tests and the soak, off unless set in a Dask worker's environment: the
 # worker process exits at once when it starts decoding an object whose URI contains this text,
@@ -96,25 +96,31 @@ class ResidentModel(WorkerPlugin):
         self.failure, self.failed_loads = None, 0
 
     def ensure_loaded(self, worker: Worker) -> LoadedModel:
-        """The resident model, loading it again where the last load failed and its backoff has
-        passed (a checkpoint that was missing, a download that broke, memory that was short).
-        Raises ModelLoadFailed, with the reason, while it cannot be loaded."""
-        self.ready.wait(SETUP_WAIT_S)  # the model may still be loading: wait for it
+        """The resident model. A batch waits at most ``LOAD_WAIT_S`` for a model still loading
+        (a load can take minutes: the batch's deadline must not pay for it, it goes to another
+        worker or tries again). Where the last load failed and its backoff has passed, the
+        model is loaded again in the background (a checkpoint that was missing, a download that
+        broke, memory that was short). Raises ModelLoadFailed, with the reason, meanwhile."""
+        self.ready.wait(LOAD_WAIT_S)
         loaded = self.loaded
         if loaded is not None:
             return loaded
-        with self.reload_lock:  # one reload at a time; the other task threads wait for it
-            if self.loaded is not None:
-                return self.loaded
-            if not self.ready.is_set() or time.monotonic() < self.retry_at:
-                raise ModelLoadFailed(self.name, worker.address, self.failure or "still loading")
-            log.warning("loading model %s again on %s (the last load failed: %s)", self.name, worker.address, self.failure)
-            try:
-                self._load_recording(worker)
-            except Exception as exc:
-                raise ModelLoadFailed(self.name, worker.address, self.failure or type(exc).__name__) from None
-            assert self.loaded is not None
-            return self.loaded
+        if not self.ready.is_set():
+            raise ModelLoadFailed(self.name, worker.address, "still loading")
+        with self.reload_lock:  # one reload at a time
+            if self.loaded is None and time.monotonic() >= self.retry_at:
+                log.warning("loading model %s again on %s (the last load failed: %s)", self.name, worker.address, self.failure)
+                self.ready.clear()
+                threading.Thread(target=self._reload, args=(worker,), name="visionstream-reload", daemon=True).start()
+        raise ModelLoadFailed(self.name, worker.address, self.failure or "still loading")
+
+    def _reload(self, worker: Worker) -> None:
+        try:
+            self._load_recording(worker)
+        except Exception:  # noqa: BLE001 - recorded, with its backoff, by _load_recording
+            pass
+        finally:
+            self.ready.set()
 
     def load(self, worker: Worker) -> None:
         """Build the model and everything a batch needs, once; blocking. ``loaded`` is set last,
@@ -126,6 +132,9 @@ class ResidentModel(WorkerPlugin):
         self.loads += 1
         self.model_lock = threading.Lock()
         threads = self.image_settings.decode_threads or cores
+        old_pool = getattr(self, "decode_pool", None)
+        if old_pool is not None:  # a load tried again: the last attempt's pool goes
+            old_pool.shutdown(wait=False, cancel_futures=True)
         # one torch thread per decode thread: the pool itself is the parallelism
         self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="visionstream-decode", initializer=torch.set_num_threads, initargs=(1,))
         self.worker_address = worker.address

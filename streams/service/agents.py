@@ -294,6 +294,8 @@ class StreamService:
             excused=lambda tp: self.waiting_for_slot.get(topics.get(tp.topic, LIVE_PRIORITY), False),
         )
         fresh = [stall.partition for stall in stalls if not stall.recovery_tried]
+        if fresh and getattr(self.app, "rebalancing", False):
+            return  # a rebalance under way resumes the partitions itself (or takes them away)
         if fresh:
             log.warning("input partitions stalled, trying to recover in place: %s", "; ".join(s.describe() for s in stalls if not s.recovery_tried))
             await self._recover(fresh)
@@ -304,16 +306,22 @@ class StreamService:
         self.counters.stalled_partitions(len(self.stalls))
 
     async def _recover(self, partitions: list[TP]) -> None:
-        """Resume fetching ``partitions``, let Faust's flow go on, and seek every assigned
-        partition to its committed offset: what was taken already is refused by the tracker
-        (behind its tail), what was never taken is fetched again."""
+        """Resume fetching ``partitions``, let Faust's flow go on, and seek each of them to its
+        committed offset (or where the fetcher stands): what was taken already is refused by
+        the tracker (behind its tail), what was never taken is fetched again."""
         consumer = self.app.consumer
         consumer.resume_partitions(partitions)
         if not self.app.flow_control.is_active():
             log.warning("Faust's flow control was suspended outside a rebalance; resuming it")
             self.app.flow_control.resume()
             consumer.resume_flow()
-        await asyncio.wait_for(consumer.seek_to_committed(), timeout=STOP_STEP_S)
+        committed = consumer._committed_offset  # noqa: SLF001 - Faust keeps it; no public accessor
+        for tp in partitions:
+            offset = committed.get(tp)
+            if offset is None:
+                offset = await asyncio.wait_for(consumer.position(tp), timeout=STOP_STEP_S)
+            if offset is not None:
+                await asyncio.wait_for(consumer.seek(tp, offset), timeout=STOP_STEP_S)
 
     def _measure_lag(self) -> None:
         consumer = self.app.consumer

@@ -38,7 +38,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_exception, stop_before_delay, wait_exponential
 
 from inference.deaths import DeathTally, convicted
-from inference.errors import BatchTimeout, ClusterUnavailable, WorkerLost
+from inference.errors import BatchTimeout, ClusterUnavailable, StoreWideFailure, WorkerLost
 from inference.results import Failure, ImageResult
 from inference.settings import BatchSettings, EventSettings, FilterSettings, TopicSettings
 from streams.errors import BatchRetryExhausted, MalformedEvent
@@ -323,6 +323,14 @@ class BatchHandler:
         no new batch of this handler is submitted until it is over."""
         try:
             return list(await self._classify_with_retry(uris, priority))
+        except BatchRetryExhausted as exc:
+            if len(uris) < 2 or not isinstance(exc.__cause__, StoreWideFailure):
+                raise
+            # every object refused alike for all of batch.retry_timeout_s: deleted objects under a
+            # GetObject-only policy answer 403 too. One by one, each gets its own record (a lone
+            # object's failure is never store-wide), rather than the worker crash-looping on them.
+            log.warning("every object of a batch of %d kept failing alike (%s); trying them one by one", len(uris), exc.__cause__)
+            return [result for uri in uris for result in await self._classify_with_retry([uri], priority)]
         except (WorkerLost, BatchTimeout) as exc:
             self.counters.batch_retried()  # its images are tried again, in smaller batches
             log.warning("batch of %d failed (%s); trying its images again in isolation", len(uris), exc)

@@ -67,8 +67,9 @@ class ProgressWatch:
         position: Callable[[Hashable], int | None],
         excused: Callable[[Hashable], bool] = lambda partition: False,
     ) -> list[Stall]:
-        """Partitions with events past what was taken (``end_offset``, the high watermark,
-        beyond the next offset to take, else beyond ``position``, the committed offset) and
+        """Partitions with events past what was taken (``end_offset``, the high watermark, at
+        least two beyond the next offset to take, else beyond ``position``, the committed
+        offset: a transactional producer's commit marker takes an offset that is no event) and
         nothing taken for ``stall_s``. ``excused`` partitions (their agent waits for a free
         batch slot: backpressure, which the batch deadline watches) are never stalled.
         Unknown offsets never make a stall."""
@@ -79,7 +80,7 @@ class ProgressWatch:
                 continue
             end = end_offset(partition)
             start = progress.next_offset if progress.next_offset is not None else position(partition)
-            if end is None or start is None or end <= start:
-                continue
+            if end is None or start is None or end - start <= 1:
+                continue  # one offset past what was taken may be a transaction's commit marker, never an event
             found.append(Stall(partition, end - start, idle_s, progress.recovering))
         return found

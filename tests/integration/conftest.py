@@ -85,6 +85,12 @@ def dask_reach(dask_cluster: Any) -> dict[str, Any]:
     return reaching(dask_cluster)
 
 
+def plain_scheduler(address: str) -> dict[str, Any]:
+    """``cluster`` settings for a standalone scheduler over plain TCP (a test's own), replacing
+    the session cluster's TLS material."""
+    return {"scheduler": address, "tls_ca": None, "tls_cert": None, "tls_key": None}
+
+
 @pytest.fixture(scope="session")
 def dask_env(dask_reach: dict[str, Any]) -> dict[str, str]:
     """The same for a `visionstream` subprocess given ``--scheduler``: through its environment."""

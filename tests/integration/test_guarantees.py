@@ -22,7 +22,7 @@ from streams.service.kafka import start_consumer
 from streams.service.s3events import ObjectRef, object_created_event
 from inference.results import PREDICTION_SCHEMA
 
-from .conftest import collect_events, create_topics, drain_topic
+from .conftest import collect_events, create_topics, drain_topic, plain_scheduler
 from .test_stream import put_images, send_raw
 
 
@@ -107,7 +107,7 @@ def test_a_stalled_worker_is_reported_and_its_batch_is_cancelled_and_retried(set
     dask_worker = start_dask_worker(f"tcp://127.0.0.1:{scheduler.port}", tmp_path, env=env)
     try:
         settings = settings.with_overrides({
-            "cluster": {"scheduler": f"tcp://127.0.0.1:{scheduler.port}"},
+            "cluster": plain_scheduler(f"tcp://127.0.0.1:{scheduler.port}"),
             "batch": {"size": 10, "timeout_s": 4, "retry_backoff_s": 0.2},
             "worker": {"stall_s": 3},
         })
@@ -137,7 +137,7 @@ def test_a_scheduler_restart_mid_stream_loses_nothing_and_the_model_comes_back(s
     address = f"tcp://127.0.0.1:{scheduler.port}"
     dask_worker = start_dask_worker(address, tmp_path / "first", env=env)
     try:
-        settings = settings.with_overrides({"cluster": {"scheduler": address}, "batch": {"size": 10}})
+        settings = settings.with_overrides({"cluster": plain_scheduler(address), "batch": {"size": 10}})
         create_topics(settings)
         worker = start_worker(settings)
         worker.wait_ready()
@@ -205,7 +205,7 @@ def test_a_commit_never_covers_an_earlier_batch_still_in_flight(settings, bucket
     other = None
     try:
         settings = settings.with_overrides({
-            "cluster": {"scheduler": address},
+            "cluster": plain_scheduler(address),
             "batch": {"size": 5, "max_in_flight": 2, "timeout_s": 600, "linger_s": 30},  # full batches of 5, never partial
             "topics": {"partitions": 1},
         })

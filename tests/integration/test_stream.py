@@ -18,7 +18,7 @@ from streams.service.s3events import ObjectRef, object_created_event
 from streams.service.uploads import upload_paths
 from inference.results import PREDICTION_SCHEMA
 
-from .conftest import collect_events, create_topics, drain_topic
+from .conftest import collect_events, create_topics, drain_topic, plain_scheduler
 
 
 def put_images(settings, tmp_path: Path, count: int, prefix: str = "", bad_files: int = 0) -> set[str]:
@@ -155,7 +155,7 @@ def test_a_worker_that_cannot_reach_the_cluster_exits_loudly(settings, tmp_path,
     from streams.embedded.stack import free_port
 
     create_topics(settings)
-    broken = settings.with_overrides({"cluster": {"scheduler": f"tcp://127.0.0.1:{free_port()}", "connect_timeout_s": 2}})
+    broken = settings.with_overrides({"cluster": {**plain_scheduler(f"tcp://127.0.0.1:{free_port()}"), "connect_timeout_s": 2}})
     worker = start_worker(broken)
     assert worker.process.wait(120) != 0
     assert "Dask cluster" in worker.log_tail() and "unavailable" in worker.log_tail()

@@ -26,7 +26,8 @@ STORAGE_READERS = {"visionstream", "dask-worker", "dask-worker-cpu"}
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message}, ${NAME:+alt}
 VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}")
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|KEY", re.IGNORECASE)
-LOOPBACK_HOST = re.compile(r"127\.0\.0\.1|\$\{STACK_BIND_ADDRESS:-127\.0\.0\.1\}")
+LOOPBACK_HOST = re.compile(r"127\.0\.0\.1|\$\{(?P<variable>[A-Z_]+_BIND_ADDRESS):-127\.0\.0\.1\}")
+OUR_IMAGE = {name for name, service in SERVICES.items() if str(service.get("image", "")).startswith("visionstream:")}
 MUST_RESTART = {"unless-stopped", "always", "on-failure"}
 
 
@@ -129,6 +130,75 @@ def test_every_published_port_binds_to_loopback_unless_the_operator_says_otherwi
         assert LOOPBACK_HOST.fullmatch(host), f"{service} publishes {host_port}:{container_port} on {host or 'every interface'}"
 
 
+def test_each_published_service_has_a_bind_setting_of_its_own():
+    """Opening Kafka to clients must not open the MinIO console, the Dask dashboard or Grafana."""
+    owners: dict[str, set[str]] = {}
+    for service in SERVICES:
+        for host, host_port, _ in published(service):
+            variable = LOOPBACK_HOST.fullmatch(host)["variable"]
+            assert variable, f"{service}:{host_port} binds to a fixed address"
+            owners.setdefault(variable, set()).add(f"{service}:{host_port}")
+    assert all(len(ports) == 1 for ports in owners.values()), owners
+    example = (REPO / ".env.example").read_text()
+    assert all(f"# {variable}=127.0.0.1" in example for variable in owners), "each is documented in .env.example"
+
+
+def test_the_scheduler_is_on_a_network_of_its_own():
+    """Only what must talk to the scheduler reaches 8786: not Kafka, not MinIO, not Grafana."""
+    networks = {name: set(service.get("networks") or ["default"]) for name, service in SERVICES.items()}
+    assert networks["dask-scheduler"] == {"dask"}
+    on_dask = {name for name, nets in networks.items() if "dask" in nets}
+    assert on_dask == {"dask-scheduler", "dask-worker", "dask-worker-cpu", "visionstream", "prometheus"}
+    for reader in STORAGE_READERS:
+        assert "default" in networks[reader], f"{reader} must still reach MinIO"
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_no_container_gains_privileges_and_ours_run_read_only_without_capabilities(service):
+    spec = SERVICES[service]
+    if service == "dcgm-exporter":
+        pytest.skip("NVIDIA's exporter needs its own privileges to read the GPUs")
+    assert "no-new-privileges:true" in spec.get("security_opt", []), service
+    if service in OUR_IMAGE:
+        assert spec.get("read_only") is True and spec.get("cap_drop") == ["ALL"] and spec.get("pids_limit")
+        assert "/tmp" in spec.get("tmpfs", [])
+    elif service != "minio" and service != "minio-init":  # MinIO's images run as root
+        assert spec.get("cap_drop") == ["ALL"], service
+
+
+def test_the_stream_worker_only_reads_the_model_cache_and_writes_its_data_dir():
+    volumes = SERVICES["visionstream"]["volumes"]
+    assert "model-cache:/models/torch:ro" in volumes
+    data_dir = yaml.safe_load((REPO / "configs" / "compose.yaml").read_text())["worker"]["data_dir"]
+    assert any(volume.split(":")[1] == data_dir for volume in volumes if not volume.endswith(":ro"))
+
+
+def test_no_secret_is_ever_on_a_command_line():
+    """Arguments show in `ps` to every user of the host; passwords go through files or the environment."""
+    # `mc admin user add` takes the new user's secret nowhere else: the one exception, an
+    # argument of a process inside minio-init that lives for a moment (README says so)
+    allowed = {'mc admin user add local "$SERVICE_USER" "$SERVICE_PASSWORD"'}
+    for service in ("kafka-init", "minio-init"):
+        for line in script(service).splitlines():
+            if "PASSWORD" in line and not line.lstrip().startswith(("#", "export ", "printf ")) and line.strip() not in allowed:
+                raise AssertionError(f"{service} passes a secret as an argument: {line.strip()}")
+    assert "--add-config-file" in script("kafka-init") and "umask 077" in script("kafka-init")
+
+
+def test_the_outside_kafka_user_may_produce_uploads_and_read_results_and_nothing_else():
+    env = environment("kafka")
+    assert env["KAFKA_AUTHORIZER_CLASS_NAME"].endswith("StandardAuthorizer")
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert env["KAFKA_SUPER_USERS"] == "User:ANONYMOUS"  # the PLAINTEXT listeners of the compose network
+    grants = [line.strip() for line in script("kafka-init").splitlines() if line.strip().startswith("acl ")]
+    assert grants == [
+        "acl --operation Write --operation Describe --topic image-uploads",
+        "acl --operation Read --operation Describe --topic predictions --topic image-uploads-dlq",
+        'acl --operation Read --group "$SCRAM_USER-" --resource-pattern-type prefixed',
+    ]
+    assert "--allow-principal \"User:$SCRAM_USER\"" in script("kafka-init")
+
+
 def test_dask_is_reachable_only_on_the_compose_network_but_its_dashboard_on_loopback():
     published_ports = {(service, container) for service in SERVICES for _, _, container in published(service)}
     assert not any(container == "8786" for _, container in published_ports), "the Dask scheduler port runs code on the workers"
@@ -153,7 +223,7 @@ def test_kafka_init_creates_the_scram_user_from_required_variables():
     commands = script("kafka-init")
     env = environment("kafka-init")
     assert "--entity-type users" in commands and "SCRAM-SHA-512=[" in commands
-    assert '--entity-name "$SCRAM_USER"' in commands and "password=$SCRAM_PASSWORD]" in commands
+    assert '--entity-name "$SCRAM_USER"' in commands and "password=%s]" in commands and '"$SCRAM_PASSWORD"' in commands
     for name in ("SCRAM_USER", "SCRAM_PASSWORD"):
         [match] = variables(env[name])
         assert match["op"] == ":?", f"{name} must be required"

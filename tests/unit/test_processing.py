@@ -503,3 +503,23 @@ def test_a_cluster_that_stalls_as_a_whole_convicts_no_image():
     asyncio.run(h.handle([upload(f"Images/{i}.jpg", i) for i in range(4)]))
     assert [topic for topic, _, _ in recorder.published] == [TOPICS.predictions] * 4
     assert h.counters.batch_retries >= 1
+
+
+def test_objects_that_keep_failing_alike_are_tried_one_by_one_instead_of_crash_looping():
+    """Deleted objects under a GetObject-only policy answer 403 like a missing KMS permission:
+    retried as the store's fault for batch.retry_timeout_s, then each gets its own record."""
+    from inference.errors import StoreWideFailure
+
+    class Refusing(Recorder):
+        async def classify(self, uris, priority):
+            if len(uris) > 1:
+                raise StoreWideFailure("s3", f"every object of a batch of {len(uris)} failed the same way: access denied")
+            self.batches.append(uris)
+            return [ImageResult(uris[0], "x.jpg", None, (), None, None, Failure("fetch", "access denied"), MODEL)]
+
+    recorder = Refusing()
+    h = handler(recorder, retry_timeout_s=0.2, retry_backoff_s=0.01)
+    asyncio.run(h.handle([upload("Images/gone-1.jpg", 0), upload("Images/gone-2.jpg", 1)]))
+    dead = [event for topic, _, event in recorder.published if topic == TOPICS.dead_letter]
+    assert sorted((e["stage"], e["uri"]) for e in dead) == [("fetch", "s3://b/Images/gone-1.jpg"), ("fetch", "s3://b/Images/gone-2.jpg")]
+    assert h.counters.batch_retries >= 1  # it was retried as the store's fault first
