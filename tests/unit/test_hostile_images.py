@@ -98,7 +98,7 @@ def test_every_allowed_format_is_accepted():
 SEEDS = {fmt: encoded(Image.new("RGB", (40, 30), (1, 2, 3)), fmt) for fmt in ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")}
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     fmt=st.sampled_from(sorted(SEEDS)),
     edits=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=8),
@@ -119,7 +119,7 @@ def test_mutated_headers_decode_or_fail_as_that_image_alone(fmt, edits, cut):
     assert jpeg_scans(data, 10) <= 11
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=2048))
 def test_random_bytes_under_an_image_name_are_a_decode_failure(data):
     with pytest.raises(ImageDecodeError) as caught:
@@ -150,7 +150,7 @@ def device_path_plugin():
 DEVICE_PLUGIN = device_path_plugin()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     fmt=st.sampled_from(sorted(SEEDS)),
     edits=st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6),
