@@ -36,6 +36,9 @@ def create_app(settings: Settings) -> faust.App:
         web_host=worker.web_host,
         web_port=worker.web_port,
         autodiscover=False,
+        # Faust's leader election needs a topic of its own that nothing here uses; with broker
+        # auto-creation off (production Kafka, the compose stack) it would log errors forever
+        topic_disable_leader=True,
     )
 
 

@@ -30,6 +30,11 @@ MAX_SIZE_BYTES = 5 * 1024**4 * 10  # larger than any object S3 stores (5 TiB)
 SKIP_NOT_CREATED, SKIP_TEST_EVENT, SKIP_FILTERED, SKIP_BUCKET, SKIP_EMPTY = (
     "not_object_created", "test_event", "filtered", "bucket_not_allowed", "no_records",
 )
+# ObjectCreated events that MinIO sends (its `put` rule expands to every s3:ObjectCreated:*)
+# for a change of metadata alone: the bytes are the ones already classified.
+METADATA_ONLY_EVENTS = frozenset({
+    "ObjectCreated:PutTagging", "ObjectCreated:DeleteTagging", "ObjectCreated:PutRetention", "ObjectCreated:PutLegalHold",
+})
 # S3 bucket names (legacy ones included: upper case, underscores); no '/' or ':' that would
 # make ``s3://bucket/key`` name another bucket, or an access point ARN.
 BUCKET_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -209,6 +214,8 @@ def _from_record(record: Any, index: int) -> ObjectRef | Skipped:
     name = parsed.event_name.removeprefix("s3:")
     if not name.startswith("ObjectCreated"):
         return Skipped(f"s3://{bucket}/{key}", SKIP_NOT_CREATED, f"event {name or 'without a name'} is not ObjectCreated")
+    if name in METADATA_ONLY_EVENTS:
+        return Skipped(f"s3://{bucket}/{key}", SKIP_NOT_CREATED, f"event {name} changes the object's metadata, not its bytes")
     obj = parsed.s3.object
     return ObjectRef(
         bucket=bucket,

@@ -408,3 +408,31 @@ def test_the_compose_level_variables_are_no_settings():
     variable named so, once exported in a shell, would make the CLI refuse to start."""
     for match in variables(COMPOSE_TEXT):
         assert not match["name"].startswith("VISIONSTREAM_"), match["name"]
+
+
+# --- from bucket to prediction ----------------------------------------------------------------
+
+def test_the_stream_worker_may_finish_its_drain_before_docker_kills_it():
+    settings = load_settings(REPO / "configs" / "compose.yaml")
+    grace = SERVICES["visionstream"]["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > settings.worker.shutdown_grace_s + 2 * 10  # drain, commit, producer stop
+
+
+def test_minio_queues_notifications_kafka_cannot_take_on_a_volume_of_its_own():
+    env = environment("minio")
+    queue = env["MINIO_NOTIFY_KAFKA_QUEUE_DIR_PRIMARY"]
+    assert any(volume.endswith(f":{queue}") and not volume.startswith("minio-data") for volume in SERVICES["minio"]["volumes"])
+    assert int(env["MINIO_NOTIFY_KAFKA_QUEUE_LIMIT_PRIMARY"]) > 0
+
+
+def test_the_bucket_rule_covers_every_key_the_service_accepts():
+    """MinIO's suffix filter is case-sensitive: one rule without one, the service filters."""
+    rules = [line for line in script("minio-init").splitlines() if "mc event add" in line]
+    assert len(rules) == 1 and "--suffix" not in rules[0] and "--event put" in rules[0]
+
+
+def test_dask_workers_share_the_host_and_the_gpu_profile_refuses_the_cpu():
+    for service in ("dask-worker", "dask-worker-cpu"):
+        assert environment(service)["VISIONSTREAM_LOCAL_WORKERS"] == "${STACK_WORKERS_PER_HOST:-1}"
+        assert environment(service)["AWS_DEFAULT_REGION"] and "AWS_REGION" not in environment(service)
+    assert environment("dask-worker")["VISIONSTREAM_MODEL__DEVICE"] == "cuda"

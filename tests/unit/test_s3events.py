@@ -200,3 +200,15 @@ def _with_bucket(name: str) -> bytes:
 def test_found_in_review_odd_buckets_keys_and_sizes_are_malformed(payload: bytes):
     with pytest.raises(MalformedEvent):
         parse_notification(payload, FilterSettings(buckets=("*",)))
+
+
+@pytest.mark.parametrize("name", ["s3:ObjectCreated:PutTagging", "ObjectCreated:DeleteTagging", "s3:ObjectCreated:PutRetention", "s3:ObjectCreated:PutLegalHold"])
+def test_a_metadata_change_is_skipped_not_classified_again(name):
+    """MinIO's `put` rule covers every s3:ObjectCreated:*, tagging included: same bytes, no new prediction."""
+    tagged = json.loads(json.dumps(MINIO))
+    tagged["Records"][0]["eventName"] = name
+    parsed = parse_notification(json.dumps(tagged), ALL)
+    assert parsed.objects == () and parsed.skipped[0].reason == SKIP_NOT_CREATED and "metadata" in parsed.skipped[0].detail
+    for upload in ("s3:ObjectCreated:Put", "s3:ObjectCreated:CompleteMultipartUpload", "s3:ObjectCreated:Copy", "s3:ObjectCreated:Post"):
+        tagged["Records"][0]["eventName"] = upload
+        assert len(parse_notification(json.dumps(tagged), ALL).objects) == 1
