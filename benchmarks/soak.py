@@ -130,11 +130,14 @@ class Supervisor:
             self.kills[which] += 1
             self._note(f"SIGKILL {name}")
 
+    kinds: tuple[str, ...] = ("join", "leave", "die")
+
     def churn(self, rng: random.Random) -> None:
         """One change of the consumer group: a stream worker joins, leaves or dies."""
         up = [i for i, wanted in enumerate(self.wanted) if wanted]
         down = [i for i, wanted in enumerate(self.wanted) if not wanted]
         choices = (["leave", "die"] if len(up) > 1 else ["die"]) + (["join"] if down else [])
+        choices = [kind for kind in choices if kind in self.kinds] or ["join" if down else "leave"]
         action = rng.choice(choices)
         if action == "join":
             index = rng.choice(down)
@@ -233,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=12, help="SIGKILLs in all, spread over the stream workers, the Dask worker and the scheduler")
     parser.add_argument("--churn", type=int, default=0, help="consumer-group changes: a stream worker joins, leaves (SIGTERM) or dies (SIGKILL)")
     parser.add_argument("--stream-workers", type=int, default=1, help="stream worker processes in the group (up to this many run at once)")
+    parser.add_argument("--churn-kinds", default="join,leave,die", help="which group changes churn makes (comma-separated)")
     parser.add_argument("--poison", action="store_true", help="upload one image that kills the Dask worker decoding it (fault injection)")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--rate", type=float, default=40.0, help="notifications per second sent")
@@ -277,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             messages.insert(rng.randrange(len(messages) + 1), message)
         asyncio.run(ensure_topics(settings.kafka, settings.topics))
         supervisor = Supervisor(settings, work, scheduler_port, max(1, args.stream_workers), "poison-pill" if args.poison else None)
+        supervisor.kinds = tuple(kind.strip() for kind in args.churn_kinds.split(","))
         started = time.monotonic()
         sending = threading.Thread(target=lambda: asyncio.run(send(settings, messages, args.rate)), daemon=True)
         sending.start()
