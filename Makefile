@@ -6,8 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
-# `slow`: the packaging checks that ask PyPI to resolve every extra, and the scale-out tests
-# (several stream workers churning; a worker-killing image): about 6 minutes; CI runs them
+# `slow`: the packaging checks that ask PyPI to resolve every extra, the scale-out tests
+# (several stream workers churning; a worker-killing image) and the longest fault tests (a
+# scheduler restart, a lost Dask worker, SIGTERM mid-batch, commit order): about 10 minutes; CI runs them
 FAST := -m "not slow"
 
 .PHONY: install demo test test-slow unit bench compose-check constraints clean

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import boto3
+import pytest
 
 from streams.embedded.samples import generate_dataset
 from streams.embedded.stack import S3_TEST_CREDENTIALS, start_dask_scheduler, start_dask_worker
@@ -131,6 +132,7 @@ def test_a_stalled_worker_is_reported_and_its_batch_is_cancelled_and_retried(set
         scheduler.stop()
 
 
+@pytest.mark.slow  # about a minute here: `make test-slow` (CI runs both)
 def test_a_scheduler_restart_mid_stream_loses_nothing_and_the_model_comes_back(settings, bucket, tmp_path, start_worker):
     env = os.environ | S3_TEST_CREDENTIALS
     scheduler = start_dask_scheduler(tmp_path / "first")
@@ -160,6 +162,7 @@ def test_a_scheduler_restart_mid_stream_loses_nothing_and_the_model_comes_back(s
         scheduler.stop()
 
 
+@pytest.mark.slow  # about a minute here: `make test-slow` (CI runs both)
 def test_sigterm_lets_in_flight_batches_finish_and_a_restart_duplicates_nothing(settings, bucket, tmp_path, start_worker):
     settings = settings.with_overrides({"batch": {"size": 10, "max_in_flight": 2}, "topics": {"partitions": 1}, "worker": {"shutdown_grace_s": 60}})
     create_topics(settings)
@@ -191,6 +194,7 @@ def committed_offset(settings, topic: str) -> int:
     return asyncio.run(run())
 
 
+@pytest.mark.slow  # about a minute here: `make test-slow` (CI runs both)
 def test_a_commit_never_covers_an_earlier_batch_still_in_flight(settings, bucket, tmp_path, start_worker):
     """One partition, two batches in flight; the first hangs on a stopped Dask worker while the
     second finishes on another. After a commit has certainly happened (a control event on the

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import boto3
+import pytest
 
 from inference.cluster import embedded_cluster, reaching
 from streams.embedded.samples import generate_dataset
@@ -161,6 +162,7 @@ def test_a_worker_that_cannot_reach_the_cluster_exits_loudly(settings, tmp_path,
     assert "Dask cluster" in worker.log_tail() and "unavailable" in worker.log_tail()
 
 
+@pytest.mark.slow  # about a minute here: `make test-slow` (CI runs both)
 def test_a_dask_worker_lost_mid_batch_loses_nothing(settings, bucket, tmp_path, start_worker):
     """The Dask worker process dies mid-batch; its nanny restarts it, the scheduler reruns the
     task there (the model plugin is sent to the new worker), and every upload still gets its event."""
