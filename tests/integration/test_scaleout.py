@@ -157,4 +157,7 @@ def test_an_image_that_kills_its_worker_is_the_only_dead_letter_with_two_stream_
         assert all(any(e["schema"] == PREDICTION_SCHEMA for e in events[uri]) for uri in innocent)
         assert [w.process.poll() for w in workers] == [None, None] and [w.process.pid for w in workers] == pids  # no crash
     finally:
-        cluster.close()
+        try:
+            cluster.close(timeout=30)
+        except TimeoutError:  # a worker process slow to exit (its nanny restarted it moments ago): not this test's subject
+            pass
