@@ -394,6 +394,11 @@ class InferenceCluster:
 
     async def close(self) -> None:
         if self.client is not None:
+            try:
+                # first: else the scheduler tries to send this very client its own departure
+                self.client.unsubscribe_topic("all")
+            except Exception as exc:  # noqa: BLE001 - closing anyway
+                log.debug("could not unsubscribe from the scheduler's events: %s", exc)
             await self.client.close()
             self.client = None
         if self._local is not None:

@@ -264,6 +264,10 @@ class StreamService:
             except Exception as exc:  # noqa: BLE001 - everything acknowledged was confirmed already
                 log.warning("producer did not stop cleanly: %s", exc)
             self.producer = None
+        try:  # leave the scheduler cleanly: it forgets this client and its event subscription
+            await asyncio.wait_for(self.cluster.close(), timeout=STOP_STEP_S)
+        except Exception as exc:  # noqa: BLE001 - stopping anyway
+            log.debug("Dask client did not close cleanly: %s", exc)
 
     async def watch_partitions(self) -> None:
         """Find assigned input partitions with events waiting and none taken for
