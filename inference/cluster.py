@@ -282,7 +282,7 @@ class InferenceCluster:
         reasons = sorted({self.unhealthy[address].reason for address in workers if address in self.unhealthy})
         return f"no Dask worker has the model loaded: {'; '.join(reasons)[:300]}"
 
-    async def _submit(self, uris: list[str], priority: int, deaths_allowed: int | None = None) -> list[ImageResult]:
+    async def _submit(self, uris: list[str], priority: int, deaths_allowed: int) -> list[ImageResult]:
         if self.settings.scheduler and (self.client is None or self.client.status in ("closing", "closed")):
             await self._reconnect()
         if self.client is None:
@@ -324,12 +324,10 @@ class InferenceCluster:
         self.suspects.difference_update(uris)  # classified: they did not kill this worker
         return [ImageResult.from_dict(record) for record in records]
 
-    async def _await_batch(self, future: Any, died: asyncio.Event, deaths_allowed: int | None) -> Any:
-        """The batch's records; with ``deaths_allowed``, give up (WorkerLost) once more workers than
-        that died with it, rather than waiting for Dask's own limit (each death costs a restart
-        and a model load)."""
-        if deaths_allowed is None:
-            return await future
+    async def _await_batch(self, future: Any, died: asyncio.Event, deaths_allowed: int) -> Any:
+        """The batch's records; give up (WorkerLost) once more than ``deaths_allowed`` workers
+        died with it, rather than waiting for Dask's own limit (each death costs a restart and a
+        model load)."""
         waiting = asyncio.ensure_future(future)
         watching: asyncio.Future[Any] | None = None
         deaths = 0
