@@ -151,12 +151,12 @@ def test_an_interrupted_backfill_prints_the_exact_resume_command_and_resuming_lo
     keys = fill_bucket(settings, 150, 0)
     create_topics(settings)
     process = subprocess.Popen(
-        [sys.executable, "-m", "streams", "backfill", f"s3://{bucket}/bf/", "--rate", "30"],
+        [sys.executable, "-m", "streams", "backfill", f"s3://{bucket}/bf/", "--rate", "10"],
         cwd=REPO, env=os.environ | _env(settings), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
-    # 60 events at 30/s: two seconds of publishing, so a chunk was confirmed (every second), and
-    # 90 events still to go: the interruption lands mid-way
-    assert published_at_least(settings, 60, timeout_s=60), "the backfill published nothing"
+    # 30 events at 10/s: three seconds of publishing, so a chunk was confirmed (every second), and
+    # 120 events (12 s) still to go: the interruption lands mid-way, however slowly this reader starts
+    assert published_at_least(settings, 30, timeout_s=60), "the backfill published nothing"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
