@@ -19,6 +19,7 @@ from distributed.system import MEMORY_LIMIT
 from inference.deaths import Death, DeathTally, batch_digest, batch_key, deaths_from_events, key_digest, tally
 
 from inference.errors import ClusterUnavailable, ConfigError, InferenceError, ModelLoadFailed, ModelNotResident, WorkerLost
+from inference.objects import pins
 from inference.results import ImageResult
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, Settings, StorageSettings
 from inference.worker import ResidentModel, classify_batch, plugin_usage
@@ -299,7 +300,8 @@ class InferenceCluster:
         self._subscribe()
         key = batch_key(uris)  # names the images: deaths count against them, whoever submits them
         future = client.submit(
-            classify_batch, self.plugin.name, list(uris), self.truth_pattern, key=key, priority=priority, **placement
+            classify_batch, self.plugin.name, [str(uri) for uri in uris], self.truth_pattern, pins(uris),
+            key=key, priority=priority, **placement,
         )
         died = self._death_watch[key] = asyncio.Event()
         self._in_flight[key] = list(uris)

@@ -22,13 +22,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from inference.objects import identity
+
 KEY_PREFIX = "visionstream-batch-"
 POISON_DEATHS = 2  # alone, unexpected deaths that convict an image
 
 
 def batch_digest(uris: Sequence[str]) -> str:
-    """The same for the same images, in any order."""
-    material = "\n".join(sorted(uris)).encode("utf-8", "surrogatepass")
+    """The same for the same images (the same object versions, where pinned), in any order."""
+    material = "\n".join(sorted(identity(uri) for uri in uris)).encode("utf-8", "surrogatepass")
     return hashlib.sha256(material).hexdigest()[:24]
 
 

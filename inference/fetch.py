@@ -2,7 +2,9 @@
 
 An ``s3://bucket/key`` URI is split once, at the first ``/`` after the bucket, and read with
 one ranged GetObject: no glob (``*``, ``?``, ``[``), no ``::`` chaining, no ``?versionId=``;
-a key is only ever the key. Local paths (and ``file://``) are read with a plain ``open``;
+a key is only ever the key. A ``PinnedUri`` (``inference.objects``) is read at the version its
+event announced: ``VersionId``, else ``If-Match`` on the ETag; an object overwritten since is
+``SUPERSEDED``, that image's record, never another object's bytes under its event. Local paths (and ``file://``) are read with a plain ``open``;
 other protocols (``memory://``, ``gs://``) one file at a time with fsspec's ``cat_file``,
 which never expands patterns either.
 Patterns are expanded only where a user asks for them: ``classify``'s command line
@@ -23,6 +25,7 @@ import botocore.exceptions
 import fsspec
 
 from inference.errors import FetchError, StorageUnavailable, StoreWideFailure
+from inference.objects import PinnedUri
 from inference.settings import ImageSettings, StorageSettings
 
 S3_SCHEMES = ("s3://", "s3a://")
@@ -36,7 +39,7 @@ PERMANENT_S3_ERRORS = {
     "InvalidObjectState": "object archived (restore it first)",
     "InvalidRange": "empty object",
     "416": "empty object",
-    "NoSuchVersion": "version not found",
+    "NoSuchVersion": "version not found (deleted since its event)",
     "InvalidBucketName": "invalid bucket name",
     "KeyTooLongError": "key too long",
     "PermanentRedirect": "bucket in another region or endpoint",
@@ -52,6 +55,7 @@ SERVICE_S3_ERRORS = {
     "RequestTimeout", "RequestTimeoutException", "SlowDown", "Throttling", "ThrottlingException",
     "RequestLimitExceeded", "InternalError", "ServiceUnavailable",
 }
+SUPERSEDED = "superseded: the object was overwritten after its event (the newer object's own event gets its prediction)"
 SLOW_OBJECT = "reading the object took longer than images.fetch_timeout_s"
 # Per-object answers that, when every object of a batch gets the same one, say something about
 # the store (a missing KMS permission, a wrong region or endpoint, a store that stalls) rather
@@ -127,12 +131,14 @@ def _get_s3(uri: str, storage: StorageSettings, max_bytes: int, timeout_s: float
     if not bucket or not key:
         return FetchError(uri, "not an s3://bucket/key URI")
     try:
-        response = s3_client(storage).get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}")
+        response = s3_client(storage).get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}", **_pin(uri, storage))
         with response["Body"] as body:
             return _read_within(body, max_bytes + 1, time.monotonic() + timeout_s, uri)
     except botocore.exceptions.ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code == "PreconditionFailed" or status == 412:
+            return FetchError(uri, SUPERSEDED)
         if code in SERVICE_S3_ERRORS:
             raise StorageUnavailable(storage.endpoint_url or "s3", f"{code} reading {uri}") from exc
         if code in PERMANENT_S3_ERRORS:
@@ -148,6 +154,17 @@ def _get_s3(uri: str, storage: StorageSettings, max_bytes: int, timeout_s: float
         return FetchError(uri, f"invalid bucket or key: {type(exc).__name__}"[:300])
     except (botocore.exceptions.BotoCoreError, OSError) as exc:  # no credentials, connection refused, timeouts
         raise StorageUnavailable(storage.endpoint_url or "s3", f"{type(exc).__name__} reading {uri}") from exc
+
+
+def _pin(uri: str, storage: StorageSettings) -> dict[str, str]:
+    """GetObject's arguments that read exactly the version an event announced."""
+    if not isinstance(uri, PinnedUri) or not storage.pin_versions:
+        return {}
+    if uri.version:
+        return {"VersionId": uri.version}
+    if uri.etag:
+        return {"IfMatch": f'"{uri.etag}"'}
+    return {}
 
 
 class _TooSlow(Exception):

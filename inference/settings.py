@@ -138,6 +138,7 @@ class StorageSettings(Section):
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
     anon: bool = False
+    pin_versions: bool = True  # read the version an event announced (VersionId, else If-Match on its ETag)
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec/s3fs options; unset keys fall back to the standard AWS environment."""

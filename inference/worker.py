@@ -28,6 +28,7 @@ from PIL import Image
 
 from inference.errors import ConfigError, ImageError, ModelLoadFailed, ModelNotResident
 from inference.fetch import fetch_many
+from inference.objects import pinned
 from inference.gpu import Decoder, batch_on, device_crops, device_decodable, jpeg_decoder
 from inference.images import ImageHeader, decode_crop, read_header
 from inference.labels import match_truth, parse_truth
@@ -359,8 +360,11 @@ def with_local_credentials(storage: StorageSettings) -> StorageSettings:
     return storage.model_copy(update={"access_key_id": local.access_key_id, "secret_access_key": local.secret_access_key})
 
 
-def classify_batch(plugin: str, uris: list[str], truth_pattern: str) -> list[dict[str, Any]]:
-    """The Dask task: classify ``uris`` with this worker's resident model ``plugin``.
+def classify_batch(
+    plugin: str, uris: list[str], truth_pattern: str, pins: list[list[str | None] | None] | None = None
+) -> list[dict[str, Any]]:
+    """The Dask task: classify ``uris`` with this worker's resident model ``plugin``; ``pins``
+    (``inference.objects.pins``) names the object version each event announced.
 
     Returns plain JSON-ready dicts (no tensors, nothing pickled beyond Dask's own transport).
     Raises ModelNotResident where the plugin is missing (the scheduler restarted and the
@@ -374,7 +378,7 @@ def classify_batch(plugin: str, uris: list[str], truth_pattern: str) -> list[dic
     resident.active_batches += 1  # waiting for the model counts: a busy plugin is never retired
     try:
         resident.ensure_loaded(worker)
-        return [result.to_dict() for result in resident.classify(uris, truth_pattern)]
+        return [result.to_dict() for result in resident.classify(pinned(uris, pins), truth_pattern)]
     finally:
         resident.active_batches -= 1
         resident.last_used = time.monotonic()

@@ -30,12 +30,13 @@ from faust.types import TP, EventT, StreamT
 
 from inference.cluster import InferenceCluster
 from inference.job import batches_in_flight
-from inference.settings import FilterSettings, Settings
+from inference.settings import Settings
 from streams.service.app import create_app
 from streams.service.kafka import start_producer
 from streams.service.metrics import CONTENT_TYPE, StreamMetrics
 from streams.service.processing import AckTracker, BatchHandler, InputMessage
 from streams.service.progress import ProgressWatch, Stall
+from streams.service.s3events import allowed_filter
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class StreamService:
             publish=self.publish,
             batch=settings.batch,
             topics=topics,
-            filter=allowed_filter(settings),
+            filter=allowed_filter(settings.filter, settings.storage.bucket),
             events=settings.events,
             counters=self.counters,
             cluster=self.cluster,
@@ -382,13 +383,6 @@ def _highwater(consumer: Any, tp: TP) -> int | None:
         return consumer.highwater(tp)
     except Exception:  # noqa: BLE001 - not fetched yet, or the broker reports none
         return None
-
-
-def allowed_filter(settings: Settings) -> FilterSettings:
-    """``filter`` with its bucket allowlist resolved: empty means ``storage.bucket`` only."""
-    if settings.filter.buckets:
-        return settings.filter
-    return settings.filter.model_copy(update={"buckets": (settings.storage.bucket,)})
 
 
 def _input_message(event: EventT) -> InputMessage:

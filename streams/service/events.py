@@ -90,6 +90,8 @@ def dead_letter_event(
     source: dict[str, Any] | None = None,
     uri: str | None = None,
     original_max_bytes: int = DEFAULT_ORIGINAL_BYTES,
+    etag: str | None = None,
+    version: str | None = None,
 ) -> dict[str, Any]:
     """A failed message (stage ``parse``) or image (``fetch``, ``decode``, ``worker``).
 
@@ -102,6 +104,8 @@ def dead_letter_event(
         "stage": stage,
         "reason": reason[:MAX_REASON_CHARS],
         "uri": uri,
+        "etag": etag,
+        "version": version,
         "original": _original(original, original_max_bytes),
         "original_size_bytes": None if original is None else len(original),
         "original_truncated": original is not None and len(original) > original_max_bytes,

@@ -277,15 +277,18 @@ class BatchHandler:
             "visionstream_events_skipped_total{reason=\"bucket_not_allowed\"}", bucket, allowed,
         )
 
-    def _dead_letter(self, key: bytes, stage: str, reason: str, message: InputMessage, uri: str | None = None) -> Awaitable[Any]:
+    def _dead_letter(self, key: bytes, stage: str, reason: str, message: InputMessage, ref: ObjectRef | None = None) -> Awaitable[Any]:
         """Publish one dead letter carrying (a capped copy of) the message it came from."""
-        event = dead_letter_event(stage, reason, message.value, message.source, uri=uri, original_max_bytes=self.events.dead_letter_original_bytes)
+        event = dead_letter_event(
+            stage, reason, message.value, message.source, original_max_bytes=self.events.dead_letter_original_bytes,
+            **({"uri": ref.uri, "etag": ref.etag, "version": ref.version} if ref is not None else {}),
+        )
         return self.publish(self.topics.dead_letter, key, encode_dead_letter(event))
 
     async def _run_batch(self, work: list[tuple[ObjectRef, InputMessage]], priority: int) -> list[Awaitable[Any]]:
         batch_id = uuid.uuid4().hex[:16]
         started = time.perf_counter()
-        outcomes = await self._classify_isolating([ref.uri for ref, _ in work], priority)
+        outcomes = await self._classify_isolating([ref.target for ref, _ in work], priority)
         classified = [outcome for outcome in outcomes if isinstance(outcome, ImageResult)]
         self.counters.batch_classified(len(work), time.perf_counter() - started, classified[0].timings if classified else None)
         if classified:
@@ -307,7 +310,7 @@ class BatchHandler:
                     continue
             failed += 1
             self.counters.image_failed(error.stage)
-            sends.append(self._dead_letter(key, error.stage, error.message, message, uri=ref.uri))
+            sends.append(self._dead_letter(key, error.stage, error.message, message, ref))
         log.info("batch classified", extra={
             "batch": batch_id, "offsets": offset_ranges(message for _, message in work), "images": len(work),
             "predictions": len(work) - failed, "dead_letters": failed, "duration_ms": round((time.perf_counter() - started) * 1000, 1),

@@ -18,6 +18,7 @@ from urllib.parse import quote_plus, unquote_plus
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
+from inference.objects import PinnedUri
 from inference.settings import EventSettings, FilterSettings
 from streams.errors import MalformedEvent
 
@@ -54,6 +55,11 @@ class ObjectRef:
     @property
     def uri(self) -> str:
         return f"s3://{self.bucket}/{self.key}"
+
+    @property
+    def target(self) -> PinnedUri:
+        """The URI, pinned to the version this event announced: what the worker reads."""
+        return PinnedUri(self.uri, self.version, self.etag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +270,13 @@ def _decoded_key(encoded: str, where: str) -> str:
     if "::" in key:
         raise MalformedEvent(f"{where}: object key contains '::'")
     return key
+
+
+def allowed_filter(filter: FilterSettings, default_bucket: str) -> FilterSettings:
+    """``filter`` with its bucket allowlist resolved: empty means ``default_bucket`` (storage.bucket) only."""
+    if filter.buckets:
+        return filter
+    return filter.model_copy(update={"buckets": (default_bucket,)})
 
 
 def _filtered(refs: list[ObjectRef | Skipped], filter: FilterSettings) -> Notification:

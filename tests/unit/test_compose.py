@@ -301,7 +301,10 @@ def test_minio_init_creates_the_service_user_with_a_read_only_policy_on_the_buck
     granted = {(action, resource) for statement in policy["Statement"] if statement["Effect"] == "Allow"
                for action in statement["Action"] for resource in statement["Resource"]}
     bucket = settings.storage.bucket
-    assert granted == {("s3:GetObject", f"arn:aws:s3:::{bucket}/*"), ("s3:ListBucket", f"arn:aws:s3:::{bucket}")}
+    assert granted == {  # GetObjectVersion: reads pinned to the version an event names (storage.pin_versions)
+        ("s3:GetObject", f"arn:aws:s3:::{bucket}/*"), ("s3:GetObjectVersion", f"arn:aws:s3:::{bucket}/*"),
+        ("s3:ListBucket", f"arn:aws:s3:::{bucket}"),
+    }
 
 
 # --- images, restarts, health -------------------------------------------------------------------

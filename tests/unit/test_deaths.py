@@ -47,3 +47,12 @@ def test_deaths_count_against_the_images_alone_or_beside_other_work():
     deaths += deaths_from_events([(8.0, removal(batch_key(poison)))])
     assert convicted(poison, tally(deaths, poison)) and POISON_DEATHS == 2
     assert not convicted(other, tally(deaths_from_events([(9.0, removal(batch_key(other)))] * 3), other))  # a batch is split, never convicted
+
+
+def test_two_versions_of_one_key_are_different_images_to_the_death_record():
+    from inference.objects import PinnedUri
+
+    uri = "s3://b/dogs/a.jpg"
+    assert batch_digest([PinnedUri(uri, "v1")]) != batch_digest([PinnedUri(uri, "v2")])
+    assert batch_digest([PinnedUri(uri, "v1"), "s3://b/x.jpg"]) == batch_digest(["s3://b/x.jpg", PinnedUri(uri, "v1")])
+    assert batch_digest([PinnedUri(uri)]) == batch_digest([uri])

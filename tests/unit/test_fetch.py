@@ -170,3 +170,51 @@ def test_only_a_shared_store_wide_reason_makes_a_store_failure(reasons):
     alike = len(reasons) >= 2 and len(set(reasons)) == 1 and reasons[0] in STORE_WIDE_REASONS
     assert found == (reasons[0] if alike else None)
     assert _store_wide_failure([f"/local/{i}.jpg" for i in range(len(reasons))], results) is None  # local files: each its own
+
+
+@pytest.fixture
+def s3_store():
+    """moto's S3 in this process; fetch's cached clients are made inside it."""
+    moto = pytest.importorskip("moto")
+    import boto3
+
+    from inference.fetch import s3_client
+
+    s3_client.cache_clear()
+    with moto.mock_aws():
+        yield boto3.client("s3", region_name="us-east-1"), StorageSettings(region="us-east-1", access_key_id="k", secret_access_key="s")
+    s3_client.cache_clear()
+
+
+def two_uploads(client, bucket: str, versioned: bool) -> tuple[dict, dict]:
+    client.create_bucket(Bucket=bucket)
+    if versioned:
+        client.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    return client.put_object(Bucket=bucket, Key="dogs/a.jpg", Body=b"first"), client.put_object(Bucket=bucket, Key="dogs/a.jpg", Body=b"second")
+
+
+def test_an_overwritten_object_is_superseded_never_read_under_the_first_event(s3_store):
+    from inference.fetch import SUPERSEDED
+    from inference.objects import PinnedUri
+
+    client, storage = s3_store
+    first, second = two_uploads(client, "plain-bucket", versioned=False)
+    uri = "s3://plain-bucket/dogs/a.jpg"
+    old, new = PinnedUri(uri, etag=first["ETag"]), PinnedUri(uri, None, second["ETag"].strip('"'))  # listings quote it, events do not
+    results = fetch_many([old, new, uri], storage, ImageSettings(fetch_concurrency=1))
+    assert isinstance(results[0], FetchError) and results[0].reason == SUPERSEDED and results[0].stage == "fetch"
+    assert results[1:] == [b"second", b"second"]  # the current object's own event, and an unpinned URI
+    assert fetch_many([old], storage.model_copy(update={"pin_versions": False}), ImageSettings()) == [b"second"]
+
+
+def test_each_version_of_a_versioned_object_is_read_as_its_event_names_it(s3_store):
+    from inference.objects import PinnedUri
+
+    client, storage = s3_store
+    first, second = two_uploads(client, "versioned-bucket", versioned=True)
+    uri = "s3://versioned-bucket/dogs/a.jpg"
+    pinned = [PinnedUri(uri, first["VersionId"], first["ETag"]), PinnedUri(uri, second["VersionId"], second["ETag"])]
+    assert fetch_many(pinned, storage, ImageSettings(fetch_concurrency=1)) == [b"first", b"second"]
+    client.delete_object(Bucket="versioned-bucket", Key="dogs/a.jpg", VersionId=first["VersionId"])
+    [gone] = fetch_many(pinned[:1], storage, ImageSettings())
+    assert isinstance(gone, FetchError) and gone.reason.startswith("version not found")
