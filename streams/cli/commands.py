@@ -1,4 +1,4 @@
-"""The ``visionstream`` commands: classify, worker, upload, tail, backfill, evaluate, demo."""
+"""The ``visionstream`` commands: classify, worker, upload, tail, backfill, reconcile, evaluate, demo."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import json
 import shlex
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from inference.settings import Settings
 from streams.cli.console import describe, progress_bar, render
+from streams.service.logs import escape
 
 Command = Callable[[str, Callable[[argparse.Namespace, Settings], int | None], str], argparse.ArgumentParser]
 
@@ -47,6 +49,17 @@ def register(command: Command) -> None:
     backfill.add_argument("--start-after", metavar="KEY", help="resume after this key (as printed by an interrupted run)")
     backfill.add_argument("--dry-run", action="store_true", help="count only; publish nothing")
     backfill.add_argument("--topic", metavar="TOPIC", help="default: topics.backfill")
+
+    reconcile = command("reconcile", run_reconcile, "announce the image objects of a prefix that no event covers (lost notifications), to the backfill topic")
+    reconcile.add_argument("uri", metavar="s3://BUCKET/PREFIX")
+    reconcile.add_argument("--dry-run", action="store_true", help="print the URIs it would announce, one per line; publish nothing")
+    reconcile.add_argument("--min-age", type=float, default=60.0, metavar="SECONDS",
+                           help="leave objects younger than this alone: their notifications may still be on the way (default: 60)")
+    reconcile.add_argument("--modified-after", type=_utc_time, metavar="TIME",
+                           help="only objects written after this ISO 8601 time (older ones' predictions may have passed the topics' retention)")
+    reconcile.add_argument("--idle", type=float, default=5.0, metavar="SECONDS",
+                           help="stop reading a topic after this long without a record (default: 5)")
+    reconcile.add_argument("--topic", metavar="TOPIC", help="default: topics.backfill")
 
     evaluate = command("evaluate", run_evaluate, "accuracy report from the predictions topic or a classify JSONL file")
     evaluate.add_argument("--input", metavar="FILE", help="JSON lines from `visionstream classify` instead of the topic")
@@ -156,6 +169,54 @@ def run_backfill(args: argparse.Namespace, settings: Settings) -> int:
     verb = "would publish" if args.dry_run else "published"
     print(f"backfill: {verb} {done.published} events from {args.uri} ({done.skipped} non-image objects skipped, "
           f"{done.rate:.0f} events/s); last key {done.last_key!r}", file=sys.stderr)
+    return 0
+
+
+def _utc_time(text: str) -> datetime:
+    """An ISO 8601 time; one without a zone is UTC."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def run_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.service.reconcile import ReconcilePlan
+    from streams.service.s3events import allowed_filter
+    from streams.service.reconcile import run_reconcile as reconcile
+
+    try:
+        plan = ReconcilePlan.parse(args.uri, args.topic or settings.topics.backfill, dry_run=args.dry_run,
+                                   min_age_s=args.min_age, modified_after=args.modified_after, idle_s=args.idle)
+    except ValueError as exc:
+        print(f"visionstream: error: {exc}", file=sys.stderr)
+        return 2
+    buckets = allowed_filter(settings.filter, settings.storage.bucket).buckets
+    if "*" not in buckets and plan.bucket not in buckets:
+        print(f"visionstream: error: bucket {plan.bucket!r} is not in filter.buckets ({', '.join(buckets)}; "
+              "empty means storage.bucket): the worker would skip what reconcile announces", file=sys.stderr)
+        return 2
+    progress = progress_bar("reconcile: reading the topics", unit="ev")
+
+    def read(count: int) -> None:
+        progress.n = count
+        progress.refresh()
+
+    def missing(ref: Any) -> None:
+        if args.dry_run:
+            print(escape(ref.uri), flush=True)
+
+    try:
+        done = asyncio.run(reconcile(plan, settings, on_missing=missing, on_read=read))
+    finally:
+        progress.close()
+    verb = "would announce" if args.dry_run else "announced"
+    skipped = f"; left alone: {done.too_new} younger than {args.min_age:g} s" + (
+        f", {done.out_of_range} not modified after {args.modified_after.isoformat()}" if args.modified_after else "")
+    print(f"reconcile: {done.listed} image objects under {args.uri}, {done.accounted} accounted for "
+          f"(topics name {done.versions_known} object versions, {done.index_bytes / 1e6:.1f} MB); "
+          f"{verb} {done.announced} to {plan.topic}{skipped}", file=sys.stderr)
     return 0
 
 

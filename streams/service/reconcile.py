@@ -1,0 +1,248 @@
+"""Reconcile: find the objects of a prefix that no event covers, and announce them.
+
+A notification can be lost before it reaches Kafka (a MinIO queue that overflowed or was
+never configured, a bucket rule that missed a suffix, a deleted topic); nothing downstream
+can notice an object that was never announced. Reconcile lists the prefix and announces, as
+backfill events through the same path as ``backfill``, every image object whose current
+version nothing accounts for.
+
+What accounts for an object version, read from the service's own topics from their start:
+  - a prediction or a dead letter for it (``uri`` and ``etag``), superseded ones included;
+  - an announcement still on its way: its event on the uploads or backfill topic (the
+    worker consumes it; acknowledged only once its result is published).
+Object versions are matched by URI and ETag (the listing's ETag is the current version's); an
+event that named no ETag accounts for every version of its URI.
+
+``Accounted`` keeps one 64-bit digest per version it heard of (sorted, 8 bytes each, plus the
+page being listed), never the URIs. Two different versions share a digest with probability
+about n²/2⁶⁵ (1e-8 for a million objects); one that did would be taken as accounted for.
+Reconcile can only know what the topics still hold: an object whose prediction passed the
+predictions topic's retention is announced again (``--modified-after`` bounds the listing),
+and where end offsets cannot be trusted the read stops after ``idle_s`` without a record.
+It errs towards announcing: a duplicate prediction, never a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from inference.results import is_dead_letter, is_prediction
+from inference.settings import EventSettings, FilterSettings, Settings
+from streams.errors import MalformedEvent
+from streams.service.backfill import BackfillPlan, listing, object_ref, parse_s3_uri, publisher
+from streams.service.kafka import start_consumer
+from streams.service.s3events import ObjectRef, allowed_filter, parse_notification
+
+log = logging.getLogger(__name__)
+
+READ_BATCH = 2000  # records per fetch while reading the topics
+ASSIGN_WAIT_S = 30.0  # for the topics' metadata before reading
+
+
+def version_digest(uri: str, etag: str | None) -> int:
+    """One object version (``etag`` None: any version of ``uri``) as a 64-bit number."""
+    material = f"{uri}\x00{(etag or '').strip(chr(34))}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "little")
+
+
+class Accounted:
+    """The object versions the topics account for: ``add`` while reading, then ``freeze`` once,
+    then ``covers``. 8 bytes a version once frozen."""
+
+    def __init__(self) -> None:
+        self._growing: array[int] | None = array("Q")
+        self._sorted = np.empty(0, dtype=np.uint64)
+
+    def add(self, uri: str, etag: str | None) -> None:
+        assert self._growing is not None, "Accounted.add after freeze"
+        self._growing.append(version_digest(uri, etag))
+
+    def freeze(self) -> Accounted:
+        if self._growing is not None:
+            self._sorted = np.unique(np.frombuffer(self._growing, dtype=np.uint64))
+            self._growing = None
+        return self
+
+    def __len__(self) -> int:
+        return len(self._sorted) if self._growing is None else len(self._growing)
+
+    @property
+    def nbytes(self) -> int:
+        return self._sorted.nbytes if self._growing is None else self._growing.itemsize * len(self._growing)
+
+    def covers(self, uri: str, etag: str | None) -> bool:
+        """This version, or every version of ``uri``, is accounted for."""
+        assert self._growing is None, "Accounted.covers before freeze"
+        for digest in {version_digest(uri, etag), version_digest(uri, None)}:
+            at = int(np.searchsorted(self._sorted, np.uint64(digest)))
+            if at < len(self._sorted) and int(self._sorted[at]) == digest:
+                return True
+        return False
+
+
+def account(accounted: Accounted, value: bytes | None, output: bool, filter: FilterSettings, limits: EventSettings) -> int:
+    """Add what one record of the topics accounts for; returns how many versions. ``output``:
+    a record of the predictions or dead-letter topic, else an S3 notification. Whatever the
+    bytes, a record that names no object adds nothing. Pure but for ``accounted``."""
+    if value is None:
+        return 0
+    if output:
+        try:
+            record = json.loads(value)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return 0
+        if not isinstance(record, dict) or not (is_prediction(record) or is_dead_letter(record)):
+            return 0
+        uri, etag = record.get("uri"), record.get("etag")
+        if not isinstance(uri, str) or not uri:
+            return 0  # a message that was never a notification (stage parse)
+        accounted.add(uri, etag if isinstance(etag, str) else None)
+        return 1
+    try:
+        notification = parse_notification(value, filter, limits)
+    except MalformedEvent:
+        return 0
+    for ref in notification.objects:
+        accounted.add(ref.uri, ref.etag)
+    return len(notification.objects)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcilePlan:
+    """What to reconcile and how."""
+
+    bucket: str
+    prefix: str
+    topic: str  # where announcements go (the backfill topic)
+    dry_run: bool = False
+    min_age_s: float = 60.0  # younger objects' notifications may still be on their way
+    modified_after: datetime | None = None  # only objects written after this (older ones' records may have expired)
+    idle_s: float = 5.0  # stop reading a topic after this long without a record
+
+    @classmethod
+    def parse(cls, uri: str, topic: str, **options: Any) -> ReconcilePlan:
+        """A plan for ``s3://bucket/prefix``; ValueError if ``uri`` is not one."""
+        return cls(*parse_s3_uri(uri), topic, **options)
+
+    def excludes(self, summary: dict[str, Any], now: datetime) -> str | None:
+        """Why an object the topics do not account for is left alone: ``too_new`` (its
+        notification may still be on its way), ``out_of_range`` (before ``modified_after``),
+        or None: announce it."""
+        modified = summary.get("LastModified")
+        if not isinstance(modified, datetime):
+            return None
+        if self.modified_after is not None and modified <= self.modified_after:
+            return "out_of_range"
+        if (now - modified).total_seconds() < self.min_age_s:
+            return "too_new"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileResult:
+    listed: int = 0  # image objects listed under the prefix
+    too_new: int = 0  # younger than min_age_s
+    out_of_range: int = 0  # not modified after modified_after
+    accounted: int = 0  # listed objects the topics account for
+    announced: int = 0  # published (a dry run: would be)
+    versions_known: int = 0  # distinct object versions the topics account for
+    index_bytes: int = 0
+    read_s: float = 0.0
+    elapsed_s: float = 0.0
+
+
+async def read_accounted(settings: Settings, idle_s: float, on_read: Callable[[int], None] | None = None) -> Accounted:
+    """Every object version the service's topics account for, read from their start up to the
+    end offsets seen when reading began (or until ``idle_s`` passes without a record)."""
+    topics = settings.topics
+    outputs = {topics.predictions, topics.dead_letter}
+    uploads = allowed_filter(settings.filter, settings.storage.bucket)  # what the worker would classify
+    accounted = Accounted()
+    consumer = await start_consumer(settings.kafka, topics.predictions, topics.dead_letter, topics.uploads, topics.backfill, from_beginning=True)
+    read = 0
+    try:
+        ends = await _end_offsets(consumer)
+        while True:
+            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=READ_BATCH)
+            if not batch:
+                break  # quiet for idle_s: what end offsets promised has arrived, or they cannot be trusted
+            for partition, records in batch.items():
+                output = partition.topic in outputs
+                for record in records:
+                    account(accounted, record.value, output, uploads, settings.events)
+                read += len(records)
+            if on_read is not None:
+                on_read(read)
+            if ends and await _caught_up(consumer, ends):
+                break
+    finally:
+        await consumer.stop()
+    return accounted.freeze()
+
+
+async def _caught_up(consumer: Any, ends: dict[Any, int]) -> bool:
+    for partition, end in ends.items():
+        if await consumer.position(partition) < end:
+            return False
+    return True
+
+
+async def _end_offsets(consumer: Any) -> dict[Any, int]:
+    """The end offsets of every partition assigned; {} where the broker will not say."""
+    deadline = time.monotonic() + ASSIGN_WAIT_S
+    while not consumer.assignment() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    try:
+        return dict(await consumer.end_offsets(list(consumer.assignment())))
+    except Exception as exc:  # noqa: BLE001 - then the read stops when the topics go quiet
+        log.warning("the broker did not give end offsets (%s); reading until the topics are quiet", exc)
+        return {}
+
+
+async def run_reconcile(
+    plan: ReconcilePlan,
+    settings: Settings,
+    on_missing: Callable[[ObjectRef], None] | None = None,
+    on_read: Callable[[int], None] | None = None,
+) -> ReconcileResult:
+    """Announce every image object of the plan's prefix that the topics do not account for;
+    ``on_missing`` sees each one (what a dry run prints)."""
+    started = time.monotonic()
+    accounted = await read_accounted(settings, plan.idle_s, on_read)
+    read_s = time.monotonic() - started
+    listed = covered = 0
+    excluded = {"too_new": 0, "out_of_range": 0}
+    replay = BackfillPlan(plan.bucket, plan.prefix, plan.topic, dry_run=plan.dry_run)
+    now = datetime.now(UTC)
+    async with publisher(replay, settings.kafka, settings.topics) as out:
+        async for page in listing(replay, settings.storage):
+            for key, summary in page:
+                if not settings.filter.accepts(key):
+                    continue
+                listed += 1
+                ref = object_ref(plan.bucket, key, summary)
+                if accounted.covers(ref.uri, ref.etag):
+                    covered += 1
+                elif (reason := plan.excludes(summary, now)) is not None:
+                    excluded[reason] += 1
+                else:
+                    await out.send(ref)
+                    if on_missing is not None:
+                        on_missing(ref)
+        await out.flush()
+        announced = out.confirmed
+    return ReconcileResult(
+        listed, excluded["too_new"], excluded["out_of_range"], covered, announced,
+        len(accounted), accounted.nbytes, read_s, time.monotonic() - started,
+    )
