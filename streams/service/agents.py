@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from faust.types import TP, EventT, StreamT
 
 from inference.cluster import InferenceCluster
@@ -35,6 +35,7 @@ from streams.service.app import create_app
 from streams.service.kafka import start_producer
 from streams.service.metrics import CONTENT_TYPE, StreamMetrics
 from streams.service.processing import AckTracker, BatchHandler, InputMessage
+from streams.service.orphans import Orphan, OrphanWatch, Verdict
 from streams.service.progress import ProgressWatch, Stall
 from streams.service.s3events import allowed_filter
 
@@ -80,6 +81,8 @@ class StreamService:
         self.assigned: set[TP] = set()
         self.progress = ProgressWatch()
         self.stalls: list[Stall] = []  # input partitions still stalled after a recovery was tried
+        self.orphan_watch = OrphanWatch(settings.worker.stall_s)
+        self.orphans: list[Orphan] = []  # input partitions no member takes, still after a rejoin
         self.waiting_for_slot: dict[int, bool] = {LIVE_PRIORITY: False, BACKFILL_PRIORITY: False}
         self._register()
 
@@ -128,6 +131,7 @@ class StreamService:
             if self.started and not self.draining:
                 try:
                     await self.watch_partitions()
+                    await self.watch_group()
                 except Exception as exc:  # noqa: BLE001 - the next round tries again
                     log.warning("could not check the input partitions' progress: %s", exc)
 
@@ -310,6 +314,33 @@ class StreamService:
             log.error("input partitions still stalled after a recovery; /livez fails: %s", "; ".join(s.describe() for s in self.stalls))
         self.counters.stalled_partitions(len(self.stalls))
 
+    async def watch_group(self) -> None:
+        """Holding no input partition: find those that no member of the group takes (events
+        waiting, the group's committed offset still for ``worker.stall_s``); ask to rejoin
+        once, and fail ``/livez`` if they are still orphaned a window later (``orphans``)."""
+        if self.assigned:
+            self.orphan_watch.observe(time.monotonic(), True, {}, {})
+            self.orphans = []
+            self.counters.orphaned_partitions(0)
+            return
+        if getattr(self.app, "rebalancing", False):
+            return  # a rebalance under way hands the partitions out
+        consumer = self.app.consumer
+        partitions = [TP(topic, index) for topic in self.inputs for index in range(consumer.topic_partitions(topic) or 0)]
+        if not partitions:
+            return
+        ends = await asyncio.wait_for(consumer.highwaters(*partitions), timeout=STOP_STEP_S)
+        committed = await asyncio.wait_for(_group_committed(consumer, partitions), timeout=STOP_STEP_S)
+        verdict = self.orphan_watch.observe(time.monotonic(), bool(self.assigned), committed, ends)
+        described = "; ".join(orphan.describe() for orphan in self.orphan_watch.orphans)
+        if verdict is Verdict.REJOIN:
+            log.warning("this worker holds no input partition and no member of the group takes these; asking the group to rebalance: %s", described)
+            await _request_rejoin(consumer)
+        elif verdict is Verdict.WEDGED:
+            log.error("input partitions still taken by no member after a rebalance was asked for; /livez fails: %s", described)
+        self.orphans = list(self.orphan_watch.orphans) if verdict is Verdict.WEDGED else []
+        self.counters.orphaned_partitions(len(self.orphans))
+
     async def _recover(self, partitions: list[TP]) -> None:
         """Resume fetching ``partitions``, let Faust's flow go on, and seek each of them to its
         committed offset (or where the fetcher stands): what was taken already is refused by
@@ -346,6 +377,8 @@ class StreamService:
         partitions with events waiting and none taken, even after a recovery was tried."""
         if self.stalls:
             return False, "input partitions stalled: " + "; ".join(stall.describe() for stall in self.stalls)
+        if self.orphans:
+            return False, "input partitions taken by no member of the group: " + "; ".join(orphan.describe() for orphan in self.orphans)
         stalled = self.counters.seconds_stalled()
         if stalled > self.settings.worker.stall_s:
             return False, f"no batch completed for {stalled:.0f} s while {self.counters.in_flight_batches} batch(es) waited"
@@ -373,8 +406,31 @@ class StreamService:
             "cluster": self.cluster.address,
             "assigned_partitions": len(self.assigned),
             "stalled_partitions": [stall.describe() for stall in self.stalls],
+            "orphaned_partitions": [orphan.describe() for orphan in self.orphans],
             "counters": self.counters.snapshot(),
         }
+
+
+async def _group_committed(consumer: Any, partitions: list[TP]) -> dict[TP, int | None]:
+    """The group's committed offset of each partition, held by this member or not (on Faust's
+    consumer thread, where its aiokafka consumer lives)."""
+    thread = consumer._thread  # noqa: SLF001 - Faust has no public accessor for other members' offsets
+
+    async def fetch() -> dict[TP, int | None]:
+        aiokafka_consumer = thread._ensure_consumer()  # noqa: SLF001
+        return {tp: await aiokafka_consumer.committed(TopicPartition(tp.topic, tp.partition)) for tp in partitions}
+
+    return await thread.call_thread(fetch)
+
+
+async def _request_rejoin(consumer: Any) -> None:
+    """Ask aiokafka's group coordinator for a new rebalance (on Faust's consumer thread)."""
+    thread = consumer._thread  # noqa: SLF001
+
+    async def rejoin() -> None:
+        thread._ensure_consumer()._coordinator.request_rejoin()  # noqa: SLF001 - no public API asks for a rebalance
+
+    await thread.call_thread(rejoin)
 
 
 def _highwater(consumer: Any, tp: TP) -> int | None:

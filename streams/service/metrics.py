@@ -43,6 +43,7 @@ METRIC_NAMES = (
     "visionstream_model_info",
     "visionstream_workers_without_model",
     "visionstream_stalled_partitions",
+    "visionstream_orphaned_partitions",
 )
 
 
@@ -82,6 +83,7 @@ class StreamMetrics:
         self._lag = Gauge("visionstream_consumer_lag_messages", "High watermark minus committed offset, per input partition (where the broker reports a high watermark)", ["topic", "partition"], registry=r)
         self._last_done = Gauge("visionstream_last_batch_completed_timestamp_seconds", "Unix time the last batch was published and acknowledged", registry=r)
         self._without_model = Gauge("visionstream_workers_without_model", "Dask workers whose model failed to load, avoided by batches until it loads", registry=r)
+        self._orphaned = Gauge("visionstream_orphaned_partitions", "Input partitions with events waiting that no member of the group took for worker.stall_s, after this member asked for a rebalance", registry=r)
         self._stalled = Gauge("visionstream_stalled_partitions", "Assigned input partitions with events waiting and none taken for worker.stall_s, after a recovery was tried", registry=r)
         self._model = Info("visionstream_model", "The model the cluster runs", registry=r)
         self._model_labels: dict[str, str] = {}
@@ -159,6 +161,9 @@ class StreamMetrics:
 
     def stalled_partitions(self, count: int) -> None:
         self._stalled.set(count)
+
+    def orphaned_partitions(self, count: int) -> None:
+        self._orphaned.set(count)
 
     def workers_without_model(self, count: int) -> None:
         self._without_model.set(count)
