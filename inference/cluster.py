@@ -61,6 +61,7 @@ class InferenceCluster:
     ) -> None:
         self.settings = cluster
         self.plugin = ResidentModel(model, images, storage, warmup_batch=batch_size)
+        self._worker_env = storage.credentials_env()  # for the embedded cluster's workers only
         self.truth_pattern = truth_pattern
         self.client: Client | None = None
         self._local: Any = None
@@ -97,7 +98,9 @@ class InferenceCluster:
                     security=client_security(self.settings),
                 )
             else:
-                self._local = await embedded_cluster(self.settings, asynchronous=True)
+                # the workers it starts get the storage credentials of this configuration (file,
+                # environment or options alike) in their environment; the scheduler never does
+                self._local = await embedded_cluster(self.settings, asynchronous=True, env=self._worker_env)
                 self.client = await Client(self._local, asynchronous=True)
         except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
             await self.close()

@@ -156,6 +156,17 @@ class StorageSettings(Section):
             options["secret"] = self.secret_access_key.get_secret_value()
         return options
 
+    def credentials_env(self) -> dict[str, str]:
+        """The credentials that are set, as the VISIONSTREAM_STORAGE__* variables a worker
+        process reads (``inference.worker.with_local_credentials``): how the embedded cluster's
+        workers get what the client's configuration says, from any source."""
+        env: dict[str, str] = {}
+        if self.access_key_id:
+            env[f"{ENV_PREFIX}STORAGE{ENV_NESTED_DELIMITER}ACCESS_KEY_ID"] = self.access_key_id
+        if self.secret_access_key:
+            env[f"{ENV_PREFIX}STORAGE{ENV_NESTED_DELIMITER}SECRET_ACCESS_KEY"] = self.secret_access_key.get_secret_value()
+        return env
+
     def boto3_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
         if self.endpoint_url:

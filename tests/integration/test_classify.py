@@ -146,3 +146,38 @@ def test_fatal_problems_exit_non_zero_with_one_clear_message(args: list[str], me
     assert done.returncode != 0
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_storage_credentials_only_in_a_config_file_reach_the_embedded_clusters_workers(tmp_path: Path, services, settings, bucket):
+    """No AWS_* anywhere in the environment: the embedded cluster's Dask workers read S3 with the
+    key pair from `--config`, as the client's listing does."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from streams.embedded.stack import S3_TEST_CREDENTIALS
+
+    from .conftest import REPO
+
+    client = boto3.client("s3", **settings.storage.boto3_kwargs())
+    for path in generate_dataset(tmp_path / "s3", 2):
+        client.put_object(Bucket=bucket, Key=f"dogs/{path.name}", Body=path.read_bytes())
+    config = tmp_path / "my.yaml"
+    config.write_text(yaml.safe_dump({"storage": {
+        "endpoint_url": services.s3_endpoint, "region": "us-east-1",
+        "access_key_id": S3_TEST_CREDENTIALS["AWS_ACCESS_KEY_ID"], "secret_access_key": S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    }, "cluster": {"n_workers": 1}}))
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("AWS_", "VISIONSTREAM_"))}
+    env |= {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    output = tmp_path / "out.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "streams", "classify", f"s3://{bucket}/dogs/", "--config", str(config),
+         "--model", "resnet18", "--weights", "none", "--output", str(output)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = records(output)
+    assert len(found) == 2 and all(record["error"] is None for record in found), found
+    assert S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in done.stderr + output.read_text()
