@@ -19,7 +19,7 @@ from distributed.system import MEMORY_LIMIT
 from inference.deaths import Death, DeathTally, batch_digest, batch_key, deaths_from_events, key_digest, tally
 
 from inference.errors import ClusterUnavailable, ConfigError, InferenceError, ModelLoadFailed, ModelNotResident, WorkerLost
-from inference.objects import pins
+from inference.objects import identity, pins
 from inference.results import ImageResult
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, Settings, StorageSettings
 from inference.worker import ResidentModel, classify_batch, plugin_usage
@@ -70,7 +70,7 @@ class InferenceCluster:
         self.deaths: deque[Death] = deque(maxlen=DEATHS_KEPT)  # the scheduler's record, kept current
         self._death_watch: dict[str, asyncio.Event] = {}  # key of a batch in flight -> set when its worker dies
         self._in_flight: dict[str, list[str]] = {}  # key of a batch in flight -> its URIs
-        self.suspects: set[str] = set()  # URIs that were on a worker when it died (this process's batches)
+        self.suspects: set[str] = set()  # images (``identity``) that were on a worker when it died (this process's batches)
         self._isolation: Semaphore | None = None
         self._isolating_checked = (0.0, False)  # (monotonic, another stream worker isolates)
         self._subscribed_at = 0.0  # monotonic
@@ -147,7 +147,7 @@ class InferenceCluster:
                 if watch is not None:
                     watch.set()
                 if len(self.suspects) < DEATHS_KEPT:
-                    self.suspects.update(self._in_flight.get(key, ()))
+                    self.suspects.update(identity(uri) for uri in self._in_flight.get(key, ()))
 
     def tally_deaths(self, uris: list[str]) -> DeathTally:
         """How often Dask workers died with these images on them (any stream worker's attempts)."""
@@ -237,7 +237,7 @@ class InferenceCluster:
         error (a failed forward pass, storage down).
         Cancelling the caller cancels the batch on the cluster too.
         """
-        seen_dying = self.tally_deaths(uris).total or not self.suspects.isdisjoint(uris)
+        seen_dying = self.tally_deaths(uris).total or not self.suspects.isdisjoint(identity(uri) for uri in uris)
         deaths_allowed = 0 if seen_dying else 1
         try:
             return await self._submit(uris, priority, deaths_allowed)
@@ -326,7 +326,7 @@ class InferenceCluster:
         worker = records[0].get("worker") if records else None
         if worker in self.unhealthy:
             del self.unhealthy[worker]  # its model loaded after all
-        self.suspects.difference_update(uris)  # classified: they did not kill this worker
+        self.suspects.difference_update(identity(uri) for uri in uris)  # classified: they did not kill this worker
         return [ImageResult.from_dict(record) for record in records]
 
     async def _await_batch(self, future: Any, died: asyncio.Event, deaths_allowed: int) -> Any:

@@ -13,6 +13,7 @@ Patterns are expanded only where a user asks for them: ``classify``'s command li
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +64,7 @@ SLOW_OBJECT = "reading the object took longer than images.fetch_timeout_s"
 STORE_WIDE_REASONS = {"access denied", "bucket in another region or endpoint", SLOW_OBJECT}
 CHUNK_BYTES = 1 << 20
 _client_lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -127,11 +129,25 @@ def _fetch_one(uri: str, storage: StorageSettings, max_bytes: int, timeout_s: fl
 
 
 def _get_s3(uri: str, storage: StorageSettings, max_bytes: int, timeout_s: float) -> bytes | FetchError:
+    pin = _pin(uri, storage)
+    outcome = _get_s3_as(uri, storage, max_bytes, timeout_s, pin)
+    if "VersionId" in pin and isinstance(outcome, FetchError) and outcome.reason == PERMANENT_S3_ERRORS["AccessDenied"]:
+        # AWS asks for s3:GetObjectVersion to read by version id; without it, If-Match on the
+        # ETag still pins the bytes (the version is then read only while it is the current one)
+        fallback = _etag_pin(uri)
+        retried = _get_s3_as(uri, storage, max_bytes, timeout_s, fallback)
+        if not isinstance(retried, FetchError) or retried.reason != outcome.reason:
+            _version_reads_denied(storage)
+            return retried
+    return outcome
+
+
+def _get_s3_as(uri: str, storage: StorageSettings, max_bytes: int, timeout_s: float, pin: dict[str, str]) -> bytes | FetchError:
     bucket, key = split_s3_uri(uri)
     if not bucket or not key:
         return FetchError(uri, "not an s3://bucket/key URI")
     try:
-        response = s3_client(storage).get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}", **_pin(uri, storage))
+        response = s3_client(storage).get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{max_bytes}", **pin)
         with response["Body"] as body:
             return _read_within(body, max_bytes + 1, time.monotonic() + timeout_s, uri)
     except botocore.exceptions.ClientError as exc:
@@ -160,11 +176,29 @@ def _pin(uri: str, storage: StorageSettings) -> dict[str, str]:
     """GetObject's arguments that read exactly the version an event announced."""
     if not isinstance(uri, PinnedUri) or not storage.pin_versions:
         return {}
-    if uri.version:
+    if uri.version and storage not in _VERSION_READS_DENIED:
         return {"VersionId": uri.version}
-    if uri.etag:
-        return {"IfMatch": f'"{uri.etag}"'}
-    return {}
+    return _etag_pin(uri)
+
+
+def _etag_pin(uri: str) -> dict[str, str]:
+    etag = uri.etag if isinstance(uri, PinnedUri) else None
+    return {"IfMatch": f'"{etag}"'} if etag else {}
+
+
+_VERSION_READS_DENIED: set[StorageSettings] = set()  # stores that refuse reads by version id to us
+
+
+def _version_reads_denied(storage: StorageSettings) -> None:
+    """Once per store: say so, and pin by ETag alone from now on."""
+    with _client_lock:
+        if storage in _VERSION_READS_DENIED:
+            return
+        _VERSION_READS_DENIED.add(storage)
+    log.warning(
+        "reading objects by version id is denied (grant s3:GetObjectVersion on the bucket's objects); "
+        "pinning reads by ETag instead: an object version overwritten since its event is then a superseded dead letter"
+    )
 
 
 class _TooSlow(Exception):

@@ -27,7 +27,7 @@ class PinnedUri(str):
     def __new__(cls, uri: str, version: str | None = None, etag: str | None = None) -> PinnedUri:
         pinned = super().__new__(cls, uri)
         pinned.version = version if version not in NO_VERSION else None
-        pinned.etag = (etag or "").strip('"') or None  # events send it bare, listings quoted
+        pinned.etag = plain_etag(etag)
         return pinned
 
     def __reduce__(self) -> tuple[type[PinnedUri], tuple[str, str | None, str | None]]:
@@ -39,6 +39,13 @@ class PinnedUri(str):
         if self.version is None and self.etag is None:
             return str(self)
         return f"{self}\x00{self.version or ''}\x00{self.etag or ''}"
+
+
+def plain_etag(etag: str | None) -> str | None:
+    """An ETag as events send it (bare): quotes (listings) and a weak marker dropped; None where
+    nothing, or nothing a conditional read could name, is left."""
+    bare = (etag or "").removeprefix("W/").strip('"')
+    return bare if bare and '"' not in bare else None
 
 
 def identity(uri: str) -> str:

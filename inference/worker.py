@@ -191,7 +191,7 @@ class ResidentModel(WorkerPlugin):
             for row, index in enumerate(good):
                 results[index] = (scores[row].tolist(), indices[row].tolist())
         return [
-            build_result(uri, outcome, loaded, truth_pattern, timings, self.worker_address)
+            build_result(str(uri), outcome, loaded, truth_pattern, timings, self.worker_address)  # a plain str goes back
             for uri, outcome in zip(uris, results, strict=True)
         ]
 

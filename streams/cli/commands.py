@@ -57,8 +57,8 @@ def register(command: Command) -> None:
                            help="leave objects younger than this alone: their notifications may still be on the way (default: 60)")
     reconcile.add_argument("--modified-after", type=_utc_time, metavar="TIME",
                            help="only objects written after this ISO 8601 time (older ones' predictions may have passed the topics' retention)")
-    reconcile.add_argument("--idle", type=float, default=5.0, metavar="SECONDS",
-                           help="stop reading a topic after this long without a record (default: 5)")
+    reconcile.add_argument("--idle", type=_positive, default=5.0, metavar="SECONDS",
+                           help="where the broker gives no end offsets: stop reading after this long without a record (default: 5)")
     reconcile.add_argument("--topic", metavar="TOPIC", help="default: topics.backfill")
 
     evaluate = command("evaluate", run_evaluate, "accuracy report from the predictions topic or a classify JSONL file")
@@ -172,10 +172,20 @@ def run_backfill(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+    return value
+
+
 def _utc_time(text: str) -> datetime:
     """An ISO 8601 time; one without a zone is UTC."""
     try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
@@ -213,7 +223,8 @@ def run_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         progress.close()
     verb = "would announce" if args.dry_run else "announced"
     skipped = f"; left alone: {done.too_new} younger than {args.min_age:g} s" + (
-        f", {done.out_of_range} not modified after {args.modified_after.isoformat()}" if args.modified_after else "")
+        f", {done.out_of_range} not modified after {args.modified_after.isoformat()}" if args.modified_after else "") + (
+        f", {done.refused} whose keys no event may name" if done.refused else "")
     print(f"reconcile: {done.listed} image objects under {args.uri}, {done.accounted} accounted for "
           f"(topics name {done.versions_known} object versions, {done.index_bytes / 1e6:.1f} MB); "
           f"{verb} {done.announced} to {plan.topic}{skipped}", file=sys.stderr)

@@ -10,15 +10,19 @@ What accounts for an object version, read from the service's own topics from the
   - a prediction or a dead letter for it (``uri`` and ``etag``), superseded ones included;
   - an announcement still on its way: its event on the uploads or backfill topic (the
     worker consumes it; acknowledged only once its result is published).
-Object versions are matched by URI and ETag (the listing's ETag is the current version's); an
-event that named no ETag accounts for every version of its URI.
+Object versions are matched by URI and ETag (the listing's ETag is the current version's); a
+record that names no ETag accounts for no version (the object is announced again, with its
+ETag, once). Keys that no event may name (control characters, ``::``: the parser refuses them)
+are counted and left alone, never announced to be refused again.
 
 ``Accounted`` keeps one 64-bit digest per version it heard of (sorted, 8 bytes each, plus the
-page being listed), never the URIs. Two different versions share a digest with probability
-about n²/2⁶⁵ (1e-8 for a million objects); one that did would be taken as accounted for.
+page being listed), never the URIs. A listed object is taken for accounted by mistake when
+its digest equals one of n known ones: about m·n/2⁶⁴ for m objects listed (5e-8 for a million
+against a million); that object would not be announced.
 Reconcile can only know what the topics still hold: an object whose prediction passed the
 predictions topic's retention is announced again (``--modified-after`` bounds the listing),
-and where end offsets cannot be trusted the read stops after ``idle_s`` without a record.
+and a read that stops short of the end offsets seen at its start (``ENDS_GRACE_S`` without a
+record; ``idle_s`` where the broker gave none) is said so.
 It errs towards announcing: a duplicate prediction, never a missing one.
 """
 
@@ -37,22 +41,25 @@ from typing import Any
 
 import numpy as np
 
+from inference.objects import plain_etag
 from inference.results import is_dead_letter, is_prediction
 from inference.settings import EventSettings, FilterSettings, Settings
 from streams.errors import MalformedEvent
 from streams.service.backfill import BackfillPlan, listing, object_ref, parse_s3_uri, publisher
 from streams.service.kafka import start_consumer
-from streams.service.s3events import ObjectRef, allowed_filter, parse_notification
+from streams.service.s3events import ObjectRef, allowed_filter, key_problem, parse_notification
 
 log = logging.getLogger(__name__)
 
 READ_BATCH = 2000  # records per fetch while reading the topics
 ASSIGN_WAIT_S = 30.0  # for the topics' metadata before reading
+ENDS_GRACE_S = 30.0  # without a record while the end offsets say more are there: give up on them
+MAX_REFUSED_SHOWN = 5
 
 
-def version_digest(uri: str, etag: str | None) -> int:
-    """One object version (``etag`` None: any version of ``uri``) as a 64-bit number."""
-    material = f"{uri}\x00{(etag or '').strip(chr(34))}".encode("utf-8", "surrogatepass")
+def version_digest(uri: str, etag: str) -> int:
+    """One object version as a 64-bit number."""
+    material = f"{uri}\x00{etag}".encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "little")
 
 
@@ -64,9 +71,14 @@ class Accounted:
         self._growing: array[int] | None = array("Q")
         self._sorted = np.empty(0, dtype=np.uint64)
 
-    def add(self, uri: str, etag: str | None) -> None:
+    def add(self, uri: str, etag: str | None) -> bool:
+        """Remember this version; False (nothing kept) where ``etag`` names none."""
         assert self._growing is not None, "Accounted.add after freeze"
-        self._growing.append(version_digest(uri, etag))
+        bare = plain_etag(etag)
+        if bare is None:
+            return False
+        self._growing.append(version_digest(uri, bare))
+        return True
 
     def freeze(self) -> Accounted:
         if self._growing is not None:
@@ -82,13 +94,14 @@ class Accounted:
         return self._sorted.nbytes if self._growing is None else self._growing.itemsize * len(self._growing)
 
     def covers(self, uri: str, etag: str | None) -> bool:
-        """This version, or every version of ``uri``, is accounted for."""
+        """This version of ``uri`` is accounted for (never one without an ETag)."""
         assert self._growing is None, "Accounted.covers before freeze"
-        for digest in {version_digest(uri, etag), version_digest(uri, None)}:
-            at = int(np.searchsorted(self._sorted, np.uint64(digest)))
-            if at < len(self._sorted) and int(self._sorted[at]) == digest:
-                return True
-        return False
+        bare = plain_etag(etag)
+        if bare is None:
+            return False
+        digest = version_digest(uri, bare)
+        at = int(np.searchsorted(self._sorted, np.uint64(digest)))
+        return at < len(self._sorted) and int(self._sorted[at]) == digest
 
 
 def account(accounted: Accounted, value: bytes | None, output: bool, filter: FilterSettings, limits: EventSettings) -> int:
@@ -107,15 +120,12 @@ def account(accounted: Accounted, value: bytes | None, output: bool, filter: Fil
         uri, etag = record.get("uri"), record.get("etag")
         if not isinstance(uri, str) or not uri:
             return 0  # a message that was never a notification (stage parse)
-        accounted.add(uri, etag if isinstance(etag, str) else None)
-        return 1
+        return int(accounted.add(uri, etag if isinstance(etag, str) else None))
     try:
         notification = parse_notification(value, filter, limits)
     except MalformedEvent:
         return 0
-    for ref in notification.objects:
-        accounted.add(ref.uri, ref.etag)
-    return len(notification.objects)
+    return sum(accounted.add(ref.uri, ref.etag) for ref in notification.objects)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,23 +170,38 @@ class ReconcileResult:
     index_bytes: int = 0
     read_s: float = 0.0
     elapsed_s: float = 0.0
+    refused: int = 0  # keys no event may name, left alone
 
 
-async def read_accounted(settings: Settings, idle_s: float, on_read: Callable[[int], None] | None = None) -> Accounted:
-    """Every object version the service's topics account for, read from their start up to the
-    end offsets seen when reading began (or until ``idle_s`` passes without a record)."""
+async def read_accounted(
+    settings: Settings, idle_s: float, on_read: Callable[[int], None] | None = None, extra_inputs: tuple[str, ...] = ()
+) -> Accounted:
+    """Every object version the service's topics (and ``extra_inputs``, where announcements
+    went elsewhere) account for, read from their start up to the end offsets seen when reading
+    began; where the broker gave none, until ``idle_s`` passes without a record."""
     topics = settings.topics
     outputs = {topics.predictions, topics.dead_letter}
+    inputs = sorted({topics.uploads, topics.backfill, *extra_inputs} - outputs)
     uploads = allowed_filter(settings.filter, settings.storage.bucket)  # what the worker would classify
     accounted = Accounted()
-    consumer = await start_consumer(settings.kafka, topics.predictions, topics.dead_letter, topics.uploads, topics.backfill, from_beginning=True)
+    consumer = await start_consumer(settings.kafka, *sorted(outputs), *inputs, from_beginning=True)
     read = 0
     try:
         ends = await _end_offsets(consumer)
+        quiet_since = time.monotonic()
         while True:
             batch = await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=READ_BATCH)
             if not batch:
-                break  # quiet for idle_s: what end offsets promised has arrived, or they cannot be trusted
+                if not ends:
+                    break  # no end offsets: quiet for idle_s is the end
+                if time.monotonic() - quiet_since >= ENDS_GRACE_S:
+                    log.warning("the topics' end offsets promise more records, but none came for %.0f s; "
+                                "what was not read may be announced again", ENDS_GRACE_S)
+                    break
+                if await _caught_up(consumer, ends):
+                    break
+                continue
+            quiet_since = time.monotonic()
             for partition, records in batch.items():
                 output = partition.topic in outputs
                 for record in records:
@@ -218,13 +243,13 @@ async def run_reconcile(
 ) -> ReconcileResult:
     """Announce every image object of the plan's prefix that the topics do not account for;
     ``on_missing`` sees each one (what a dry run prints)."""
-    started = time.monotonic()
-    accounted = await read_accounted(settings, plan.idle_s, on_read)
+    started, now = time.monotonic(), datetime.now(UTC)  # before reading: uploads made meanwhile are too new
+    accounted = await read_accounted(settings, plan.idle_s, on_read, extra_inputs=(plan.topic,))
     read_s = time.monotonic() - started
     listed = covered = 0
     excluded = {"too_new": 0, "out_of_range": 0}
+    refused: list[str] = []
     replay = BackfillPlan(plan.bucket, plan.prefix, plan.topic, dry_run=plan.dry_run)
-    now = datetime.now(UTC)
     async with publisher(replay, settings.kafka, settings.topics) as out:
         async for page in listing(replay, settings.storage):
             for key, summary in page:
@@ -232,7 +257,9 @@ async def run_reconcile(
                     continue
                 listed += 1
                 ref = object_ref(plan.bucket, key, summary)
-                if accounted.covers(ref.uri, ref.etag):
+                if key_problem(key) is not None:
+                    refused.append(key)  # an event naming it would be refused: never announced
+                elif accounted.covers(ref.uri, ref.etag):
                     covered += 1
                 elif (reason := plan.excludes(summary, now)) is not None:
                     excluded[reason] += 1
@@ -242,7 +269,10 @@ async def run_reconcile(
                         on_missing(ref)
         await out.flush()
         announced = out.confirmed
+    if refused:
+        log.warning("%d object key(s) under the prefix can never be announced (control characters, '::' or too long; "
+                    "rename them to classify them), e.g. %s", len(refused), ", ".join(repr(key) for key in refused[:MAX_REFUSED_SHOWN]))
     return ReconcileResult(
         listed, excluded["too_new"], excluded["out_of_range"], covered, announced,
-        len(accounted), accounted.nbytes, read_s, time.monotonic() - started,
+        len(accounted), accounted.nbytes, read_s, time.monotonic() - started, len(refused),
     )

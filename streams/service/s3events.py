@@ -261,15 +261,23 @@ def _decoded_key(encoded: str, where: str) -> str:
         key = unquote_plus(encoded, errors="strict")
     except UnicodeDecodeError as exc:
         raise MalformedEvent(f"{where}: object key is not URL-encoded UTF-8") from exc
+    problem = key_problem(key)
+    if problem is not None:
+        raise MalformedEvent(f"{where}: {problem}")
+    return key
+
+
+def key_problem(key: str) -> str | None:
+    """Why an event naming ``key`` is refused (control characters, ``::``, too long); None if it is not."""
     try:
         _printable(key)
     except ValueError as exc:
-        raise MalformedEvent(f"{where}: object key {exc}") from exc
+        return f"object key {exc}"
     if len(key.encode("utf-8")) > MAX_KEY_BYTES:
-        raise MalformedEvent(f"{where}: object key longer than S3's {MAX_KEY_BYTES} bytes")
+        return f"object key longer than S3's {MAX_KEY_BYTES} bytes"
     if "::" in key:
-        raise MalformedEvent(f"{where}: object key contains '::'")
-    return key
+        return "object key contains '::'"
+    return None
 
 
 def allowed_filter(filter: FilterSettings, default_bucket: str) -> FilterSettings:

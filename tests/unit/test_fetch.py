@@ -218,3 +218,34 @@ def test_each_version_of_a_versioned_object_is_read_as_its_event_names_it(s3_sto
     client.delete_object(Bucket="versioned-bucket", Key="dogs/a.jpg", VersionId=first["VersionId"])
     [gone] = fetch_many(pinned[:1], storage, ImageSettings())
     assert isinstance(gone, FetchError) and gone.reason.startswith("version not found")
+
+
+def test_a_store_that_denies_reads_by_version_id_is_read_pinned_by_etag():
+    """AWS wants s3:GetObjectVersion for a read by version id; a policy with s3:GetObject alone
+    must not turn every upload of a versioned bucket into an access-denied dead letter."""
+    from botocore.response import StreamingBody
+    from botocore.stub import Stubber
+
+    from inference.fetch import _VERSION_READS_DENIED, s3_client
+    from inference.objects import PinnedUri
+
+    storage = stubbed_storage().model_copy(update={"region": "eu-west-1"})  # a store of its own: the flag is per store
+    uri = PinnedUri("s3://bucket/dogs/a.jpg", "v1", "e1")
+    by_version = {"Bucket": "bucket", "Key": "dogs/a.jpg", "Range": "bytes=0-1000", "VersionId": "v1"}
+    by_etag = {"Bucket": "bucket", "Key": "dogs/a.jpg", "Range": "bytes=0-1000", "IfMatch": '"e1"'}
+    try:
+        with Stubber(s3_client(storage)) as stub:
+            stub.add_client_error("get_object", "AccessDenied", http_status_code=403, expected_params=by_version)
+            stub.add_response("get_object", {"Body": StreamingBody(io.BytesIO(b"abc"), 3)}, expected_params=by_etag)
+            stub.add_response("get_object", {"Body": StreamingBody(io.BytesIO(b"def"), 3)}, expected_params=by_etag)  # no second try by version
+            images = ImageSettings(max_bytes=1000, fetch_concurrency=1)
+            assert fetch_many([uri], storage, images) == [b"abc"]
+            assert fetch_many([uri], storage, images) == [b"def"]
+            stub.assert_no_pending_responses()
+        with Stubber(s3_client(storage.model_copy(update={"region": "eu-west-2"}))) as stub:  # denied both ways: the object's own record
+            stub.add_client_error("get_object", "AccessDenied", http_status_code=403, expected_params={**by_version})
+            stub.add_client_error("get_object", "AccessDenied", http_status_code=403, expected_params=by_etag)
+            [denied] = fetch_many([uri], storage.model_copy(update={"region": "eu-west-2"}), ImageSettings(max_bytes=1000))
+            assert isinstance(denied, FetchError) and denied.reason == "access denied"
+    finally:
+        _VERSION_READS_DENIED.clear()

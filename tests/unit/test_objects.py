@@ -39,3 +39,8 @@ def test_unversioned_markers_and_quotes_are_normalised():
 def test_pins_of_another_length_are_refused():
     with pytest.raises(ValueError, match="2 pins for 1 URIs"):
         pinned(["s3://b/k"], [None, ["v", None]])
+
+
+def test_an_etag_no_conditional_read_could_name_pins_nothing():
+    assert PinnedUri("s3://b/k", None, 'W/"abc"').etag == "abc"
+    assert PinnedUri("s3://b/k", None, 'a"b').etag is None and PinnedUri("s3://b/k", None, '""').etag is None
