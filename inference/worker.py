@@ -26,7 +26,7 @@ import torch
 from distributed import Worker, WorkerPlugin, get_worker
 from PIL import Image
 
-from inference.errors import ConfigError, ImageError, ModelLoadFailed, ModelNotResident
+from inference.errors import ConfigError, ImageError, InferenceError, ModelLoadFailed, ModelNotResident
 from inference.fetch import fetch_many
 from inference.objects import pinned
 from inference.gpu import Decoder, batch_on, device_crops, device_decodable, jpeg_decoder
@@ -74,6 +74,7 @@ class ResidentModel(WorkerPlugin):
 
         A load that fails is tried again by a later batch (``ensure_loaded``): the scheduler
         keeps the registered plugin and never sets it up on this worker again."""
+        logging.getLogger("distributed.worker").addFilter(_said_already)  # once per logger: a set
         self.ready = threading.Event()
         self.reload_lock = threading.Lock()
         self.retry_at = 0.0
@@ -382,6 +383,13 @@ def classify_batch(
     finally:
         resident.active_batches -= 1
         resident.last_used = time.monotonic()
+
+
+def _said_already(record: logging.LogRecord) -> bool:
+    """distributed's traceback for a model plugin whose setup raised one of our errors: the
+    plugin logged that error in one line already (``_load_recording``)."""
+    failed = record.msg == "Worker plugin %s failed to setup" and str((record.args or ("",))[0]).startswith(PLUGIN_PREFIX)
+    return not (failed and record.exc_info and isinstance(record.exc_info[1], InferenceError))
 
 
 def plugin_usage(dask_worker: Worker) -> dict[str, tuple[int, float]]:

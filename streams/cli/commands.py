@@ -79,14 +79,22 @@ def register(command: Command) -> None:
 def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.service.agents import StreamService
     from streams.service.kafka import ensure_topics
-    from streams.service.process import GracefulWorker
+    from streams.service.process import GracefulWorker, fatal_echoes_filtered
 
     asyncio.run(ensure_topics(settings.kafka, settings.topics))
     service = StreamService(settings)
     # keep our log format (configure_logging) instead of Faust's own
     worker = GracefulWorker(service, loglevel=args.log_level.lower(), quiet=True, override_logging=False)
-    worker.execute_from_commandline()
-    return 0
+    status = 0
+    with fatal_echoes_filtered(lambda: service.fatal or worker.crash_reason, enabled=args.log_level != "DEBUG"):
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            status = exc.code if isinstance(exc.code, int) else 1
+    fatal = service.fatal or worker.crash_reason
+    if fatal is not None:
+        raise fatal  # one line, from main
+    return status
 
 
 def run_upload(args: argparse.Namespace, settings: Settings) -> int:

@@ -35,7 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (InferenceError, StreamError) as exc:
+        log.debug("fatal error", exc_info=exc)
         print(f"visionstream: error: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except Exception as exc:  # noqa: BLE001 - a library's error we did not name: still one line
+        log.debug("unexpected fatal error", exc_info=exc)
+        print(f"visionstream: error: {type(exc).__name__}: {exc} (--log-level DEBUG shows where)", file=sys.stderr)
         return EXIT_FATAL
 
 

@@ -76,6 +76,7 @@ class StreamService:
         )
         self.producer: AIOKafkaProducer | None = None
         self.draining = False
+        self.fatal: BaseException | None = None  # what stops this worker, once: the command's error line
         self._started: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
         self.assigned: set[TP] = set()
@@ -203,7 +204,9 @@ class StreamService:
         except asyncio.CancelledError:
             raise  # stopping: nothing acked, the events are consumed again
         except Exception as exc:  # noqa: BLE001
-            log.critical("batch could not be processed, stopping the worker so nothing is lost: %s", exc)
+            if self.fatal is None:
+                self.fatal = exc
+                log.critical("batch could not be processed, stopping the worker so nothing is lost: %s", exc)
             await self.app.crash(exc)
         finally:
             slots.release()
@@ -215,7 +218,9 @@ class StreamService:
         try:
             await asyncio.shield(self._started)
         except Exception as exc:
-            log.critical("cannot start: %s", exc)
+            if self.fatal is None:  # both agents wait for the start: say it once
+                self.fatal = exc
+                log.critical("cannot start: %s", exc)
             await self.app.crash(exc)
             raise
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -152,14 +153,34 @@ def test_two_workers_in_one_group_share_the_partitions(settings, bucket, tmp_pat
     assert sum(processed) >= 40 and min(processed) > 0, processed
 
 
-def test_a_worker_that_cannot_reach_the_cluster_exits_loudly(settings, tmp_path, start_worker):
+@pytest.mark.parametrize(
+    ("problem", "says"),
+    [
+        ("scheduler", "Dask cluster tcp://127.0.0.1:"),
+        ("idempotence", "set kafka.enable_idempotence: false"),
+        ("checkpoint", "cannot load weights"),
+    ],
+)
+def test_a_worker_that_cannot_start_exits_with_one_clear_line(settings, tmp_path, start_worker, problem, says):
+    """An unreachable scheduler, an idempotent producer against a broker without one, a missing
+    checkpoint: a non-zero exit, one `visionstream: error:` line that says what to change, and
+    no traceback (Faust's and the Dask workers' echoes stay out of the default log)."""
     from streams.embedded.stack import free_port
 
     create_topics(settings)
-    broken = settings.with_overrides({"cluster": {**plain_scheduler(f"tcp://127.0.0.1:{free_port()}"), "connect_timeout_s": 2}})
+    broken = settings.with_overrides({
+        "scheduler": {"cluster": {**plain_scheduler(f"tcp://127.0.0.1:{free_port()}"), "connect_timeout_s": 2}},
+        "idempotence": {"kafka": {"enable_idempotence": True}},
+        "checkpoint": {"cluster": {"scheduler": None, "n_workers": 1}, "model": {"weights": str(tmp_path / "missing.pt")}},
+    }[problem])
+    if problem == "idempotence" and os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        pytest.skip("a real Kafka has an idempotent producer")
     worker = start_worker(broken)
-    assert worker.process.wait(120) != 0
-    assert "Dask cluster" in worker.log_tail() and "unavailable" in worker.log_tail()
+    assert worker.process.wait(180) != 0
+    log = worker.log_path.read_text(errors="replace")
+    errors = [line for line in log.splitlines() if line.startswith("visionstream: error:")]
+    assert len(errors) == 1 and says in errors[0], log[-3000:]
+    assert "Traceback" not in log and "Event loop is closed" not in log, log[-3000:]
 
 
 @pytest.mark.slow  # about a minute here: `make test-slow` (CI runs both)
