@@ -5,6 +5,7 @@
      │                       becomes a dead-letter event, never a crash
      ├── BrokerUnavailable   Kafka could not be reached or a topic could not be created
      ├── BatchRetryExhausted a batch kept failing for batch.retry_timeout_s; the worker stops
+     ├── UploadFailed        `visionstream upload` could not store a file (no bucket, no access, no store)
      └── EmbeddedStackError  the embedded broker / S3 server (demo, tests) did not start
 """
 
@@ -37,6 +38,10 @@ class BatchRetryExhausted(StreamError):
     def __init__(self, images: int, retry_timeout_s: float, last_error: str) -> None:
         super().__init__(f"batch of {images} images failed for {retry_timeout_s:g} s (batch.retry_timeout_s); last error: {last_error}")
         self.images, self.retry_timeout_s, self.last_error = images, retry_timeout_s, last_error
+
+
+class UploadFailed(StreamError):
+    """``visionstream upload`` could not put a file into the bucket."""
 
 
 class EmbeddedStackError(StreamError):

@@ -75,7 +75,8 @@ def prediction_event(
         "model": _plain(result.model),
         "event_time": ref.event_time,
         "predicted_at": published.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "latency_ms": latency_ms(ref.event_time, message_timestamp_ms, published),
+        # a replayed object was uploaded long ago: its latency counts from its announcement
+        "latency_ms": latency_ms(None if ref.backfill else ref.event_time, message_timestamp_ms, published),
         "batch": {"id": batch_id, "size": batch_size},
         "backfill": ref.backfill,
         "timings": _plain(result.timings),

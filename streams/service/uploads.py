@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from inference.errors import SourceError
+from streams.errors import UploadFailed
 from inference.settings import Settings, StorageSettings
 from streams.service.events import encode, now_iso
 from streams.service.kafka import ensure_topics, start_producer
@@ -44,9 +45,31 @@ def s3_client(storage: StorageSettings):  # type: ignore[no-untyped-def]
 
 def create_bucket(storage: StorageSettings, bucket: str) -> None:
     client = s3_client(storage)
-    existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-    if bucket not in existing:
-        client.create_bucket(Bucket=bucket)
+    try:
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if bucket not in existing:
+            client.create_bucket(Bucket=bucket)
+    except Exception as exc:  # noqa: BLE001 - botocore's errors, as one of ours
+        raise _upload_failed(exc, storage, bucket, "creating the bucket") from exc
+
+
+def _upload_failed(exc: Exception, storage: StorageSettings, bucket: str, doing: str) -> UploadFailed:
+    """What went wrong talking to the store, in one line that says what to change."""
+    import botocore.exceptions
+
+    where = storage.endpoint_url or "S3"
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code == "NoSuchBucket":
+            return UploadFailed(f"bucket {bucket!r} does not exist at {where} (create it, or pass --create-bucket)")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return UploadFailed(f"{doing} in {bucket!r} at {where} was refused ({code}): check the storage credentials and their policy")
+        return UploadFailed(f"{doing} in {bucket!r} at {where} failed: {code or exc}")
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError):
+        return UploadFailed(f"cannot reach the object store at {where} (storage.endpoint_url)")
+    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+        return UploadFailed(f"no storage credentials for {where}: set storage.access_key_id and storage.secret_access_key, or AWS_*")
+    return UploadFailed(f"{doing} in {bucket!r} at {where} failed: {type(exc).__name__}: {exc}")
 
 
 async def upload_paths(
@@ -64,7 +87,10 @@ async def upload_paths(
     def put(item: tuple[Path, str]) -> ObjectRef:
         file, key = item
         body = file.read_bytes()
-        response = client.put_object(Bucket=bucket, Key=key, Body=body)
+        try:
+            response = client.put_object(Bucket=bucket, Key=key, Body=body)
+        except Exception as exc:  # noqa: BLE001 - botocore's errors, as one of ours
+            raise _upload_failed(exc, storage, bucket, f"putting {key!r}") from exc
         return ObjectRef(bucket, key, etag=response.get("ETag", "").strip('"') or None,
                          version=response.get("VersionId"), size_bytes=len(body), event_time=now_iso())
 
@@ -77,11 +103,17 @@ async def upload_paths(
     try:
         refs = [loop.run_in_executor(pool, put, item) for item in files]
         sends = []
-        for pending in refs:
-            ref = await pending
-            if producer is not None:
-                sends.append(await producer.send(settings.topics.uploads, encode(object_created_event(ref)), key=ref.uri.encode()))
-        await asyncio.gather(*sends)
+        try:
+            for pending in refs:
+                ref = await pending
+                if producer is not None:
+                    sends.append(await producer.send(settings.topics.uploads, encode(object_created_event(ref)), key=ref.uri.encode()))
+            await asyncio.gather(*sends)
+        except BaseException:
+            for pending in refs:
+                pending.cancel()
+            await asyncio.gather(*refs, *sends, return_exceptions=True)  # the first failure is the one to tell
+            raise
     finally:
         pool.shutdown(wait=False, cancel_futures=True)  # waiting here would block the loop
         if producer is not None:

@@ -42,3 +42,16 @@ def test_events_are_recognised_by_their_schema_name_of_any_version():
     assert is_dead_letter({"schema": DEAD_LETTER_SCHEMA}) and not is_prediction({"schema": DEAD_LETTER_SCHEMA})
     assert is_prediction({"schema": PREDICTION_SCHEMA.replace("/v1", "/v2")})  # a later version is still a prediction
     assert not any(check(record) for check in (is_prediction, is_dead_letter) for record in ({}, {"schema": None}, {"schema": "other/v1"}))
+
+
+def test_a_replayed_objects_latency_counts_from_its_announcement_not_its_upload():
+    import time
+
+    chihuahua = Prediction(151, "n02085620", "Chihuahua", 0.91)
+    result = ImageResult("s3://b/k.jpg", "k.jpg", chihuahua, (chihuahua,), None, None, None, MODEL, Timings(batch_size=1))
+    announced_ms = int(time.time() * 1000) - 2000
+    old = ObjectRef("b", "k.jpg", event_time="2020-01-01T00:00:00Z", backfill=True)
+    event = prediction_event(old, result, "b1", 1, announced_ms)
+    assert 2000 <= event["latency_ms"] < 60_000
+    live = prediction_event(ObjectRef("b", "k.jpg", event_time="2020-01-01T00:00:00Z"), result, "b1", 1, announced_ms)
+    assert live["latency_ms"] > 1e9  # a live event's own time counts

@@ -37,3 +37,17 @@ def test_counters_follow_the_facts():
     ):
         assert line in text, line
     assert metrics.snapshot()["images_classified"] == 1 and metrics.seconds_stalled() == 0.0
+
+
+def test_replayed_images_are_timed_apart_from_live_uploads():
+    from streams.service.metrics import StreamMetrics
+
+    metrics = StreamMetrics()
+    metrics.image_predicted(800.0)
+    metrics.image_predicted(478_000.0, backfill=True)  # an object uploaded long before its replay
+    snapshot = metrics.snapshot()
+    assert snapshot["latency_ms"]["p99"] == 800.0 and snapshot["latency_ms"]["samples"] == 1
+    assert snapshot["backfill_latency_ms"]["samples"] == 1
+    text = metrics.exposition().decode()
+    assert 'visionstream_end_to_end_latency_seconds_count 1.0' in text
+    assert 'visionstream_backfill_latency_seconds_count 1.0' in text
