@@ -22,7 +22,7 @@ from inference.errors import ClusterUnavailable, ConfigError, InferenceError, Mo
 from inference.objects import identity, pins
 from inference.results import ImageResult
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, Settings, StorageSettings
-from inference.worker import ResidentModel, classify_batch, plugin_usage
+from inference.worker import STDOUT_TO_STDERR_ENV, ResidentModel, classify_batch, plugin_usage
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +474,8 @@ def worker_specs(settings: ClusterSettings, gpus: list[str], cores: int, env: Ma
     count = worker_processes(settings, len(gpus), cores)
     workers: dict[str, dict[str, Any]] = {}
     for index in range(count):
-        worker_env = {**env, "VISIONSTREAM_LOCAL_WORKERS": str(count)}
+        # the client's stdout may carry its records (`classify -o -`): the workers print to stderr
+        worker_env = {**env, "VISIONSTREAM_LOCAL_WORKERS": str(count), STDOUT_TO_STDERR_ENV: "1"}
         name = f"cpu-{index}"
         if gpus:
             gpu = gpus[index % len(gpus)]

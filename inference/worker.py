@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from inference.settings import ImageSettings, ModelSettings, StorageSettings, lo
 log = logging.getLogger(__name__)
 
 PLUGIN_PREFIX = "visionstream-model-"
+STDOUT_TO_STDERR_ENV = "VISIONSTREAM_STDOUT_TO_STDERR"  # set by the embedded cluster for its workers
 LOAD_WAIT_S = 30.0  # the longest a batch waits on a worker for its model to finish loading; then it goes elsewhere
 RELOAD_BACKOFF_S = (5.0, 300.0)  # after a failed load, the first and the longest pause before a batch tries again
 # Fault injection for tests and the soak, off unless set in a Dask worker's environment: the
@@ -75,6 +77,8 @@ class ResidentModel(WorkerPlugin):
         A load that fails is tried again by a later batch (``ensure_loaded``): the scheduler
         keeps the registered plugin and never sets it up on this worker again."""
         logging.getLogger("distributed.worker").addFilter(_said_already)  # once per logger: a set
+        if os.environ.get(STDOUT_TO_STDERR_ENV) == "1":
+            _stdout_to_stderr()
         self.ready = threading.Event()
         self.reload_lock = threading.Lock()
         self.retry_at = 0.0
@@ -383,6 +387,13 @@ def classify_batch(
     finally:
         resident.active_batches -= 1
         resident.last_used = time.monotonic()
+
+
+def _stdout_to_stderr() -> None:
+    """Everything this process writes to stdout (a library's print, a download's progress) goes
+    to stderr: an embedded cluster's workers share the client's stdout, which may carry records."""
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
 
 
 def _said_already(record: logging.LogRecord) -> bool:

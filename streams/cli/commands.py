@@ -36,7 +36,9 @@ def register(command: Command) -> None:
     upload.add_argument("--create-bucket", action="store_true", help="create the bucket if it does not exist")
 
     tail = command("tail", run_tail, "print prediction events as they arrive")
-    tail.add_argument("--from-beginning", action="store_true")
+    tail.add_argument("--from-beginning", action="store_true",
+                      help="from the topic's start (default: only events that arrive from now on; on the embedded broker, whose end "
+                           "offsets are unreliable, older ones may appear too)")
     tail.add_argument("--limit", type=int, metavar="N", help="stop after N events")
     tail.add_argument("--idle", type=float, metavar="SECONDS", help="stop after this long without an event")
     tail.add_argument("--json", action="store_true", help="print the raw JSON events")
@@ -63,8 +65,10 @@ def register(command: Command) -> None:
 
     evaluate = command("evaluate", run_evaluate, "accuracy report from the predictions topic or a classify JSONL file")
     evaluate.add_argument("--input", metavar="FILE", help="JSON lines from `visionstream classify` instead of the topic")
-    evaluate.add_argument("--from-beginning", action="store_true", help="read the topic from its start (default: only new events)")
-    evaluate.add_argument("--idle", type=float, default=10.0, metavar="SECONDS", help="stop after this long without a new event")
+    evaluate.add_argument("--from-beginning", action="store_true",
+                          help="read the topic from its start (default: only events that arrive from now on; the embedded broker's "
+                               "unreliable end offsets may replay older ones there: narrow with --prefix)")
+    evaluate.add_argument("--idle", type=float, default=10.0, metavar="SECONDS", help="stop after this long without a new event (default: 10)")
     evaluate.add_argument("--limit", type=int, metavar="N", help="stop after N events")
     evaluate.add_argument("--prefix", default="", metavar="PREFIX", help="only URIs starting with this (e.g. s3://bucket/dogs/)")
     evaluate.add_argument("--output", default="report", metavar="DIR", help="report folder (default: ./report)")
@@ -256,8 +260,7 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from inference.report import headline, write_report
 
     if args.input:
-        with open(args.input, encoding="utf-8") as handle:
-            records = [json.loads(line) for line in handle if line.strip()]
+        records = _read_jsonl(args.input)
         source = args.input
     else:
         records = asyncio.run(_read_topic(settings, args.from_beginning, args.idle, args.limit))
@@ -268,6 +271,30 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     print(headline(summary))
     print(f"report: {written[0]}", file=sys.stderr)
     return 0
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    """The records of a `classify` JSON lines file; SourceError naming the file (and the line) otherwise."""
+    from inference.errors import SourceError
+
+    records: list[dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise SourceError(f"{path}, line {number}: not JSON ({exc})") from exc
+                if not isinstance(record, dict):
+                    raise SourceError(f"{path}, line {number}: a JSON {type(record).__name__}, not a record")
+                records.append(record)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path}: not UTF-8 text (a `visionstream classify` JSON lines file?)") from exc
+    return records
 
 
 async def _read_topic(settings: Settings, from_beginning: bool, idle_s: float, limit: int | None) -> list[dict[str, Any]]:
@@ -310,7 +337,7 @@ def run_classify(args: argparse.Namespace, settings: Settings) -> int:
     from inference.job import batches_in_flight, classify_all
     from inference.sources import iter_sources
 
-    uris = iter_sources(args.sources, settings.storage)
+    uris = iter_sources(args.sources, settings.storage, settings.filter.suffixes)
     first = next(uris, None)  # fail fast on a source that names nothing
     if first is None:
         return 0

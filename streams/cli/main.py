@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,16 +25,23 @@ EXIT_OK, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 130
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_distributed_logging()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own usage, not the top level's
+        getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(args.log_level, args.worker__log_format or "text")
     try:
         settings = load_settings(args.config)
         settings = settings.with_overrides(_overrides(args))
         configure_logging(args.log_level, settings.worker.log_format)
-        return int(args.run(args, settings) or EXIT_OK)
+        status = int(args.run(args, settings) or EXIT_OK)
+        sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
+        return status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted
+        _silence_stdout()
+        return EXIT_OK
     except (InferenceError, StreamError) as exc:
         log.debug("fatal error", exc_info=exc)
         print(f"visionstream: error: {exc}", file=sys.stderr)
@@ -42,6 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.debug("unexpected fatal error", exc_info=exc)
         print(f"visionstream: error: {type(exc).__name__}: {exc} (--log-level DEBUG shows where)", file=sys.stderr)
         return EXIT_FATAL
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not fail on the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def quiet_distributed_logging() -> None:
@@ -65,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--config", metavar="FILE", help="YAML file overriding configs/default.yaml")
         sub.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         sub.add_argument("--log-format", dest="worker__log_format", choices=["text", "json"], help="text (key=value) or json, one record per line (default: worker.log_format)")
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, parser=sub)
         return sub
 
     commands_module.register(command)

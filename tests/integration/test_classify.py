@@ -181,3 +181,26 @@ def test_storage_credentials_only_in_a_config_file_reach_the_embedded_clusters_w
     found = records(output)
     assert len(found) == 2 and all(record["error"] is None for record in found), found
     assert S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in done.stderr + output.read_text()
+
+
+def test_the_embedded_clusters_workers_never_write_to_the_clients_stdout(tmp_path: Path):
+    """`classify -o -` writes records to stdout; a worker's print (torch.hub's download line, say) must not land among them."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    script = (
+        "import asyncio\n"
+        "from inference.cluster import InferenceCluster\n"
+        "from inference.settings import Settings\n"
+        "async def main():\n"
+        "    settings = Settings().with_overrides({'model': {'name': 'resnet18', 'weights': 'none'}, 'cluster': {'n_workers': 1}})\n"
+        "    async with InferenceCluster.from_settings(settings) as cluster:\n"
+        "        await cluster.client.run(lambda: print('printed by a worker', flush=True))\n"
+        "    print('the client')\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "the client\n" and "printed by a worker" in done.stderr

@@ -35,3 +35,44 @@ def test_the_console_script_and_python_m_streams_name_the_same_main():
     target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["visionstream"]
     module, _, name = target.partition(":")
     assert getattr(importlib.import_module(module), name) is streams.__main__.main
+
+
+def visionstream(*args: str, **options) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streams", *args], capture_output=True, text=True, cwd=REPO, timeout=120, **options)
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "cannot read (No such file or directory)"),
+        ('{"uri": "a"}\nnot json\n', "line 2: not JSON"),
+        ("[1, 2]\n", "line 1: a JSON list, not a record"),
+        (b"\xff\xfe\x00", "not UTF-8 text"),
+    ],
+)
+def test_evaluate_input_problems_are_one_line_naming_the_file(tmp_path, content, says):
+    path = tmp_path / "p.jsonl"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    done = visionstream("evaluate", "--input", str(path), "--output", str(tmp_path / "report"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"visionstream: error: {path}") and says in line
+
+
+def test_an_unknown_option_shows_the_commands_own_usage():
+    done = visionstream("classify", "--bogus", "x")
+    assert done.returncode == 2 and "usage: visionstream classify" in done.stderr and "--bogus" in done.stderr
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(tmp_path):
+    """`visionstream ... | head -1`: the rest of the output has nowhere to go; no traceback, status 0."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"uri": "s3://b/n02085620-Chihuahua/a.jpg", "error": null, "prediction": {"wnid": "n02085620", "label": "Chihuahua", "score": 0.9}, "top_k": [], "ground_truth": {"wnid": "n02085620", "label": "Chihuahua"}, "match": true}\n')
+    process = subprocess.Popen([sys.executable, "-m", "streams", "evaluate", "--input", str(path), "--output", str(tmp_path / "r")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO, text=True)
+    process.stdout.close()  # before it writes a line
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
