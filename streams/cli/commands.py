@@ -1,4 +1,4 @@
-"""The ``visionstream`` commands: classify, worker, upload, tail, backfill, reconcile, evaluate, demo."""
+"""The ``visionstream`` commands: classify, worker, upload, tail, backfill, reconcile, evaluate, stack, demo."""
 
 from __future__ import annotations
 
@@ -73,6 +73,11 @@ def register(command: Command) -> None:
     evaluate.add_argument("--prefix", default="", metavar="PREFIX", help="only URIs starting with this (e.g. s3://bucket/dogs/)")
     evaluate.add_argument("--output", default="report", metavar="DIR", help="report folder (default: ./report)")
 
+    stack = command("stack", run_stack, "run the embedded Kafka broker and S3 server on 127.0.0.1 for the other commands, until Ctrl-C")
+    stack.add_argument("--config-out", default="visionstream-stack.yaml", metavar="FILE",
+                       help="where to write the config file the other commands use (default: ./visionstream-stack.yaml)")
+    stack.add_argument("--bucket", dest="storage__bucket", metavar="BUCKET", help="the bucket to create (default: storage.bucket, images)")
+
     demo = command("demo", run_demo, "run everything on loopback: broker, S3, Dask, the stream worker; upload, classify, report")
     demo.add_argument("--images", metavar="DIR", help="a folder of images (Stanford Dogs layout gives accuracy); default: a generated sample")
     demo.add_argument("--count", type=int, default=120, metavar="N", help="images to generate when --images is not given")
@@ -135,6 +140,17 @@ def run_tail(args: argparse.Namespace, settings: Settings) -> int:
 
     asyncio.run(tail())
     return 0
+
+
+def run_stack(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from streams.embedded.serve import serve
+
+    def say(text: str) -> None:
+        print(f"visionstream stack: {text}", file=sys.stderr, flush=True)
+
+    return serve(settings, Path(args.config_out).resolve(), say)
 
 
 def run_demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -20,6 +20,7 @@ from streams.service.logs import configure_logging
 log = logging.getLogger("visionstream")
 
 EXIT_OK, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 130
+CONFIG_ENV = "VISIONSTREAM_CONFIG"  # the config file when --config is not given (`visionstream stack` prints it)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(args.log_level, args.worker__log_format or "text")
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config or os.environ.get(CONFIG_ENV) or None)
         settings = settings.with_overrides(_overrides(args))
         configure_logging(args.log_level, settings.worker.log_format)
         status = int(args.run(args, settings) or EXIT_OK)
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, run: Callable[[argparse.Namespace, Settings], int | None], help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument("--config", metavar="FILE", help="YAML file overriding configs/default.yaml")
+        sub.add_argument("--config", metavar="FILE", help=f"YAML file overriding configs/default.yaml (default: ${CONFIG_ENV})")
         sub.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         sub.add_argument("--log-format", dest="worker__log_format", choices=["text", "json"], help="text (key=value) or json, one record per line (default: worker.log_format)")
         sub.set_defaults(run=run, parser=sub)

@@ -1,0 +1,84 @@
+"""``visionstream stack``: the embedded broker and S3 server, kept running for the other commands.
+
+Starts both on 127.0.0.1 (free ports), creates the bucket, and writes a config file that points
+every other command at them, with the settings that suit them (the broker's short group
+timeouts, no idempotent producer; the S3 server's local credentials; random weights where no
+pretrained ones are cached, since nothing is downloaded). ``VISIONSTREAM_CONFIG`` names that
+file for the commands run after it. Runs until SIGINT or SIGTERM, then stops both servers and
+removes the file (its ports die with them).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import boto3
+import yaml
+
+from inference.model import WeightsSpec
+from inference.settings import Settings
+from streams.embedded.demo import pretrained_cached
+from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, EmbeddedStack
+
+Say = Callable[[str], None]
+
+
+def stack_config(settings: Settings, stack: EmbeddedStack) -> dict[str, Any]:
+    """The settings that reach ``stack``: what the config file holds."""
+    config: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": stack.bootstrap_servers, **EMBEDDED_BROKER_KAFKA},
+        "storage": {**stack.storage_settings(), "bucket": settings.storage.bucket},
+    }
+    if WeightsSpec.parse(settings.model.weights).kind == "torchvision" and not pretrained_cached(settings):
+        config["model"] = {"weights": "none"}
+    return config
+
+
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    """Only its owner may read it: it holds the local S3 server's credentials."""
+    header = (
+        f"# written by `visionstream stack` (pid {os.getpid()}) at {datetime.now(UTC).isoformat(timespec='seconds')};\n"
+        "# valid while it runs: its ports close when it stops, and it removes this file then\n"
+    )
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(header + yaml.safe_dump(config, sort_keys=False))
+
+
+def serve(settings: Settings, config_path: Path, say: Say, log_dir: Path | None = None, stop: threading.Event | None = None) -> int:
+    """Run the stack until ``stop`` is set (by SIGINT/SIGTERM when not given)."""
+    stop = stop or _stop_on_signals()
+    say("starting a Kafka-protocol broker and an S3 server on 127.0.0.1 ...")
+    with EmbeddedStack(log_dir=log_dir) as stack:
+        config = stack_config(settings, stack)
+        storage = config["storage"]
+        client = boto3.client(
+            "s3", endpoint_url=storage["endpoint_url"], region_name=storage["region"],
+            aws_access_key_id=storage["access_key_id"], aws_secret_access_key=storage["secret_access_key"],
+        )
+        client.create_bucket(Bucket=storage["bucket"])
+        write_config(config_path, config)
+        try:
+            weights = " (model.weights: none: no pretrained weights in the torch cache, labels are meaningless)" if "model" in config else ""
+            say(f"Kafka {stack.bootstrap_servers}, S3 {storage['endpoint_url']}, bucket {storage['bucket']!r}{weights}")
+            say(f"config written to {config_path}; in another shell:\n\n    export VISIONSTREAM_CONFIG={config_path}\n"
+                "    visionstream worker\n\nCtrl-C stops the stack.")
+            while not stop.wait(0.5):  # short waits: a signal's handler runs between them
+                pass
+        finally:
+            config_path.unlink(missing_ok=True)
+    say("stack stopped")
+    return 0
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stop.set())
+    return stop

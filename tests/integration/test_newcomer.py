@@ -1,0 +1,59 @@
+"""README's "Using it", as a newcomer runs it: `visionstream stack` in one shell, the other
+commands in another with VISIONSTREAM_CONFIG, no --config anywhere, no AWS_* in the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from streams.embedded.samples import generate_dataset
+from streams.embedded.stack import free_port
+
+from .conftest import REPO
+
+
+def test_the_readme_flow_runs_as_written_against_visionstream_stack(tmp_path: Path):
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("AWS_", "VISIONSTREAM_", "KAFKA_"))}
+    env |= {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")}
+    config = tmp_path / "visionstream-stack.yaml"
+    stack = subprocess.Popen([sys.executable, "-m", "streams", "stack", "--config-out", str(config)],
+                             cwd=tmp_path, env=env | {"PYTHONPATH": str(REPO)}, stderr=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while not config.exists():
+            assert stack.poll() is None and time.monotonic() < deadline, stack.stderr.read() if stack.poll() is not None else "no config file"
+            time.sleep(0.2)
+        assert config.stat().st_mode & 0o077 == 0  # the local S3 server's credentials: its owner's only
+        using = env | {"VISIONSTREAM_CONFIG": str(config)}
+
+        def visionstream(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "streams", *args], capture_output=True, text=True, cwd=REPO, env=using, timeout=timeout_s)
+
+        generate_dataset(tmp_path / "dataset", 4)
+        done = visionstream("upload", str(tmp_path / "dataset" / "Images"), "--prefix", "dogs/", "--notify")
+        assert done.returncode == 0, done.stderr
+        worker = subprocess.Popen([sys.executable, "-m", "streams", "worker"], cwd=REPO, env=using | {"VISIONSTREAM_WORKER__WEB_PORT": str(free_port())},
+                                  stdout=subprocess.DEVNULL, stderr=open(tmp_path / "worker.log", "w"))  # noqa: SIM115
+        tail = visionstream("tail", "--from-beginning", "--json", "--limit", "4", "--idle", "120")
+        assert tail.returncode == 0, tail.stderr + (tmp_path / "worker.log").read_text()[-3000:]
+        events = [json.loads(line) for line in tail.stdout.splitlines()]
+        assert len(events) == 4 and all(event["uri"].startswith("s3://images/dogs/Images/") for event in events)
+        report = visionstream("evaluate", "--from-beginning", "--idle", "3", "--output", str(tmp_path / "report"))
+        assert report.returncode == 0 and re.search(r"^images\s+4$", report.stdout, re.M), report.stdout + report.stderr
+        dry = visionstream("reconcile", "s3://images/dogs/", "--dry-run", "--min-age", "0", "--idle", "2")
+        assert dry.returncode == 0 and dry.stdout == "", dry.stderr
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(60)
+        stack.send_signal(signal.SIGINT)
+        _, stderr = stack.communicate(timeout=60)
+    assert stack.returncode == 0 and "stack stopped" in stderr, stderr
+    assert "Traceback" not in stderr and not config.exists()
