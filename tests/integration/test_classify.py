@@ -139,13 +139,15 @@ def test_an_s3_object_that_is_not_an_image_is_a_decode_error_record_not_a_crash(
         (["classify", "pyproject.toml", "--weights", "none", "--scheduler", "tcp://127.0.0.1:9"], "Dask cluster tcp://127.0.0.1:9 unavailable"),
         (["classify", "pyproject.toml", "--batch-size", "0"], "invalid configuration"),
         (["classify", "pyproject.toml", "--config", "/no/such.yaml"], "cannot read config file"),
+        (["classify", "pyproject.toml", "--model", "resnet18", "--weights", "/no/such.pt", "--workers", "1"], "cannot load weights '/no/such.pt'"),
     ],
 )
 def test_fatal_problems_exit_non_zero_with_one_clear_message(args: list[str], message: str):
     done = visionstream(*args, env={"VISIONSTREAM_CLUSTER__CONNECT_TIMEOUT_S": "3"}, timeout_s=120)
     assert done.returncode != 0
-    assert message in done.stderr
-    assert "Traceback" not in done.stderr
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("visionstream: error:")]
+    assert message in line
+    assert "Traceback" not in done.stderr, done.stderr
 
 
 def test_storage_credentials_only_in_a_config_file_reach_the_embedded_clusters_workers(tmp_path: Path, services, settings, bucket):

@@ -56,4 +56,6 @@ def test_the_readme_flow_runs_as_written_against_visionstream_stack(tmp_path: Pa
         stack.send_signal(signal.SIGINT)
         _, stderr = stack.communicate(timeout=60)
     assert stack.returncode == 0 and "stack stopped" in stderr, stderr
+    worker_log = (tmp_path / "worker.log").read_text()
+    assert worker.returncode == 0 and "level=ERROR" not in worker_log and "Traceback" not in worker_log, worker_log[-3000:]  # a clean SIGTERM
     assert "Traceback" not in stderr and not config.exists()

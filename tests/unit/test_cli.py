@@ -76,3 +76,31 @@ def test_a_reader_that_closes_the_pipe_ends_the_command_quietly(tmp_path):
     process.stdout.close()  # before it writes a line
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+UNREACHABLE = {
+    "VISIONSTREAM_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:9", "VISIONSTREAM_STORAGE__ENDPOINT_URL": "http://127.0.0.1:9",
+    "VISIONSTREAM_STORAGE__REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+}
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["tail", "--idle", "2"], "Kafka at 127.0.0.1:9 unavailable"),
+        (["evaluate", "--idle", "2"], "Kafka at 127.0.0.1:9 unavailable"),
+        (["backfill", "s3://images/dogs/"], "Kafka at 127.0.0.1:9 unavailable"),
+        (["backfill", "s3://images/dogs/", "--dry-run"], "cannot list"),
+        (["reconcile", "s3://images/dogs/", "--dry-run"], "Kafka at 127.0.0.1:9 unavailable"),
+        (["upload", "README.md"], "cannot reach the object store at http://127.0.0.1:9"),
+        (["worker"], "Kafka at 127.0.0.1:9 unavailable"),
+        (["classify", "s3://images/dogs/", "--scheduler", "tcp://127.0.0.1:9"], "cannot list"),
+    ],
+)
+def test_every_command_answers_an_unreachable_broker_or_store_with_one_line(args, says):
+    import os
+
+    done = visionstream(*args, env=os.environ | UNREACHABLE)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("visionstream: error:")]
+    assert says in line, line
