@@ -27,7 +27,7 @@ import torch
 from distributed import Worker, WorkerPlugin, get_worker
 from PIL import Image
 
-from inference.errors import ConfigError, ImageError, InferenceError, ModelLoadFailed, ModelNotResident
+from inference.errors import ConfigError, ImageError, ModelLoadFailed, ModelNotResident
 from inference.fetch import fetch_many
 from inference.objects import pinned
 from inference.gpu import Decoder, batch_on, device_crops, device_decodable, jpeg_decoder
@@ -397,10 +397,10 @@ def _stdout_to_stderr() -> None:
 
 
 def _said_already(record: logging.LogRecord) -> bool:
-    """distributed's traceback for a model plugin whose setup raised one of our errors: the
-    plugin logged that error in one line already (``_load_recording``)."""
+    """distributed's traceback for a model plugin whose setup raised: the plugin logged the
+    failure in one line already (``_load_recording``, every failure of a load)."""
     failed = record.msg == "Worker plugin %s failed to setup" and str((record.args or ("",))[0]).startswith(PLUGIN_PREFIX)
-    return not (failed and record.exc_info and isinstance(record.exc_info[1], InferenceError))
+    return not failed
 
 
 def plugin_usage(dask_worker: Worker) -> dict[str, tuple[int, float]]:

@@ -77,6 +77,7 @@ def register(command: Command) -> None:
     stack.add_argument("--config-out", default="visionstream-stack.yaml", metavar="FILE",
                        help="where to write the config file the other commands use (default: ./visionstream-stack.yaml)")
     stack.add_argument("--bucket", dest="storage__bucket", metavar="BUCKET", help="the bucket to create (default: storage.bucket, images)")
+    stack.set_defaults(reads_config_env=False)  # the file it names is the one this writes
 
     demo = command("demo", run_demo, "run everything on loopback: broker, S3, Dask, the stream worker; upload, classify, report")
     demo.add_argument("--images", metavar="DIR", help="a folder of images (Stanford Dogs layout gives accuracy); default: a generated sample")
@@ -101,8 +102,10 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
         except SystemExit as exc:
             status = exc.code if isinstance(exc.code, int) else 1
     fatal = service.fatal or worker.crash_reason
-    if fatal is not None:
+    if isinstance(fatal, Exception):
         raise fatal  # one line, from main
+    if fatal is not None:
+        raise RuntimeError(f"the worker stopped: {type(fatal).__name__} {fatal}".strip())
     return status
 
 
@@ -305,6 +308,8 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
                     raise SourceError(f"{path}, line {number}: not JSON ({exc})") from exc
                 if not isinstance(record, dict):
                     raise SourceError(f"{path}, line {number}: a JSON {type(record).__name__}, not a record")
+                if not isinstance(record.get("uri"), str) or not ({"prediction", "error", "schema"} & record.keys()):
+                    raise SourceError(f"{path}, line {number}: not a `visionstream classify` record (no uri, prediction or error)")
                 records.append(record)
     except OSError as exc:
         raise SourceError(f"{path}: cannot read ({exc.strerror or exc})") from exc
@@ -379,9 +384,15 @@ def run_classify(args: argparse.Namespace, settings: Settings) -> int:
         tally = asyncio.run(run())
     finally:
         progress.close()
-        if output is not sys.stdout:
-            output.close()
-        else:
-            output.flush()
+        failing = sys.exc_info()[1] is not None
+        try:
+            if output is not sys.stdout:
+                output.close()
+            else:
+                output.flush()
+        except BrokenPipeError:
+            if not failing:
+                raise  # main ends quietly; a failure already under way is the one to report
+
     print(f"visionstream classify: {tally.summary()}", file=sys.stderr)
     return 0

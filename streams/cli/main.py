@@ -15,7 +15,7 @@ from inference.errors import InferenceError
 from inference.settings import Settings, load_settings
 from streams.cli import commands as commands_module
 from streams.errors import StreamError
-from streams.service.logs import configure_logging
+from streams.service.logs import configure_logging, escape
 
 log = logging.getLogger("visionstream")
 
@@ -31,8 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         getattr(args, "parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(args.log_level, args.worker__log_format or "text")
     try:
-        settings = load_settings(args.config or os.environ.get(CONFIG_ENV) or None)
-        settings = settings.with_overrides(_overrides(args))
+        settings = _load(args)
         configure_logging(args.log_level, settings.worker.log_format)
         status = int(args.run(args, settings) or EXIT_OK)
         sys.stdout.flush()  # here, where a closed pipe is caught, rather than at exit
@@ -45,12 +44,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except (InferenceError, StreamError) as exc:
         log.debug("fatal error", exc_info=exc)
-        print(f"visionstream: error: {exc}", file=sys.stderr)
+        print(f"visionstream: error: {escape(str(exc)) or type(exc).__name__}", file=sys.stderr)
         return EXIT_FATAL
     except Exception as exc:  # noqa: BLE001 - a library's error we did not name: still one line
         log.debug("unexpected fatal error", exc_info=exc)
-        print(f"visionstream: error: {type(exc).__name__}: {exc} (--log-level DEBUG shows where)", file=sys.stderr)
+        said = f": {escape(str(exc))}" if str(exc) else ""
+        print(f"visionstream: error: {type(exc).__name__}{said} (--log-level DEBUG shows where)", file=sys.stderr)
         return EXIT_FATAL
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    """Defaults, then ``--config`` (else the file ``VISIONSTREAM_CONFIG`` names, for the
+    commands that read it), then the environment, then the options."""
+    from inference.errors import ConfigError
+
+    named = os.environ.get(CONFIG_ENV) if getattr(args, "reads_config_env", True) else None
+    try:
+        settings = load_settings(args.config or named or None)
+    except ConfigError as exc:
+        if args.config or not named:
+            raise
+        raise ConfigError(f"{exc} (named by {CONFIG_ENV}: unset it, or point it at a config file)") from None
+    return settings.with_overrides(_overrides(args))
 
 
 def _silence_stdout() -> None:

@@ -11,6 +11,7 @@ removes the file (its ports die with them).
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import threading
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from inference.model import WeightsSpec
 from inference.settings import Settings
 from streams.embedded.demo import pretrained_cached
 from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, EmbeddedStack
+from streams.errors import EmbeddedStackError
 
 Say = Callable[[str], None]
 
@@ -41,21 +43,30 @@ def stack_config(settings: Settings, stack: EmbeddedStack) -> dict[str, Any]:
 
 
 def write_config(path: Path, config: dict[str, Any]) -> None:
-    """Only its owner may read it: it holds the local S3 server's credentials."""
+    """Only its owner may read it (it holds the local S3 server's credentials: fixed, local-only
+    values, but a config file is where real ones go too): written to a new file of mode 0600,
+    then renamed over ``path``, so neither an existing file's mode nor a link there counts."""
     header = (
         f"# written by `visionstream stack` (pid {os.getpid()}) at {datetime.now(UTC).isoformat(timespec='seconds')};\n"
         "# valid while it runs: its ports close when it stops, and it removes this file then\n"
     )
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(header + yaml.safe_dump(config, sort_keys=False))
+    fresh = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(header + yaml.safe_dump(config, sort_keys=False))
+        os.replace(fresh, path)
+    except BaseException:
+        fresh.unlink(missing_ok=True)
+        raise
 
 
 def serve(settings: Settings, config_path: Path, say: Say, log_dir: Path | None = None, stop: threading.Event | None = None) -> int:
-    """Run the stack until ``stop`` is set (by SIGINT/SIGTERM when not given)."""
-    stop = stop or _stop_on_signals()
+    """Run the stack until ``stop`` is set (by SIGINT/SIGTERM once it runs, when not given)."""
+    if not config_path.parent.is_dir():
+        raise EmbeddedStackError(f"cannot write the config file {config_path}: no folder {config_path.parent}")
     say("starting a Kafka-protocol broker and an S3 server on 127.0.0.1 ...")
-    with EmbeddedStack(log_dir=log_dir) as stack:
+    with EmbeddedStack(log_dir=log_dir) as stack:  # Ctrl-C while they start: KeyboardInterrupt stops them
         config = stack_config(settings, stack)
         storage = config["storage"]
         client = boto3.client(
@@ -64,10 +75,11 @@ def serve(settings: Settings, config_path: Path, say: Say, log_dir: Path | None 
         )
         client.create_bucket(Bucket=storage["bucket"])
         write_config(config_path, config)
+        stop = stop or _stop_on_signals()
         try:
             weights = " (model.weights: none: no pretrained weights in the torch cache, labels are meaningless)" if "model" in config else ""
             say(f"Kafka {stack.bootstrap_servers}, S3 {storage['endpoint_url']}, bucket {storage['bucket']!r}{weights}")
-            say(f"config written to {config_path}; in another shell:\n\n    export VISIONSTREAM_CONFIG={config_path}\n"
+            say(f"config written to {config_path}; in another shell:\n\n    export VISIONSTREAM_CONFIG={shlex.quote(str(config_path))}\n"
                 "    visionstream worker\n\nCtrl-C stops the stack.")
             while not stop.wait(0.5):  # short waits: a signal's handler runs between them
                 pass
@@ -78,7 +90,15 @@ def serve(settings: Settings, config_path: Path, say: Say, log_dir: Path | None 
 
 
 def _stop_on_signals() -> threading.Event:
+    """The first SIGINT or SIGTERM asks for a clean stop; a second one stops at once
+    (KeyboardInterrupt: the servers are still stopped by PID on the way out)."""
     stop = threading.Event()
+
+    def first(number: int, frame: Any) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+
     for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, lambda *_: stop.set())
+        signal.signal(number, first)
     return stop

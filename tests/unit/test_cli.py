@@ -45,8 +45,9 @@ def visionstream(*args: str, **options) -> subprocess.CompletedProcess[str]:
     ("content", "says"),
     [
         (None, "cannot read (No such file or directory)"),
-        ('{"uri": "a"}\nnot json\n', "line 2: not JSON"),
+        ('{"uri": "a", "error": null}\nnot json\n', "line 2: not JSON"),
         ("[1, 2]\n", "line 1: a JSON list, not a record"),
+        ('{"uri": "s3://b/a.jpg", "prediction": null, "error": null}\n{}\n', "line 2: not a `visionstream classify` record"),
         (b"\xff\xfe\x00", "not UTF-8 text"),
     ],
 )
@@ -104,3 +105,34 @@ def test_every_command_answers_an_unreachable_broker_or_store_with_one_line(args
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     [line] = [line for line in done.stderr.splitlines() if line.startswith("visionstream: error:")]
     assert says in line, line
+
+
+def test_a_stale_visionstream_config_is_named_and_stack_does_not_read_it(tmp_path):
+    import os
+
+    gone = tmp_path / "gone.yaml"
+    done = visionstream("evaluate", "--input", str(tmp_path / "x.jsonl"), env=os.environ | {"VISIONSTREAM_CONFIG": str(gone)})
+    assert done.returncode == 1 and "named by VISIONSTREAM_CONFIG" in done.stderr
+    done = visionstream("stack", "--config-out", str(tmp_path / "no" / "folder.yaml"), env=os.environ | {"VISIONSTREAM_CONFIG": str(gone)})
+    assert done.returncode == 1 and "no folder" in done.stderr and "gone.yaml" not in done.stderr  # checked before any server starts
+
+
+def test_the_stack_config_is_its_owners_alone_whatever_was_there(tmp_path):
+    import os
+    import stat
+
+    from streams.embedded.serve import write_config
+
+    existing = tmp_path / "open.yaml"
+    existing.write_text("old")
+    existing.chmod(0o644)
+    target = tmp_path / "elsewhere.yaml"
+    target.write_text("not to be touched")
+    link = tmp_path / "link.yaml"
+    link.symlink_to(target)
+    for path in (existing, link):
+        write_config(path, {"storage": {"bucket": "images"}})
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600 and not path.is_symlink()
+        assert "bucket: images" in path.read_text()
+    assert target.read_text() == "not to be touched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.yaml", "link.yaml", "open.yaml"]  # no temporary left
