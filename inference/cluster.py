@@ -62,6 +62,7 @@ class InferenceCluster:
         self.settings = cluster
         self.plugin = ResidentModel(model, images, storage, warmup_batch=batch_size)
         self._worker_env = storage.credentials_env()  # for the embedded cluster's workers only
+        self.security: Security | None = None  # a caller's own client's (the Python API); else from ``cluster``
         self.truth_pattern = truth_pattern
         self.client: Client | None = None
         self._local: Any = None
@@ -95,7 +96,7 @@ class InferenceCluster:
             if self.settings.scheduler:
                 self.client = await Client(
                     self.settings.scheduler, asynchronous=True, timeout=self.settings.connect_timeout_s,
-                    security=client_security(self.settings),
+                    security=self.security or client_security(self.settings),
                 )
             else:
                 # the workers it starts get the storage credentials of this configuration (file,
@@ -362,7 +363,7 @@ class InferenceCluster:
         try:
             self.client = await Client(
                 self.settings.scheduler, asynchronous=True, timeout=self.settings.connect_timeout_s,
-                security=client_security(self.settings),
+                security=self.security or client_security(self.settings),
             )
             await self._register()
             self._isolation = None  # a lease of the old scheduler's

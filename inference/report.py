@@ -100,19 +100,30 @@ def _charts(summary: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return [_save(fig, folder / f"{name}.png") for name, fig in figures(summary).items()]
 
-    written: list[Path] = []
+
+def figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """The report's charts as matplotlib figures, by name: ``per_class_accuracy``,
+    ``score_histogram``, ``reliability``. Not pyplot's: nothing shows them unless asked (a
+    notebook displays one that a cell returns)."""
+    from matplotlib.figure import Figure
+
+    def subplots(figsize: tuple[float, float]) -> tuple[Any, Any]:
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots()
+
+    made: dict[str, Any] = {}
     classes = summary["per_class"]
-    fig, ax = plt.subplots(figsize=(8, max(2.5, 0.25 * len(classes) + 1)))
+    fig, ax = subplots(figsize=(8, max(2.5, 0.25 * len(classes) + 1)))
     labels = [_plain_text(c["label"] or wnid) for wnid, c in classes.items()]
     ax.barh(labels, [c["accuracy"] for c in classes.values()], color="#4c72b0")
     ax.set_xlim(0, 1)
     ax.set_xlabel("top-1 accuracy")
     ax.set_title("Per-class accuracy")
-    written.append(_save(fig, folder / "per_class_accuracy.png"))
+    made["per_class_accuracy"] = fig
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     edges = [i / 10 for i in range(10)]
     ax.bar(edges, summary["scores"]["correct"]["histogram"], width=0.1, align="edge", alpha=0.7, label="correct")
     ax.bar(edges, summary["scores"]["wrong"]["histogram"], width=0.1, align="edge", alpha=0.7, label="wrong")
@@ -120,9 +131,9 @@ def _charts(summary: dict[str, Any], folder: Path) -> list[Path]:
     ax.set_ylabel("images")
     ax.set_title("Scores: correct vs wrong")
     ax.legend()
-    written.append(_save(fig, folder / "score_histogram.png"))
+    made["score_histogram"] = fig
 
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = subplots(figsize=(5, 5))
     bins = [b for b in summary["reliability"]["bins"] if b["count"]]
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
     ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", label="model")
@@ -130,14 +141,11 @@ def _charts(summary: dict[str, Any], folder: Path) -> list[Path]:
     ax.set_ylabel("accuracy")
     ax.set_title("Reliability")
     ax.legend()
-    written.append(_save(fig, folder / "reliability.png"))
-    return written
+    made["reliability"] = fig
+    return made
 
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
     return path

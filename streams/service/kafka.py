@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
+import time
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -93,3 +96,72 @@ async def start_consumer(kafka: KafkaSettings, *topics: str, from_beginning: boo
         await consumer.stop()
         raise BrokerUnavailable(kafka.bootstrap_servers, str(exc) or type(exc).__name__) from exc
     return consumer
+
+
+READ_BATCH = 2000  # records per fetch while reading topics whole
+ASSIGN_WAIT_S = 30.0  # for the topics' metadata before reading
+ENDS_GRACE_S = 30.0  # without a record while the end offsets say more are there: give up on them
+POSITION_WAIT_S = 10.0
+
+
+async def read_from_start(
+    kafka: KafkaSettings,
+    topics: list[str],
+    idle_s: float,
+    take: Callable[[str, list[bytes | None]], None],
+    on_read: Callable[[int], None] | None = None,
+) -> int:
+    """Read ``topics`` from their start up to the end offsets the broker gives when reading
+    begins, handing each fetched batch's values to ``take`` (topic, values); where the broker
+    gives none, until ``idle_s`` passes without a record. Records that arrive meanwhile may be
+    read too. Returns how many were read; ``on_read`` sees the count as it grows."""
+    consumer = await start_consumer(kafka, *topics, from_beginning=True)
+    read = 0
+    try:
+        ends = await _end_offsets(consumer)
+        quiet_since = time.monotonic()
+        while True:
+            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=READ_BATCH)
+            if not batch:
+                if not ends:
+                    break  # no end offsets: quiet for idle_s is the end
+                if time.monotonic() - quiet_since >= ENDS_GRACE_S:
+                    log.warning("the end offsets of %s promise more records, but none came for %.0f s; stopping there", topics, ENDS_GRACE_S)
+                    break
+                if await _caught_up(consumer, ends):
+                    break
+                continue
+            quiet_since = time.monotonic()
+            for partition, records in batch.items():
+                take(partition.topic, [record.value for record in records])
+                read += len(records)
+            if on_read is not None:
+                on_read(read)
+            if ends and await _caught_up(consumer, ends):
+                break
+    finally:
+        await consumer.stop()
+    return read
+
+
+async def _caught_up(consumer: AIOKafkaConsumer, ends: dict[Any, int]) -> bool:
+    for partition, end in ends.items():
+        try:
+            position = await asyncio.wait_for(consumer.position(partition), timeout=POSITION_WAIT_S)
+        except (TimeoutError, KafkaError):
+            return False  # not known yet: read on (ENDS_GRACE_S bounds it)
+        if position < end:
+            return False
+    return True
+
+
+async def _end_offsets(consumer: AIOKafkaConsumer) -> dict[Any, int]:
+    """The end offsets of every partition assigned; {} where the broker will not say."""
+    deadline = time.monotonic() + ASSIGN_WAIT_S
+    while not consumer.assignment() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    try:
+        return dict(await consumer.end_offsets(list(consumer.assignment())))
+    except Exception as exc:  # noqa: BLE001 - then the read stops when the topics go quiet
+        log.warning("the broker did not give end offsets (%s); reading until the topics are quiet", exc)
+        return {}

@@ -21,14 +21,13 @@ its digest equals one of n known ones: about m·n/2⁶⁴ for m objects listed (
 against a million); that object would not be announced.
 Reconcile can only know what the topics still hold: an object whose prediction passed the
 predictions topic's retention is announced again (``--modified-after`` bounds the listing),
-and a read that stops short of the end offsets seen at its start (``ENDS_GRACE_S`` without a
-record; ``idle_s`` where the broker gave none) is said so.
+and a read that stops short of the end offsets seen at its start (``kafka.read_from_start``)
+is said so.
 It errs towards announcing: a duplicate prediction, never a missing one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -46,14 +45,11 @@ from inference.results import is_dead_letter, is_prediction
 from inference.settings import EventSettings, FilterSettings, Settings
 from streams.errors import MalformedEvent
 from streams.service.backfill import BackfillPlan, listing, object_ref, parse_s3_uri, publisher
-from streams.service.kafka import start_consumer
+from streams.service.kafka import read_from_start
 from streams.service.s3events import ObjectRef, allowed_filter, key_problem, parse_notification
 
 log = logging.getLogger(__name__)
 
-READ_BATCH = 2000  # records per fetch while reading the topics
-ASSIGN_WAIT_S = 30.0  # for the topics' metadata before reading
-ENDS_GRACE_S = 30.0  # without a record while the end offsets say more are there: give up on them
 MAX_REFUSED_SHOWN = 5
 
 
@@ -184,55 +180,14 @@ async def read_accounted(
     inputs = sorted({topics.uploads, topics.backfill, *extra_inputs} - outputs)
     uploads = allowed_filter(settings.filter, settings.storage.bucket)  # what the worker would classify
     accounted = Accounted()
-    consumer = await start_consumer(settings.kafka, *sorted(outputs), *inputs, from_beginning=True)
-    read = 0
-    try:
-        ends = await _end_offsets(consumer)
-        quiet_since = time.monotonic()
-        while True:
-            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=READ_BATCH)
-            if not batch:
-                if not ends:
-                    break  # no end offsets: quiet for idle_s is the end
-                if time.monotonic() - quiet_since >= ENDS_GRACE_S:
-                    log.warning("the topics' end offsets promise more records, but none came for %.0f s; "
-                                "what was not read may be announced again", ENDS_GRACE_S)
-                    break
-                if await _caught_up(consumer, ends):
-                    break
-                continue
-            quiet_since = time.monotonic()
-            for partition, records in batch.items():
-                output = partition.topic in outputs
-                for record in records:
-                    account(accounted, record.value, output, uploads, settings.events)
-                read += len(records)
-            if on_read is not None:
-                on_read(read)
-            if ends and await _caught_up(consumer, ends):
-                break
-    finally:
-        await consumer.stop()
+
+    def take(topic: str, values: list[bytes | None]) -> None:
+        output = topic in outputs
+        for value in values:
+            account(accounted, value, output, uploads, settings.events)
+
+    await read_from_start(settings.kafka, [*sorted(outputs), *inputs], idle_s, take, on_read)
     return accounted.freeze()
-
-
-async def _caught_up(consumer: Any, ends: dict[Any, int]) -> bool:
-    for partition, end in ends.items():
-        if await consumer.position(partition) < end:
-            return False
-    return True
-
-
-async def _end_offsets(consumer: Any) -> dict[Any, int]:
-    """The end offsets of every partition assigned; {} where the broker will not say."""
-    deadline = time.monotonic() + ASSIGN_WAIT_S
-    while not consumer.assignment() and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    try:
-        return dict(await consumer.end_offsets(list(consumer.assignment())))
-    except Exception as exc:  # noqa: BLE001 - then the read stops when the topics go quiet
-        log.warning("the broker did not give end offsets (%s); reading until the topics are quiet", exc)
-        return {}
 
 
 async def run_reconcile(

@@ -1,0 +1,62 @@
+"""The Python API: examples/stanford_dogs.ipynb executed as a user runs it (nbclient, ipykernel),
+on generated images with random weights; and classify on a caller's own client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from streams.embedded.samples import generate_dataset
+
+from .conftest import REPO
+
+nbclient = pytest.importorskip("nbclient")
+nbformat = pytest.importorskip("nbformat")
+
+
+def test_the_example_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch):
+    """Every cell runs without an error: the batch path, the report, the stream path."""
+    notebook = nbformat.read(REPO / "examples" / "stanford_dogs.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # committed without outputs
+    for name, value in {"VISIONSTREAM_EXAMPLE_MODEL": "resnet18", "VISIONSTREAM_EXAMPLE_WEIGHTS": "none", "VISIONSTREAM_EXAMPLE_COUNT": "12",
+                        "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}.items():
+        monkeypatch.setenv(name, value)
+    for name in [name for name in os.environ if name.startswith(("AWS_", "VISIONSTREAM_CLUSTER", "KAFKA_"))]:
+        monkeypatch.delenv(name)
+    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    text = {index: "".join(output.get("text", "") for output in cell.outputs) for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"}
+    assert any("13 images in" in out for out in text.values()), text  # 12 and one unreadable file
+    assert any("13 of 13 images predicted by the stream" in out for out in text.values()), text
+
+
+def test_classify_on_the_callers_client_inside_a_running_loop_and_an_interruption_leaves_it_usable(tmp_path: Path, dask_cluster, dask_reach):
+    from distributed import Client
+
+    from inference import COLUMNS, accuracy_report, classify, iter_classify
+    from inference.cluster import client_security
+    from inference.settings import ClusterSettings
+
+    generate_dataset(tmp_path / "dogs", 5, bad_files=1)
+    images = str(tmp_path / "dogs" / "Images")
+    with Client(dask_cluster.scheduler_address, security=client_security(ClusterSettings(**dask_reach)), timeout=30) as client:
+
+        async def in_a_notebook():  # Jupyter's loop is running while a cell calls classify
+            return classify(images, client=client, model="resnet18", weights="none", progress=False)
+
+        frame = asyncio.run(in_a_notebook())
+        assert list(frame.columns) == list(COLUMNS) and len(frame) == 6
+        assert str(frame["score"].dtype) == "Float64" and str(frame["match"].dtype) == "boolean"
+        assert frame["error_stage"].notna().sum() == 1  # the unreadable file is a row, not an exception
+        assert accuracy_report(frame).summary["images"] == 6
+        rows = iter_classify(images, client=client, model="resnet18", weights="none", batch_size=1, progress=False)
+        next(rows)
+        rows.close()  # what an interrupt does: the batches in flight are cancelled
+        assert client.submit(sum, [1, 2]).result(timeout=30) == 3
+        processing = client.processing()
+        assert not any(key for keys in processing.values() for key in keys if "visionstream-batch" in str(key))
+        with pytest.raises(ValueError, match="batch_size"):
+            classify(images, client=client, batch_size=0)
