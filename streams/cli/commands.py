@@ -1,4 +1,4 @@
-"""The ``visionstream`` commands: classify, worker, upload, tail, backfill, reconcile, evaluate, stack, demo."""
+"""The ``visionstream`` commands: classify, worker, upload, tail, backfill, reconcile, evaluate, lag, stack, demo."""
 
 from __future__ import annotations
 
@@ -73,6 +73,12 @@ def register(command: Command) -> None:
     evaluate.add_argument("--prefix", default="", metavar="PREFIX", help="only URIs starting with this (e.g. s3://bucket/dogs/)")
     evaluate.add_argument("--output", default="report", metavar="DIR", help="report folder (default: ./report)")
 
+    lag = command("lag", run_lag, "the consumer group's lag on the input topics, and the replicas a lag autoscaler would run")
+    lag.add_argument("--group", dest="kafka__consumer_group", metavar="GROUP", help="default: kafka.consumer_group")
+    lag.add_argument("--threshold", type=int, metavar="N",
+                     help="lag per replica, as a KEDA Kafka scaler's lagThreshold (default: batch.size x max(2, batch.max_in_flight))")
+    lag.add_argument("--json", action="store_true", help="one JSON object")
+
     stack = command("stack", run_stack, "run the embedded Kafka broker and S3 server on 127.0.0.1 for the other commands, until Ctrl-C")
     stack.add_argument("--config-out", default="visionstream-stack.yaml", metavar="FILE",
                        help="where to write the config file the other commands use (default: ./visionstream-stack.yaml)")
@@ -142,6 +148,26 @@ def run_tail(args: argparse.Namespace, settings: Settings) -> int:
             await consumer.stop()
 
     asyncio.run(tail())
+    return 0
+
+
+def run_lag(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.service.lag import default_threshold, read_lag
+
+    threshold = args.threshold or default_threshold(settings.batch)
+    if threshold < 1:
+        print("visionstream: error: --threshold: 1 or more", file=sys.stderr)
+        return 2
+    group = settings.kafka.consumer_group
+    lag = asyncio.run(read_lag(settings.kafka, group, [settings.topics.uploads, settings.topics.backfill]))
+    if args.json:
+        print(json.dumps(lag.as_dict(threshold)))
+        return 0
+    print(f"{'topic':<32} {'partition':>9} {'committed':>12} {'end':>12} {'lag':>10}")
+    for p in lag.partitions:
+        committed = "-" if p.committed is None else str(p.committed)
+        print(f"{escape(p.topic):<32} {p.partition:>9} {committed:>12} {p.end:>12} {p.lag:>10}")
+    print(f"group {escape(group)}: total lag {lag.total}; at {threshold} per replica a lag scaler runs {lag.replicas(threshold)} replica(s)")
     return 0
 
 

@@ -49,6 +49,9 @@ def test_classify_on_the_callers_client_inside_a_running_loop_and_an_interruptio
 
         frame = asyncio.run(in_a_notebook())
         assert list(frame.columns) == list(COLUMNS) and len(frame) == 6
+        loads = client.run(_model_loads)
+        assert len(classify(images, client=client, model="resnet18", weights="none", progress=False)) == 6
+        assert client.run(_model_loads) == loads  # the second call found the model resident: nothing loaded again
         assert str(frame["score"].dtype) == "Float64" and str(frame["match"].dtype) == "boolean"
         assert frame["error_stage"].notna().sum() == 1  # the unreadable file is a row, not an exception
         assert accuracy_report(frame).summary["images"] == 6
@@ -60,3 +63,9 @@ def test_classify_on_the_callers_client_inside_a_running_loop_and_an_interruptio
         assert not any(key for keys in processing.values() for key in keys if "visionstream-batch" in str(key))
         with pytest.raises(ValueError, match="batch_size"):
             classify(images, client=client, batch_size=0)
+
+
+def _model_loads(dask_worker) -> dict[str, int]:
+    from inference.worker import PLUGIN_PREFIX
+
+    return {name: plugin.loads for name, plugin in dask_worker.plugins.items() if name.startswith(PLUGIN_PREFIX)}
