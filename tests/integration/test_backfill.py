@@ -153,6 +153,8 @@ def test_an_interrupted_backfill_prints_the_exact_resume_command_and_resuming_lo
     process = subprocess.Popen(
         [sys.executable, "-m", "streams", "backfill", f"s3://{bucket}/bf/", "--rate", "2"],
         cwd=REPO, env=os.environ | _env(settings), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        # a shell's background job starts with SIGINT ignored, and Python keeps it so: Ctrl-C as a terminal sends it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     # 6 events at 2/s: three seconds of publishing, so a chunk was confirmed (every second), and
     # 144 events (72 s) still to go: the interruption lands mid-way, however slowly this reader
