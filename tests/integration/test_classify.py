@@ -139,7 +139,8 @@ def test_an_s3_object_that_is_not_an_image_is_a_decode_error_record_not_a_crash(
         (["classify", "pyproject.toml", "--weights", "none", "--scheduler", "tcp://127.0.0.1:9"], "Dask cluster tcp://127.0.0.1:9 unavailable"),
         (["classify", "pyproject.toml", "--batch-size", "0"], "invalid configuration"),
         (["classify", "pyproject.toml", "--config", "/no/such.yaml"], "cannot read config file"),
-        (["classify", "pyproject.toml", "--model", "resnet18", "--weights", "/no/such.pt", "--workers", "1"], "cannot load weights '/no/such.pt'"),
+        pytest.param(["classify", "pyproject.toml", "--model", "resnet18", "--weights", "/no/such.pt", "--workers", "1"],
+                     "cannot load weights '/no/such.pt'", marks=pytest.mark.slow),  # an embedded cluster of its own
     ],
 )
 def test_fatal_problems_exit_non_zero_with_one_clear_message(args: list[str], message: str):
@@ -150,6 +151,7 @@ def test_fatal_problems_exit_non_zero_with_one_clear_message(args: list[str], me
     assert "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.slow  # about 45 s: an embedded cluster of its own: `make test-slow` (CI runs both)
 def test_storage_credentials_only_in_a_config_file_reach_the_embedded_clusters_workers(tmp_path: Path, services, settings, bucket):
     """No AWS_* anywhere in the environment: the embedded cluster's Dask workers read S3 with the
     key pair from `--config`, as the client's listing does."""
@@ -185,6 +187,7 @@ def test_storage_credentials_only_in_a_config_file_reach_the_embedded_clusters_w
     assert S3_TEST_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in done.stderr + output.read_text()
 
 
+@pytest.mark.slow  # an embedded cluster of its own: `make test-slow` (CI runs both)
 def test_the_embedded_clusters_workers_never_write_to_the_clients_stdout(tmp_path: Path):
     """`classify -o -` writes records to stdout; a worker's print (torch.hub's download line, say) must not land among them."""
     import subprocess

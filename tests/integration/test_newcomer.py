@@ -12,12 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from streams.embedded.samples import generate_dataset
 from streams.embedded.stack import free_port
 
 from .conftest import REPO
 
 
+@pytest.mark.slow  # about a minute: the stack, a worker with its own cluster: `make test-slow` (CI runs both)
 def test_the_readme_flow_runs_as_written_against_visionstream_stack(tmp_path: Path):
     env = {name: value for name, value in os.environ.items() if not name.startswith(("AWS_", "VISIONSTREAM_", "KAFKA_"))}
     env |= {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none")}

@@ -17,6 +17,7 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 
 
+@pytest.mark.slow  # about a minute: a kernel, a cluster, the stack and a stream worker: `make test-slow` (CI runs both)
 def test_the_example_notebook_runs_top_to_bottom(tmp_path: Path, monkeypatch):
     """Every cell runs without an error: the batch path, the report, the stream path."""
     notebook = nbformat.read(REPO / "examples" / "stanford_dogs.ipynb", as_version=4)

@@ -161,6 +161,7 @@ def test_two_workers_in_one_group_share_the_partitions(settings, bucket, tmp_pat
         ("checkpoint", "cannot load weights"),
     ],
 )
+@pytest.mark.slow  # three worker processes, one with an embedded cluster: `make test-slow` (CI runs both)
 def test_a_worker_that_cannot_start_exits_with_one_clear_line(settings, tmp_path, start_worker, problem, says):
     """An unreachable scheduler, an idempotent producer against a broker without one, a missing
     checkpoint: a non-zero exit, one `visionstream: error:` line that says what to change, and

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import boto3
+import pytest
 
 from inference.fetch import SUPERSEDED
 from streams.embedded.samples import generate_dataset
@@ -60,6 +61,7 @@ def test_two_quick_uploads_to_one_key_get_the_records_of_their_own_bytes(setting
     assert by_version[v2]["schema"].startswith("visionstream.prediction")
 
 
+@pytest.mark.slow  # about a minute: 300 objects through the stream: `make test-slow` (CI runs both)
 def test_reconcile_announces_exactly_the_objects_whose_notifications_were_lost(settings, bucket, tmp_path, start_worker):
     create_topics(settings)
     root = tmp_path / "dataset"

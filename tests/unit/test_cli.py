@@ -94,7 +94,7 @@ UNREACHABLE = {
         (["backfill", "s3://images/dogs/", "--dry-run"], "cannot list"),
         (["reconcile", "s3://images/dogs/", "--dry-run"], "Kafka at 127.0.0.1:9 unavailable"),
         (["upload", "README.md"], "cannot reach the object store at http://127.0.0.1:9"),
-        (["worker"], "Kafka at 127.0.0.1:9 unavailable"),
+        pytest.param(["worker"], "Kafka at 127.0.0.1:9 unavailable", marks=pytest.mark.slow),  # imports Faust and torch: 15 s
         (["classify", "s3://images/dogs/", "--scheduler", "tcp://127.0.0.1:9"], "cannot list"),
     ],
 )
