@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from faust.types import TP, EventT, StreamT
 
 from inference.cluster import InferenceCluster
@@ -33,6 +33,7 @@ from inference.job import batches_in_flight
 from inference.settings import Settings
 from streams.service.app import create_app
 from streams.service.kafka import start_producer
+from streams.service.lag import read_lag
 from streams.service.metrics import CONTENT_TYPE, StreamMetrics
 from streams.service.processing import AckTracker, BatchHandler, InputMessage
 from streams.service.orphans import Orphan, OrphanWatch, Verdict
@@ -330,17 +331,15 @@ class StreamService:
             return
         if getattr(self.app, "rebalancing", False):
             return  # a rebalance under way hands the partitions out
-        consumer = self.app.consumer
-        partitions = [TP(topic, index) for topic in self.inputs for index in range(consumer.topic_partitions(topic) or 0)]
-        if not partitions:
-            return
-        ends = await asyncio.wait_for(consumer.highwaters(*partitions), timeout=STOP_STEP_S)
-        committed = await asyncio.wait_for(_group_committed(consumer, partitions), timeout=STOP_STEP_S)
+        # the group's offsets as `visionstream lag` reads them: a consumer of its own, not a member
+        lag = await asyncio.wait_for(read_lag(self.settings.kafka, self.settings.kafka.consumer_group, list(self.inputs)), timeout=2 * STOP_STEP_S)
+        committed = {TP(p.topic, p.partition): p.start if p.committed is None else p.committed for p in lag.partitions}
+        ends = {TP(p.topic, p.partition): p.end for p in lag.partitions}
         verdict = self.orphan_watch.observe(time.monotonic(), bool(self.assigned), committed, ends)
         described = "; ".join(orphan.describe() for orphan in self.orphan_watch.orphans)
         if verdict is Verdict.REJOIN:
             log.warning("this worker holds no input partition and no member of the group takes these; asking the group to rebalance: %s", described)
-            await _request_rejoin(consumer)
+            await _request_rejoin(self.app.consumer)
         elif verdict is Verdict.WEDGED:
             log.error("input partitions still taken by no member after a rebalance was asked for; /livez fails: %s", described)
         self.orphans = list(self.orphan_watch.orphans) if verdict is Verdict.WEDGED else []
@@ -414,18 +413,6 @@ class StreamService:
             "orphaned_partitions": [orphan.describe() for orphan in self.orphans],
             "counters": self.counters.snapshot(),
         }
-
-
-async def _group_committed(consumer: Any, partitions: list[TP]) -> dict[TP, int | None]:
-    """The group's committed offset of each partition, held by this member or not (on Faust's
-    consumer thread, where its aiokafka consumer lives)."""
-    thread = consumer._thread  # noqa: SLF001 - Faust has no public accessor for other members' offsets
-
-    async def fetch() -> dict[TP, int | None]:
-        aiokafka_consumer = thread._ensure_consumer()  # noqa: SLF001
-        return {tp: await aiokafka_consumer.committed(TopicPartition(tp.topic, tp.partition)) for tp in partitions}
-
-    return await thread.call_thread(fetch)
 
 
 async def _request_rejoin(consumer: Any) -> None:

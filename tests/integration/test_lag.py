@@ -60,3 +60,40 @@ async def _wait_partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
             return found
         await asyncio.sleep(0.1)
     raise AssertionError(f"no partitions for {topic}")
+
+
+def test_a_worker_holding_no_partition_asks_for_a_rebalance_then_fails_livez_when_nobody_takes_the_events(settings, monkeypatch):
+    """The orphaned-partitions watch on the real broker: events on the uploads topic, a group
+    that commits nothing, this worker holding no partition. The group's offsets are read as
+    `visionstream lag` reads them; the rebalance request itself (Faust's consumer thread) is the
+    one thing replaced here, since no member runs."""
+    from streams.service import agents
+    from streams.service.agents import StreamService
+
+    create_topics(settings)
+
+    async def run() -> tuple[list[object], tuple[bool, str]]:
+        producer = await start_producer(settings.kafka)
+        try:
+            for index in range(12):
+                await producer.send_and_wait(settings.topics.uploads, b"{}", key=str(index).encode())
+        finally:
+            await producer.stop()
+        service = StreamService(settings.with_overrides({"worker": {"stall_s": 0.5}}))
+        asked: list[object] = []
+
+        async def rejoin(consumer: object) -> None:
+            asked.append(consumer)
+
+        monkeypatch.setattr(agents, "_request_rejoin", rejoin)
+        await service.watch_group()  # first sight: the window starts
+        assert not asked and service.live()[0]
+        await asyncio.sleep(0.6)
+        await service.watch_group()  # still for a window: ask the group
+        assert len(asked) == 1 and service.live()[0]
+        await asyncio.sleep(0.6)
+        await service.watch_group()  # still, a window after asking
+        return asked, service.live()
+
+    asked, (alive, why) = asyncio.run(run())
+    assert len(asked) == 1 and not alive and "taken by no member of the group" in why and settings.topics.uploads in why
