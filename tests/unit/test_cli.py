@@ -85,26 +85,38 @@ UNREACHABLE = {
 }
 
 
-@pytest.mark.parametrize(
-    ("args", "says"),
-    [
-        (["tail", "--idle", "2"], "Kafka at 127.0.0.1:9 unavailable"),
-        (["evaluate", "--idle", "2"], "Kafka at 127.0.0.1:9 unavailable"),
-        (["backfill", "s3://images/dogs/"], "Kafka at 127.0.0.1:9 unavailable"),
-        (["backfill", "s3://images/dogs/", "--dry-run"], "cannot list"),
-        (["reconcile", "s3://images/dogs/", "--dry-run"], "Kafka at 127.0.0.1:9 unavailable"),
-        (["upload", "README.md"], "cannot reach the object store at http://127.0.0.1:9"),
-        pytest.param(["worker"], "Kafka at 127.0.0.1:9 unavailable", marks=pytest.mark.slow),  # imports Faust and torch: 15 s
-        (["classify", "s3://images/dogs/", "--scheduler", "tcp://127.0.0.1:9"], "cannot list"),
-    ],
-)
-def test_every_command_answers_an_unreachable_broker_or_store_with_one_line(args, says):
-    import os
+UNREACHABLE_CASES = [
+    (["tail", "--idle", "2"], "Kafka at 127.0.0.1:9 unavailable"),
+    (["evaluate", "--idle", "2"], "Kafka at 127.0.0.1:9 unavailable"),
+    (["backfill", "s3://images/dogs/"], "Kafka at 127.0.0.1:9 unavailable"),
+    (["backfill", "s3://images/dogs/", "--dry-run"], "cannot list"),
+    (["reconcile", "s3://images/dogs/", "--dry-run"], "Kafka at 127.0.0.1:9 unavailable"),
+    (["upload", "README.md"], "cannot reach the object store at http://127.0.0.1:9"),
+    (["classify", "s3://images/dogs/", "--scheduler", "tcp://127.0.0.1:9"], "cannot list"),
+    (["lag"], "Kafka at 127.0.0.1:9 unavailable"),
+]
 
-    done = visionstream(*args, env=os.environ | UNREACHABLE)
-    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    [line] = [line for line in done.stderr.splitlines() if line.startswith("visionstream: error:")]
-    assert says in line, line
+
+def answers_with_one_line(cases: list[tuple[list[str], str]]) -> None:
+    """Run the commands side by side (each mostly waits: imports, retries), then check each."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda case: visionstream(*case[0], env=os.environ | UNREACHABLE), cases))
+    for (args, says), done in zip(cases, runs, strict=True):
+        assert done.returncode == 1 and "Traceback" not in done.stderr, (args, done.stderr[-2000:])
+        [line] = [line for line in done.stderr.splitlines() if line.startswith("visionstream: error:")]
+        assert says in line, (args, line)
+
+
+def test_every_command_answers_an_unreachable_broker_or_store_with_one_line():
+    answers_with_one_line(UNREACHABLE_CASES)
+
+
+@pytest.mark.slow  # imports Faust and torch: 15 s
+def test_the_worker_answers_an_unreachable_broker_with_one_line():
+    answers_with_one_line([(["worker"], "Kafka at 127.0.0.1:9 unavailable")])
 
 
 def test_a_stale_visionstream_config_is_named_and_stack_does_not_read_it(tmp_path):
