@@ -129,12 +129,12 @@ def classify(sources: str | Iterable[str], **options: Any) -> pandas.DataFrame:
     return to_frame(iter_classify(sources, **options))
 
 
-def to_frame(rows: Iterable[Mapping[str, Any]]) -> pandas.DataFrame:
-    """Rows (``iter_classify``'s) as a DataFrame with ``COLUMNS`` and their dtypes."""
+def to_frame(rows: Iterable[Mapping[str, Any]], columns: Mapping[str, str] = COLUMNS) -> pandas.DataFrame:
+    """Rows (``iter_classify``'s, or any with ``columns``) as a DataFrame with those columns and dtypes."""
     import pandas
 
-    frame = pandas.DataFrame(list(rows), columns=list(COLUMNS))
-    return frame.astype({name: dtype for name, dtype in COLUMNS.items() if dtype != "object"})
+    frame = pandas.DataFrame(list(rows), columns=list(columns))
+    return frame.astype({name: dtype for name, dtype in columns.items() if dtype != "object"})
 
 
 def row(result: ImageResult) -> dict[str, Any]:

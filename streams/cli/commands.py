@@ -8,7 +8,7 @@ import json
 import shlex
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TextIO
 
 from inference.settings import Settings
@@ -156,8 +156,7 @@ def run_lag(args: argparse.Namespace, settings: Settings) -> int:
 
     threshold = args.threshold or default_threshold(settings.batch)
     if threshold < 1:
-        print("visionstream: error: --threshold: 1 or more", file=sys.stderr)
-        return 2
+        return _usage_error("--threshold: 1 or more")
     group = settings.kafka.consumer_group
     lag = asyncio.run(read_lag(settings.kafka, group, [settings.topics.uploads, settings.topics.backfill]))
     if args.json:
@@ -200,8 +199,7 @@ def run_backfill(args: argparse.Namespace, settings: Settings) -> int:
         plan = BackfillPlan.parse(args.uri, args.topic or settings.topics.backfill, rate_per_s=args.rate,
                                   limit=args.limit, start_after=args.start_after, dry_run=args.dry_run)
     except ValueError as exc:
-        print(f"visionstream: error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(str(exc))
     progress = progress_bar("backfill", total=args.limit, unit="ev")
     latest = BackfillProgress()  # where the backfill stands: what an interruption resumes from
 
@@ -229,6 +227,12 @@ def run_backfill(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _usage_error(message: str) -> int:
+    """A command's arguments cannot be used: one line, exit status 2 (as argparse's own)."""
+    print(f"visionstream: error: {message}", file=sys.stderr)
+    return 2
+
+
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -240,12 +244,13 @@ def _positive(text: str) -> float:
 
 
 def _utc_time(text: str) -> datetime:
-    """An ISO 8601 time; one without a zone is UTC."""
-    try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    """An ISO 8601 time; one without a zone is UTC (``events.parse_time``)."""
+    from streams.service.events import parse_time
+
+    moment = parse_time(text)
+    if moment is None:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}")
+    return moment
 
 
 def run_reconcile(args: argparse.Namespace, settings: Settings) -> int:
@@ -257,13 +262,11 @@ def run_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         plan = ReconcilePlan.parse(args.uri, args.topic or settings.topics.backfill, dry_run=args.dry_run,
                                    min_age_s=args.min_age, modified_after=args.modified_after, idle_s=args.idle)
     except ValueError as exc:
-        print(f"visionstream: error: {exc}", file=sys.stderr)
-        return 2
+        return _usage_error(str(exc))
     buckets = allowed_filter(settings.filter, settings.storage.bucket).buckets
     if "*" not in buckets and plan.bucket not in buckets:
-        print(f"visionstream: error: bucket {plan.bucket!r} is not in filter.buckets ({', '.join(buckets)}; "
-              "empty means storage.bucket): the worker would skip what reconcile announces", file=sys.stderr)
-        return 2
+        return _usage_error(f"bucket {plan.bucket!r} is not in filter.buckets ({', '.join(buckets)}; "
+                            "empty means storage.bucket): the worker would skip what reconcile announces")
     progress = progress_bar("reconcile: reading the topics", unit="ev")
 
     def read(count: int) -> None:

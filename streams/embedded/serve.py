@@ -19,14 +19,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import boto3
 import yaml
 
 from inference.model import WeightsSpec
-from inference.settings import Settings
+from inference.settings import Settings, StorageSettings
 from streams.embedded.demo import pretrained_cached
 from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, EmbeddedStack
 from streams.errors import EmbeddedStackError
+from streams.service.uploads import create_bucket
 
 Say = Callable[[str], None]
 
@@ -68,17 +68,13 @@ def serve(settings: Settings, config_path: Path, say: Say, log_dir: Path | None 
     say("starting a Kafka-protocol broker and an S3 server on 127.0.0.1 ...")
     with EmbeddedStack(log_dir=log_dir) as stack:  # Ctrl-C while they start: KeyboardInterrupt stops them
         config = stack_config(settings, stack)
-        storage = config["storage"]
-        client = boto3.client(
-            "s3", endpoint_url=storage["endpoint_url"], region_name=storage["region"],
-            aws_access_key_id=storage["access_key_id"], aws_secret_access_key=storage["secret_access_key"],
-        )
-        client.create_bucket(Bucket=storage["bucket"])
+        storage = StorageSettings(**config["storage"])
+        create_bucket(storage, storage.bucket)
         write_config(config_path, config)
         stop = stop or _stop_on_signals()
         try:
             weights = " (model.weights: none: no pretrained weights in the torch cache, labels are meaningless)" if "model" in config else ""
-            say(f"Kafka {stack.bootstrap_servers}, S3 {storage['endpoint_url']}, bucket {storage['bucket']!r}{weights}")
+            say(f"Kafka {stack.bootstrap_servers}, S3 {storage.endpoint_url}, bucket {storage.bucket!r}{weights}")
             say(f"config written to {config_path}; in another shell:\n\n    export VISIONSTREAM_CONFIG={shlex.quote(str(config_path))}\n"
                 "    visionstream worker\n\nCtrl-C stops the stack.")
             while not stop.wait(0.5):  # short waits: a signal's handler runs between them

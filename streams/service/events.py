@@ -26,10 +26,11 @@ def now_iso() -> str:
 
 
 def parse_time(text: str | None) -> datetime | None:
+    """An ISO 8601 / RFC 3339 time (``Z`` or ``z`` for UTC; no zone means UTC); None if it is not one."""
     if not text:
         return None
     try:
-        parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        parsed = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except (ValueError, TypeError, AttributeError):
         return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)

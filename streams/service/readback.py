@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inference.notebook import COLUMNS
+from inference.notebook import COLUMNS, to_frame
+from inference.results import is_dead_letter, is_prediction
 from inference.settings import load_settings
 from streams.service.events import parse_time
 from streams.service.kafka import read_from_start
@@ -47,7 +48,7 @@ def event_row(event: Mapping[str, Any]) -> dict[str, Any]:
     truth = event.get("ground_truth") or {}
     timings = event.get("timings") or {}
     model = event.get("model") or {}
-    dead = str(event.get("schema", "")).startswith("visionstream.dead-letter")
+    dead = is_dead_letter(event)
     return {
         "uri": event.get("uri"),
         "name": event.get("name") or str(event.get("uri", "")).rsplit("/", 1)[-1],
@@ -95,7 +96,7 @@ def read_predictions(
     event. ``since``: only events published at or after it (a datetime, or ISO 8601; no zone
     means UTC). ``limit``: read at most this many events. ``config``: the YAML settings file
     (security, topic names) as ``--config`` reads it; ``bootstrap_servers`` wins over it."""
-    import pandas
+    import pandas  # noqa: F401 - missing pandas fails here, before the topics are read
 
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit: a whole number of events, 1 or more (got {limit!r})")
@@ -121,9 +122,7 @@ def read_predictions(
 
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="visionstream-read") as thread:
         thread.submit(asyncio.run, read_from_start(settings.kafka, topics, idle_s, take)).result()
-    rows = [event_row(event) for event in latest.values()]
-    frame = pandas.DataFrame(rows, columns=list(EVENT_COLUMNS))
-    return frame.astype({name: dtype for name, dtype in EVENT_COLUMNS.items() if dtype != "object"})
+    return to_frame((event_row(event) for event in latest.values()), EVENT_COLUMNS)
 
 
 def _event(value: bytes | None) -> dict[str, Any] | None:
@@ -134,7 +133,7 @@ def _event(value: bytes | None) -> dict[str, Any] | None:
         return None
     if not isinstance(event, dict) or not isinstance(event.get("uri"), str) or not event["uri"]:
         return None
-    return event if str(event.get("schema", "")).startswith(("visionstream.prediction", "visionstream.dead-letter")) else None
+    return event if is_prediction(event) or is_dead_letter(event) else None
 
 
 def _published(event: Mapping[str, Any]) -> datetime | None:
@@ -145,7 +144,7 @@ def _moment(since: datetime | str | None) -> datetime | None:
     if since is None:
         return None
     if isinstance(since, str):
-        moment = parse_time(since.strip())
+        moment = parse_time(since)
         if moment is None:
             raise ValueError(f"since: an ISO 8601 time or a datetime (got {since!r})")
         return moment

@@ -26,6 +26,7 @@ def test_latency_from_event_time_else_message_timestamp():
     assert latency_ms("2026-11-23T10:00:00Z", None, published) == 1000.0
     assert latency_ms(None, int(datetime(2026, 11, 23, 10, 0, 0, 500000, tzinfo=UTC).timestamp() * 1000), published) == 500.0
     assert latency_ms("garbage", None, published) is None
+    assert latency_ms(" 2026-11-23T10:00:00z", None, published) == latency_ms("2026-11-23T10:00:00", None, published) == 1000.0  # RFC 3339's z; no zone is UTC
 
 
 def test_dead_letter_keeps_the_original_in_readable_form():
