@@ -14,7 +14,9 @@ as the limit too, since lifting it would change what every other Pillow user in 
 from __future__ import annotations
 
 import io
+import math
 import struct
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -47,6 +49,18 @@ DEFAULT_MAX_SCANS = 100
 # Pillow's draft mode (libjpeg's DCT scaling: 1/2, 1/4, 1/8) than in full through decode_jpeg;
 # below it decode_jpeg wins. Measured on this project's CPU (BENCHMARKS.md, "CPU decode").
 DRAFT_MIN_SCALE = 2
+# Each scan of a progressive JPEG is a pass over every block of the picture, so its cost is
+# scans x pixels: a progressive JPEG may have at most this many scans at the pixel limit
+# (proportionally more when smaller, up to max_jpeg_scans). Real encoders write about 10.
+# At the default limit that is about 0.8 s of decoding on one core (AMD EPYC, AVX2: a 4096x4096
+# JPEG of 100 scans, 1.7e9 scan-pixels, took 1.6 s).
+SCANS_AT_PIXEL_LIMIT = 20
+# Pillow decodes PNG, GIF, BMP and baseline JPEG block by block as it reads the encoded bytes:
+# the deadline (``images.decode_timeout_s``) is checked at every read, so a decode past it
+# ends within one block's work (smaller blocks than Pillow's 64 KiB: finer, at no measurable
+# cost). A progressive JPEG's scans, WebP and libtiff-compressed TIFF decode in one call that
+# no deadline stops: the scan and pixel limits bound those.
+DECODE_BLOCK_BYTES = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,14 +107,37 @@ class ImageHeader:
         return min(self.width, self.height) / resize_size
 
 
-def open_image(data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT_MAX_SCANS) -> Image.Image:
+class DecodeOverdue(Exception):
+    """Raised inside Pillow's decode loop, at a read past the deadline; never leaves this module."""
+
+
+class _EncodedBytes(io.BytesIO):
+    """The encoded bytes as Pillow reads them, block by block while it decodes: a read after
+    ``deadline`` (``time.monotonic``) raises DecodeOverdue, which ends the decode there."""
+
+    deadline = math.inf
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.deadline != math.inf and time.monotonic() > self.deadline:
+            raise DecodeOverdue
+        return super().read(size)
+
+
+def open_image(
+    data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT_MAX_SCANS, timeout_s: float | None = None
+) -> Image.Image:
     """``Image.open`` (header only, no pixels decoded) of one of ``ALLOWED_FORMATS``, under our
     limits; ImageDecodeError for empty or unrecognised data, another format, more than
-    ``max_pixels`` pixels (a decompression bomb) or a JPEG of more than ``max_scans`` scans."""
+    ``max_pixels`` pixels (a decompression bomb), a JPEG of more than ``max_scans`` scans, or
+    more scans than ``SCANS_AT_PIXEL_LIMIT`` allow for its size. With ``timeout_s``, the
+    image's ``load()`` raises DecodeOverdue past that many seconds from now."""
     if not data:
         raise ImageDecodeError(uri, "empty object")
+    encoded = _EncodedBytes(data)
+    if timeout_s is not None:
+        encoded.deadline = time.monotonic() + timeout_s
     try:
-        image = Image.open(io.BytesIO(data), formats=_OPENERS)
+        image = Image.open(encoded, formats=_OPENERS)
     except Image.DecompressionBombError as exc:  # over Pillow's own ceiling (2 x MAX_IMAGE_PIXELS)
         raise ImageDecodeError(uri, f"exceeds the limit of Pillow's decompression-bomb guard: {exc}") from exc
     except UnidentifiedImageError as exc:
@@ -116,6 +153,13 @@ def open_image(data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT_
         if scans > max_scans:
             image.close()
             raise ImageDecodeError(uri, f"a JPEG of more than {max_scans} scans (images.max_jpeg_scans): too costly to decode")
+        if scans > 1 and scans * width * height > SCANS_AT_PIXEL_LIMIT * max_pixels:
+            image.close()
+            raise ImageDecodeError(
+                uri, f"a progressive JPEG of {scans} scans over {width}x{height} pixels: too costly to decode (at most {SCANS_AT_PIXEL_LIMIT} scans at images.max_pixels)"
+            )
+    if timeout_s is not None:
+        image.decodermaxblock = DECODE_BLOCK_BYTES
     return image
 
 
@@ -172,14 +216,22 @@ def read_header(data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT
         return ImageHeader(image.format, image.mode, width, height, orientation if orientation in range(1, 9) else 1)
 
 
-def decode(data: bytes, uri: str, max_pixels: int, draft_size: int | None = None, max_scans: int = DEFAULT_MAX_SCANS) -> Image.Image:
+def decode(
+    data: bytes,
+    uri: str,
+    max_pixels: int,
+    draft_size: int | None = None,
+    max_scans: int = DEFAULT_MAX_SCANS,
+    timeout_s: float | None = None,
+) -> Image.Image:
     """Decode bytes into an upright RGB Pillow image, or raise ImageDecodeError.
 
     ``draft_size`` lets JPEG decode at 1/2, 1/4 or 1/8 scale while the short side stays at
     least that large: the resize that follows is then cheaper and nearly identical.
+    ``timeout_s`` bounds the decode (see ``DECODE_BLOCK_BYTES``).
     """
-    image = open_image(data, uri, max_pixels, max_scans)
     try:
+        image = open_image(data, uri, max_pixels, max_scans, timeout_s)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if draft_size and image.format in ("JPEG", "MPO"):
@@ -192,6 +244,8 @@ def decode(data: bytes, uri: str, max_pixels: int, draft_size: int | None = None
             return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from exc
+    except DecodeOverdue:
+        raise ImageDecodeError(uri, f"not decoded within images.decode_timeout_s ({timeout_s:g} s)") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -214,13 +268,20 @@ def as_bytes_tensor(data: bytes) -> Tensor:
 
 
 def decode_crop(
-    data: bytes, uri: str, spec: Preprocessing, max_pixels: int, draft: bool = True, max_scans: int = DEFAULT_MAX_SCANS
+    data: bytes,
+    uri: str,
+    spec: Preprocessing,
+    max_pixels: int,
+    draft: bool = True,
+    max_scans: int = DEFAULT_MAX_SCANS,
+    timeout_s: float | None = None,
 ) -> Tensor:
     """The CPU path: bytes -> upright uint8 crop [3, crop, crop], or ImageDecodeError.
 
     Plain JPEGs decode through torchvision.io (libjpeg-turbo, about twice Pillow's rate with the
     tensor resize), except large ones that Pillow's draft mode decodes at reduced scale; the
-    rest, and any JPEG decode_jpeg refuses, through Pillow, whose errors name what is wrong.
+    rest, and any JPEG decode_jpeg refuses, through Pillow, whose errors name what is wrong,
+    under the deadline ``timeout_s``.
     """
     header = read_header(data, uri, max_pixels, max_scans)
     if header.plain_jpeg and not (draft and header.draft_scale(spec.resize_size) >= DRAFT_MIN_SCALE):
@@ -230,7 +291,7 @@ def decode_crop(
             pass  # corrupt, truncated or unusual: Pillow decides, and says why if it fails too
         else:
             return resize_crop(orient(image, header.orientation), spec)
-    image = decode(data, uri, max_pixels, spec.resize_size if draft else None, max_scans)
+    image = decode(data, uri, max_pixels, spec.resize_size if draft else None, max_scans, timeout_s)
     return resize_crop(F.pil_to_tensor(image), spec)
 
 

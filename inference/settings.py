@@ -122,6 +122,8 @@ class ImageSettings(Section):
     max_pixels: int = Field(40_000_000, gt=0)
     max_bytes: int = Field(50 * 1024 * 1024, gt=0)
     max_jpeg_scans: int = Field(100, ge=1)
+    decode_timeout_s: float = Field(10.0, gt=0)
+    device_batch_max_pixels: int = Field(500_000_000, gt=0)
     draft: bool = True
     decode_threads: int = Field(0, ge=0)
     fetch_concurrency: int = Field(32, ge=1)

@@ -203,8 +203,9 @@ class ResidentModel(WorkerPlugin):
     def _prepare_all(self, uris: list[str], fetched: list[bytes | ImageError]) -> list[torch.Tensor | Failure]:
         """Per image a uint8 crop (on the model's device where it was decoded there) or a Failure.
 
-        With a device decoder, the plain JPEGs decode on the device in one call while the
-        decode pool takes the rest; what the device refuses joins the pool's share."""
+        With a device decoder, the plain JPEGs decode on the device in one call (up to
+        ``images.device_batch_max_pixels`` of them: full-size pictures in device memory) while
+        the decode pool takes the rest; what the device refuses joins the pool's share."""
         if self.device_decoder is None:
             return list(self.decode_pool.map(self._prepare, uris, fetched))
         spec = self.loaded.preprocessing  # type: ignore[union-attr]
@@ -212,6 +213,7 @@ class ResidentModel(WorkerPlugin):
         on_device: list[int] = []
         items: list[tuple[bytes, ImageHeader]] = []
         pending: dict[int, Future[torch.Tensor | Failure]] = {}
+        device_pixels = 0
         for index, (uri, data) in enumerate(zip(uris, fetched, strict=True)):
             if isinstance(data, ImageError):
                 outcomes[index] = Failure(data.stage, data.reason)
@@ -226,7 +228,9 @@ class ResidentModel(WorkerPlugin):
             except Exception as exc:  # noqa: BLE001 - whatever a parser raises, it is this image's alone
                 outcomes[index] = Failure("decode", f"{type(exc).__name__}: {exc}"[:500])
                 continue
-            if device_decodable(header, data):
+            pixels = header.width * header.height
+            if device_decodable(header, data) and device_pixels + pixels <= self.image_settings.device_batch_max_pixels:
+                device_pixels += pixels
                 on_device.append(index)
                 items.append((data, header))
             else:
@@ -255,7 +259,8 @@ class ResidentModel(WorkerPlugin):
             os._exit(70)
         try:
             images = self.image_settings
-            return decode_crop(data, uri, self.loaded.preprocessing, images.max_pixels, images.draft, images.max_jpeg_scans)  # type: ignore[union-attr]
+            spec = self.loaded.preprocessing  # type: ignore[union-attr]
+            return decode_crop(data, uri, spec, images.max_pixels, images.draft, images.max_jpeg_scans, images.decode_timeout_s)
         except ImageError as exc:
             return Failure(exc.stage, exc.reason)
         except (MemoryError, torch.OutOfMemoryError):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from inference.errors import ImageDecodeError
+from inference import images
 from inference.images import ALLOWED_FORMATS, DEFAULT_MAX_SCANS, Preprocessing, decode_crop, jpeg_scans, read_header
 
 SPEC = Preprocessing()
@@ -54,6 +55,65 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_any_decoding():
     with pytest.raises(ImageDecodeError, match="images.max_jpeg_scans"):
         read_header(data, "slow.jpg", 10**8)
     assert decode_crop(with_extra_scans(progressive(), 3), "few.jpg", SPEC, 10**8, max_scans=100).shape == (3, 224, 224)
+
+
+def test_the_larger_a_progressive_jpeg_the_fewer_scans_it_may_have():
+    data = with_extra_scans(progressive(1024, 1024, flat=True), 25)  # about 35 scans in all
+    scans = jpeg_scans(data, DEFAULT_MAX_SCANS)
+    assert images.SCANS_AT_PIXEL_LIMIT < scans < DEFAULT_MAX_SCANS
+    assert decode_crop(data, "small-enough.jpg", SPEC, max_pixels=10**8).shape == (3, 224, 224)
+    with pytest.raises(ImageDecodeError, match=f"progressive JPEG of {scans} scans over 1024x1024 pixels: too costly") as caught:
+        decode_crop(data, "at-the-limit.jpg", SPEC, max_pixels=1024 * 1024)  # at the pixel limit: 20 scans at most
+    assert caught.value.stage == "decode"
+    ordinary = progressive(1024, 1024)
+    assert decode_crop(ordinary, "ordinary.jpg", SPEC, max_pixels=1024 * 1024).shape == (3, 224, 224)
+
+
+class SteppingClock:
+    """time.monotonic for images.py: each call one second later."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.mark.parametrize(("fmt", "options"), [("PNG", {}), ("GIF", {}), ("BMP", {}), ("JPEG", {"quality": 95})])
+def test_a_decode_past_its_deadline_ends_there_as_that_images_failure(fmt, options, monkeypatch):
+    data = encoded(Image.fromarray(np.random.default_rng(3).integers(0, 255, (600, 800, 3), dtype=np.uint8)), fmt, **options)
+    blocks = len(data) // images.DECODE_BLOCK_BYTES
+    assert blocks > 40
+    assert decode_crop(data, f"x.{fmt}", SPEC, 10**8, timeout_s=10.0).shape == (3, 224, 224)  # in time: decoded
+
+    image = images.open_image(data, f"x.{fmt}", 10**8, timeout_s=20.0)
+    started = time.monotonic()
+    clock = SteppingClock(started)
+    monkeypatch.setattr(images.time, "monotonic", clock)  # from here on, a second passes at every read
+    with pytest.raises(images.DecodeOverdue):
+        image.load()
+    reads = clock.now - started
+    assert reads <= 21 < blocks  # stopped at the first read past the deadline, long before the last block
+    monkeypatch.undo()
+
+    with pytest.raises(ImageDecodeError, match=r"not decoded within images.decode_timeout_s \(1e-09 s\)") as caught:
+        decode_crop(data, f"x.{fmt}", SPEC, 10**8, timeout_s=1e-9)
+    assert caught.value.stage == "decode"
+
+
+def test_the_worker_decodes_under_images_decode_timeout_s():
+    from inference.results import Failure
+    from inference.settings import ImageSettings
+
+    plugin = device_path_plugin()
+    plugin.device_decoder = None  # the CPU path
+    big = encoded(Image.fromarray(np.random.default_rng(4).integers(0, 255, (600, 800, 3), dtype=np.uint8)), "PNG")
+    plugin.image_settings = ImageSettings(decode_timeout_s=1e-9)
+    late = plugin._prepare("big.png", big)
+    assert isinstance(late, Failure) and late.stage == "decode" and "images.decode_timeout_s" in late.message
+    plugin.image_settings = ImageSettings()
+    assert plugin._prepare("big.png", big).shape == (3, 224, 224)
 
 
 def test_a_thumbnails_scans_inside_exif_do_not_count():
@@ -172,3 +232,24 @@ def test_the_device_decode_path_gives_each_image_a_crop_or_its_own_failure(fmt, 
     for outcome in outcomes:
         assert isinstance(outcome, Failure) and outcome.stage == "decode" or outcome.shape == (3, 224, 224)
     assert outcomes[0].shape == outcomes[3].shape == (3, 224, 224)  # the good ones never pay for the others
+
+
+def test_the_device_decodes_at_most_its_pixel_budget_per_batch_and_the_cpu_the_rest():
+    from inference.settings import ImageSettings
+
+    plugin = device_path_plugin()
+    on_device: list[int] = []
+    cpu_decoder = plugin.device_decoder
+
+    def counting(encoded_images):
+        on_device.append(len(encoded_images))
+        return cpu_decoder(encoded_images)
+
+    plugin.device_decoder = counting
+    photo = encoded(Image.fromarray(np.random.default_rng(5).integers(0, 255, (300, 400, 3), dtype=np.uint8)), "JPEG")
+    plugin.image_settings = ImageSettings(device_batch_max_pixels=3 * 300 * 400)  # three such pictures
+    outcomes = plugin._prepare_all([f"p{i}.jpg" for i in range(7)], [photo] * 7)
+    assert on_device == [3]
+    assert all(outcome.shape == (3, 224, 224) for outcome in outcomes)
+    reference = decode_crop(photo, "p.jpg", SPEC, 10**8)
+    assert all((outcome.int() - reference.int()).abs().max() <= 1 for outcome in outcomes)
