@@ -10,6 +10,7 @@ import boto3
 import pytest
 import torch
 from distributed import Client
+from PIL import Image
 
 from inference.cluster import InferenceCluster
 from inference.images import decode, preprocess
@@ -209,3 +210,24 @@ def test_the_embedded_clusters_workers_never_write_to_the_clients_stdout(tmp_pat
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == "the client\n" and "printed by a worker" in done.stderr
+
+
+def test_an_image_slow_to_decode_is_its_own_dead_letter_and_the_rest_are_predicted(tmp_path: Path, dask_scheduler: str, dask_env):
+    """A 126 KB PNG that takes about a second to decode (40 megapixels of one colour) among good
+    images, under images.decode_timeout_s 0.3: it alone fails, at its deadline, on the worker."""
+    paths = generate_dataset(tmp_path / "dogs", 12)
+    slow = tmp_path / "dogs" / "Images" / "n02085620-Chihuahua" / "n02085620_slow.png"
+    Image.new("RGB", (8000, 5000), (90, 120, 30)).save(slow, "PNG")
+    output = tmp_path / "out.jsonl"
+    done = visionstream(
+        "classify", str(tmp_path / "dogs"), "--weights", "none", "--model", "resnet18", "--batch-size", "13",
+        "--scheduler", dask_scheduler, "--output", str(output),
+        env={**dask_env, "VISIONSTREAM_IMAGES__DECODE_TIMEOUT_S": "0.3"},
+    )
+    assert done.returncode == 0, done.stderr
+    found = {record["uri"]: record for record in records(output)}
+    assert set(found) == {str(p.resolve()) for p in [*paths, slow]}
+    failed = found.pop(str(slow.resolve()))
+    assert failed["error"]["stage"] == "decode"
+    assert "images.decode_timeout_s (0.3 s)" in failed["error"]["message"]
+    assert all(record["error"] is None and record["prediction"] for record in found.values())
