@@ -25,7 +25,7 @@ STORAGE_READERS = {"visionstream", "dask-worker", "dask-worker-cpu"}
 
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message}, ${NAME:+alt}
 VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}")
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|KEY", re.IGNORECASE)
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|KEY(?!STORE_(?:TYPE|LOCATION))", re.IGNORECASE)  # a keystore's type or path is no secret
 LOOPBACK_HOST = re.compile(r"127\.0\.0\.1|\$\{(?P<variable>[A-Z_]+_BIND_ADDRESS):-127\.0\.0\.1\}")
 OUR_IMAGE = {name for name, service in SERVICES.items() if str(service.get("image", "")).startswith("visionstream:")}
 MUST_RESTART = {"unless-stopped", "always", "on-failure"}
@@ -213,10 +213,86 @@ def test_kafka_publishes_only_its_scram_listener():
     sasl = [name for name, protocol in protocols.items() if protocol in ("SASL_PLAINTEXT", "SASL_SSL")]
     assert sasl, "no SASL listener"
     [listener] = sasl
+    assert protocols[listener] == "SASL_SSL", "passwords are not sent in clear, but everything else would be"
     assert env[f"KAFKA_LISTENER_NAME_{listener}_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
     assert "ScramLoginModule required" in env[f"KAFKA_LISTENER_NAME_{listener}_SCRAM___SHA___512_SASL_JAAS_CONFIG"]
     assert {container for _, _, container in published("kafka")} == {ports[listener]}
     assert f"{listener}://${{STACK_KAFKA_HOST:-localhost}}:{ports[listener]}" in env["KAFKA_ADVERTISED_LISTENERS"]
+
+
+def test_kafkas_outside_listener_serves_a_certificate_made_for_it_with_no_secret_on_a_command_line():
+    env = environment("kafka")
+    prefix = "KAFKA_LISTENER_NAME_EXTERNAL_SSL_KEYSTORE_"
+    assert env[prefix + "TYPE"] == "PKCS12"
+    keystore = env[prefix + "LOCATION"]
+    [password] = variables(env[prefix + "PASSWORD"])
+    assert password["op"] == ":?" and password["name"] == "KAFKA_TLS_KEYSTORE_PASSWORD"
+    maker = SERVICES["kafka-tls-init"]
+    [volume] = [v for v in SERVICES["kafka"]["volumes"] if v.startswith("kafka-tls:")]
+    assert volume == f"kafka-tls:{keystore.rsplit('/', 1)[0]}:ro"  # the broker reads it, never writes it
+    assert f"kafka-tls:{keystore.rsplit('/', 1)[0]}" in maker["volumes"]
+    assert SERVICES["kafka"]["depends_on"]["kafka-tls-init"]["condition"] == "service_completed_successfully"
+    commands = script("kafka-tls-init")
+    assert keystore.rsplit("/", 1)[1] in commands
+    assert "-storepass:env KAFKA_TLS_KEYSTORE_PASSWORD" in commands and "-storepass " not in commands.replace("-storepass:env", "")
+    assert '"SAN=dns:localhost,ip:127.0.0.1,$san"' in commands and "STACK_KAFKA_HOST" in str(maker["environment"]["KAFKA_HOST"])
+    assert "rm -f ca.p12" in commands.split("-gencert")[1]  # the CA's key is gone once it has signed
+    assert "umask 077" in commands
+
+
+@pytest.mark.slow  # seven JVM starts and two RSA keys: about 20 s
+@pytest.mark.skipif(shutil.which("keytool") is None, reason="needs keytool (a JRE), as the apache/kafka image has")
+def test_the_certificate_kafka_tls_init_makes_is_trusted_by_strict_clients_for_the_advertised_host(tmp_path: Path):
+    import socket
+    import ssl
+    import threading
+
+    from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, pkcs12
+
+    commands = SERVICES["kafka-tls-init"]["command"][0].replace("$$", "$").replace("/etc/kafka/secrets", str(tmp_path))
+    env = {**os.environ, "KAFKA_HOST": "broker.example.org", "KAFKA_TLS_KEYSTORE_PASSWORD": "0123abcd"}
+    made = subprocess.run(["bash", "-c", commands], env=env, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.pem", "kafka.p12", "san"]  # no CA key left
+    assert oct((tmp_path / "kafka.p12").stat().st_mode & 0o777) == "0o600"
+    again = subprocess.run(["bash", "-c", commands], env=env, capture_output=True, text=True, timeout=120)
+    assert "keeping the certificate" in again.stdout
+
+    key, cert, chain = pkcs12.load_key_and_certificates((tmp_path / "kafka.p12").read_bytes(), b"0123abcd")
+    pem = tmp_path / "server.pem"
+    pem.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()) + cert.public_bytes(Encoding.PEM))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(pem)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                with server.wrap_socket(connection, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+
+    def handshake(host: str) -> str | None:
+        client = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        client.verify_flags |= ssl.VERIFY_X509_STRICT  # Python 3.13's default
+        try:
+            with socket.create_connection(listener.getsockname()) as raw, client.wrap_socket(raw, server_hostname=host):
+                return None
+        except ssl.SSLCertVerificationError as exc:
+            return exc.verify_message
+
+    try:
+        assert handshake("localhost") is None and handshake("127.0.0.1") is None and handshake("broker.example.org") is None
+        assert "mismatch" in handshake("elsewhere.example.org")
+    finally:
+        listener.close()
 
 
 def test_kafka_init_creates_the_scram_user_from_required_variables():
