@@ -42,7 +42,7 @@ import boto3
 from inference.results import is_dead_letter, is_prediction
 from inference.settings import Settings
 from streams.embedded.samples import generate_dataset
-from inference.worker import KILL_SWITCH_ENV
+from inference.runtime import KILL_SWITCH_ENV
 from streams.embedded.stack import (
     EMBEDDED_BROKER_KAFKA,
     S3_TEST_CREDENTIALS,

@@ -22,7 +22,7 @@ from distributed import Client
 from inference.cluster import embedded_cluster, reaching
 from inference.results import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA
 from inference.settings import ClusterSettings
-from inference.worker import KILL_SWITCH_ENV
+from inference.runtime import KILL_SWITCH_ENV
 from streams.embedded.samples import generate_dataset
 from streams.embedded.stack import S3_TEST_CREDENTIALS, free_port
 from streams.service.events import now_iso

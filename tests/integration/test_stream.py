@@ -48,6 +48,7 @@ def test_150_uploads_give_exactly_150_predictions_in_batches_of_at_most_60(setti
     uris = put_images(settings, tmp_path, 150)  # uploaded before the worker starts: lag is consumed
     worker = start_worker(settings)
     worker.wait_ready()
+    assert "libtorch" not in Path(f"/proc/{worker.process.pid}/maps").read_text()  # the model runs on Dask workers only
     events = collect_events(settings, uris)
     assert uris <= events.keys(), worker.log_tail()
     flat = [event for event in drain_topic(settings, settings.topics.predictions) if event["uri"] in uris]  # late duplicates too

@@ -159,18 +159,18 @@ def test_the_worker_decodes_on_the_gpu_and_falls_back_per_image(tmp_path):
     plugin = ResidentModel(settings, ImageSettings(decode="auto"), StorageSettings(), warmup_batch=8)
     plugin.load(SimpleNamespace(address="tcp://127.0.0.1:1"))
     try:
-        assert plugin.device_decoder is not None and isinstance(plugin.predict.__self__, GraphedModel)
+        assert plugin.runner.device_decoder is not None and isinstance(plugin.runner.predict.__self__, GraphedModel)
         files = {"a.jpg": jpeg(1), "b.jpg": jpeg(2, mode="CMYK"), "c.jpg": jpeg(3)[:-300], "d.jpg": b"text", "e.jpg": jpeg(5, orientation=6), "f.jpg": corrupt(jpeg(6))}
         for name, content in files.items():
             (tmp_path / name).write_bytes(content)
-        results = plugin.classify([str(tmp_path / name) for name in files], r"(?P<wnid>n\d{8})")
+        results = plugin.runner.classify([str(tmp_path / name) for name in files], r"(?P<wnid>n\d{8})")
         # CMYK falls back to the CPU path; truncated and non-images are decode errors. A JPEG whose
         # scan data is corrupt but that ends properly is refused by libjpeg yet decoded by nvJPEG
         # (seen on an H200): on the GPU path it gets a prediction of its damaged pixels.
         assert [r.error.stage if r.error else None for r in results][:5] == [None, None, "decode", "decode", None]
         cpu = ResidentModel(settings.model_copy(update={"device": "cpu", "precision": "fp32"}), ImageSettings(decode="cpu"), StorageSettings())
         cpu.load(SimpleNamespace(address="tcp://127.0.0.1:1"))
-        expected = cpu.classify([str(tmp_path / name) for name in files], r"(?P<wnid>n\d{8})")
+        expected = cpu.runner.classify([str(tmp_path / name) for name in files], r"(?P<wnid>n\d{8})")
         # f.jpg: libjpeg refuses it; nvJPEG may decode it (then it has a prediction) or refuse it too
         assert expected[5].error is not None and expected[5].error.stage == "decode"
         assert results[5].error is None or results[5].error.stage == "decode"

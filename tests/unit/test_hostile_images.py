@@ -188,23 +188,17 @@ def test_random_bytes_under_an_image_name_are_a_decode_failure(data):
 
 
 def device_path_plugin():
-    """A CPU model whose worker takes the device-decode path, the device decoder stubbed at its
+    """A CPU model's runner that takes the device-decode path, the device decoder stubbed at its
     seam by libjpeg-turbo on the CPU (what nvJPEG does on a GPU, less the speed)."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
     from inference.gpu import jpeg_decoder
     from inference.model import load_model
+    from inference.runtime import BatchRunner
     from inference.settings import ImageSettings, ModelSettings, StorageSettings
-    from inference.worker import ResidentModel
 
-    plugin = ResidentModel(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32"), ImageSettings(), StorageSettings())
-    plugin.loaded = load_model(plugin.model_settings)
-    plugin.decode_pool = ThreadPoolExecutor(1)
-    plugin.device_decoder = jpeg_decoder("cpu")
-    plugin.exit_on = None
-    plugin.ready = threading.Event()
-    return plugin
+    settings = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32")
+    runner = BatchRunner(load_model(settings), settings, ImageSettings(), StorageSettings(), "tcp://127.0.0.1:1", torch_threads=1)
+    runner.device_decoder = jpeg_decoder("cpu")
+    return runner
 
 
 DEVICE_PLUGIN = device_path_plugin()

@@ -101,3 +101,20 @@ def test_every_streams_module_sits_in_a_layer(module):
 def test_only_the_entry_point_imports_the_cli():
     importers = {module for module in GRAPH if not inside(module, "streams.cli") and any(inside(n, "streams.cli") for n in edges(module))}
     assert importers <= {"streams.__main__"}, f"{sorted(importers)} import streams.cli"
+
+
+def test_the_stream_worker_and_the_clients_never_import_torch():
+    """A stream worker never runs the model: importing torch would cost each replica about 700 MB
+    and seconds of start-up (measured). Only ``inference.runtime`` (on Dask workers) needs it."""
+    import subprocess
+    import sys
+
+    modules = [
+        "streams.cli.main", "streams.cli.commands", "streams.service.agents", "streams.service.process",
+        "streams.service.app", "streams.service.lag", "streams.service.reconcile", "streams.service.backfill",
+        "inference.cluster", "inference.job", "inference.worker",
+    ]
+    probe = f"import sys, {', '.join(modules)}; print(sorted(m for m in ('torch', 'torchvision', 'PIL') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -13,7 +13,8 @@ from inference.gpu import jpeg_decoder
 from inference.model import load_model
 from inference.results import Failure, ImageResult, Timings
 from inference.settings import ImageSettings, ModelSettings, StorageSettings, TruthSettings
-from inference.worker import ResidentModel, build_result
+from inference.runtime import BatchRunner, build_result
+from inference.worker import ResidentModel
 from streams.embedded.samples import synthetic_photo
 
 MODEL = load_model(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32"))
@@ -76,9 +77,9 @@ def test_a_failed_forward_pass_raises_instead_of_failing_every_image(resident: R
     def out_of_memory(batch: torch.Tensor) -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    resident.predict = out_of_memory
+    resident.runner.predict = out_of_memory
     with pytest.raises(torch.OutOfMemoryError):
-        resident.classify([str(good)], PATTERN)
+        resident.runner.classify([str(good)], PATTERN)
 
 
 def test_bad_images_are_records_and_the_rest_are_classified(resident: ResidentModel, tmp_path: Path):
@@ -86,7 +87,7 @@ def test_bad_images_are_records_and_the_rest_are_classified(resident: ResidentMo
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     uris = [str(tmp_path / name) for name in files] + [str(tmp_path / "missing.jpg")]
-    results = resident.classify(uris, PATTERN)
+    results = resident.runner.classify(uris, PATTERN)
     assert [r.error.stage if r.error else None for r in results] == [None, None, "decode", "decode", "fetch"]
     assert all(len(r.top_k) == 5 for r in results[:2])
     assert results[0].timings.batch_size == 5
@@ -103,19 +104,19 @@ def test_the_device_path_falls_back_per_image_to_the_cpu_path(resident: Resident
         calls.append(len(encoded))
         return decode(encoded)
 
-    resident.device_decoder = recording
+    resident.runner.device_decoder = recording
     data: list[bytes | FetchError] = [
         jpeg(1), _png(), jpeg(2, "L"), corrupt(jpeg(3)), jpeg(4, "CMYK"), FetchError("s3://b/k", "object not found"), jpeg(5), jpeg(6)[:-300],
     ]
     uris = [f"u{i}" for i in range(len(data))]
-    outcomes = resident._prepare_all(uris, data)
+    outcomes = resident.runner._prepare_all(uris, data)
     assert calls == [4, 1, 1, 1, 1]  # the plain, complete JPEGs in one call, then one at a time
     assert [type(o).__name__ for o in outcomes] == ["Tensor", "Tensor", "Tensor", "Failure", "Tensor", "Failure", "Tensor", "Failure"]
     assert outcomes[3].stage == "decode" and "corrupt or truncated" in outcomes[3].message
     assert outcomes[5].stage == "fetch"
     assert outcomes[7].stage == "decode"  # truncated: straight to the CPU path, which says so
-    resident.device_decoder = None
-    cpu_only = resident._prepare_all(uris, data)
+    resident.runner.device_decoder = None
+    cpu_only = resident.runner._prepare_all(uris, data)
     for device_path, cpu_path in zip(outcomes, cpu_only, strict=True):
         if isinstance(device_path, torch.Tensor):
             assert torch.equal(device_path, cpu_path)  # same decoder here, same crops
@@ -148,11 +149,11 @@ def test_a_batch_keeps_its_order_one_bad_image_fails_only_itself_and_the_timings
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     uris = [str(tmp_path / name) for name in names]  # missing.jpg is never written
-    results = resident.classify(uris, PATTERN)
+    results = resident.runner.classify(uris, PATTERN)
     assert [r.uri for r in results] == uris
     assert [r.error.stage if r.error else None for r in results] == [None, "decode", None, "fetch", None]
     for index in (0, 2, 4):  # each good image's record is its own: the same as classified alone
-        [alone] = resident.classify([uris[index]], PATTERN)
+        [alone] = resident.runner.classify([uris[index]], PATTERN)
         assert [p.class_index for p in results[index].top_k] == [p.class_index for p in alone.top_k]
         assert [p.score for p in results[index].top_k] == pytest.approx([p.score for p in alone.top_k], abs=1e-5)
     assert len({tuple(p.score for p in results[i].top_k) for i in (0, 2, 4)}) == 3  # different images, told apart
@@ -231,7 +232,7 @@ def test_a_failed_setup_leaves_no_half_built_model(monkeypatch: pytest.MonkeyPat
     from inference.worker import classify_batch
 
     plugin = ResidentModel(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), warmup_batch=4)
-    monkeypatch.setattr(ResidentModel, "_warm_up", lambda self, model: (_ for _ in ()).throw(RuntimeError("warm-up failed")))
+    monkeypatch.setattr(BatchRunner, "_warm_up", lambda self, model: (_ for _ in ()).throw(RuntimeError("warm-up failed")))
     plugin.model_settings = plugin.model_settings.model_copy(update={"compile": True})  # warm-up runs for compiled models
     with pytest.raises(RuntimeError, match="warm-up failed"):
         asyncio.run(plugin.setup(SimpleNamespace(address="tcp://127.0.0.1:1")))
