@@ -1,0 +1,249 @@
+"""deploy/helm/visionstream, checked offline (no cluster, no helm binary): rendered for each values
+file with Helm's own Go SDK (helm-python-sdk), every built-in object against Kubernetes' schemas
+(kubernetes-validate, strict), every custom resource against its CRD vendored in deploy/crds,
+and the traps of a chart like this one, each rule shown to catch what it names."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is in the test extra")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the test extra")
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "deploy" / "helm" / "visionstream"
+CRDS = REPO / "deploy" / "crds"
+VALUES_FILES = sorted((CHART / "ci").glob("*.yaml"))
+KUBERNETES_VERSIONS = ("1.27.0", "1.37.0")  # Chart.yaml's kubeVersion floor, and the newest schemas we have
+SERVED = set(re.findall(r'@app\.page\("([^"]+)"\)', (REPO / "streams" / "service" / "agents.py").read_text()))
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    chart = helm.Chart.load(str(CHART))
+    manifests = chart.render(values or {}, name="vs", namespace="vision", is_install=True)
+    return [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+
+
+def values_of(path: Path | None) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) if path else {}
+
+
+def closed(schema: Any) -> Any:
+    """A CRD's openAPIV3Schema as the API server's strict field validation applies it: an object
+    that lists its properties takes no others, unless it preserves unknown fields."""
+    if isinstance(schema, dict):
+        schema = {key: closed(value) for key, value in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    return schema
+
+
+def crd_validators() -> dict[tuple[str, str], jsonschema.Draft7Validator]:
+    validators = {}
+    for path in sorted(CRDS.glob("*.yaml")):
+        for crd in yaml.safe_load_all(path.read_text()):
+            group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+            for version in crd["spec"]["versions"]:
+                if version.get("served", True):
+                    schema = closed(version["schema"]["openAPIV3Schema"])
+                    schema["properties"]["metadata"] = {"type": "object"}  # the API server's own, on every object
+                    schema["properties"]["apiVersion"] = {"const": f"{group}/{version['name']}"}
+                    schema["properties"]["kind"] = {"const": kind}
+                    validators[(f"{group}/{version['name']}", kind)] = jsonschema.Draft7Validator(schema)
+    return validators
+
+
+CRD_VALIDATORS = crd_validators()
+
+
+# --- the traps, as rules over rendered objects: each returns what is wrong -----------------------
+
+def keda_metadata_not_strings(docs: list[dict[str, Any]]) -> list[str]:
+    return [
+        f"ScaledObject trigger metadata {key}={value!r} is not a string"
+        for doc in docs if doc["kind"] == "ScaledObject"
+        for trigger in doc["spec"]["triggers"] for key, value in trigger["metadata"].items() if not isinstance(value, str)
+    ]
+
+
+def keda_topic_unset(docs: list[dict[str, Any]]) -> list[str]:
+    return [
+        "a Kafka trigger without a topic scales on every topic of the group"
+        for doc in docs if doc["kind"] == "ScaledObject"
+        for trigger in doc["spec"]["triggers"] if trigger["type"] == "kafka" and not trigger["metadata"].get("topic")
+    ]
+
+
+def replicas_above_partitions(docs: list[dict[str, Any]]) -> list[str]:
+    [config_map] = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    partitions = (yaml.safe_load(config_map["data"]["visionstream.yaml"]).get("topics") or {}).get("partitions", 4)
+    return [
+        f"maxReplicaCount {doc['spec']['maxReplicaCount']} is above the {partitions} input partitions"
+        for doc in docs if doc["kind"] == "ScaledObject" and doc["spec"]["maxReplicaCount"] > partitions
+    ]
+
+
+def probes_not_served(docs: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    for doc in docs:
+        if doc["kind"] != "Deployment":
+            continue
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                path = ((container.get(probe) or {}).get("httpGet") or {}).get("path")
+                if path is not None and path not in SERVED:
+                    problems.append(f"{probe} {path} is not served (the service serves {sorted(SERVED)})")
+    return problems
+
+
+def grace_shorter_than_drain(docs: list[dict[str, Any]]) -> list[str]:
+    [config_map] = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    drain = (yaml.safe_load(config_map["data"]["visionstream.yaml"]).get("worker") or {}).get("shutdown_grace_s", 30.0)
+    needed = math.ceil(drain) + 20  # then the commit and the producer's flush
+    return [
+        f"terminationGracePeriodSeconds {doc['spec']['template']['spec'].get('terminationGracePeriodSeconds', 30)} < the drain {drain} s + 20 s"
+        for doc in docs if doc["kind"] == "Deployment" and doc["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30) < needed
+    ]
+
+
+RULES = (keda_metadata_not_strings, keda_topic_unset, replicas_above_partitions, probes_not_served, grace_shorter_than_drain)
+
+
+# --- every values file -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("values_file", [None, *VALUES_FILES], ids=lambda p: p.stem if p else "defaults")
+def test_the_chart_renders_valid_objects_and_falls_into_no_trap(values_file):
+    docs = render(values_of(values_file))
+    assert {doc["kind"] for doc in docs} >= {"ConfigMap", "Deployment", "Service"}
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        validator = CRD_VALIDATORS.get((doc["apiVersion"], doc["kind"]))
+        if validator is not None:
+            errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+            assert not errors, (name, errors)
+        else:
+            assert "." not in doc["apiVersion"].split("/")[0] or doc["apiVersion"].split("/")[0].endswith("k8s.io"), f"{name}: a custom resource without a vendored CRD"
+            for version in KUBERNETES_VERSIONS:
+                kubernetes_validate.validate(doc, version, strict=True)
+    for rule in RULES:
+        assert rule(docs) == [], rule.__name__
+    assert not any(doc["kind"] == "Secret" for doc in docs)  # secrets are the user's, never the chart's
+
+
+@pytest.mark.parametrize("values_file", [None, *VALUES_FILES], ids=lambda p: p.stem if p else "defaults")
+def test_helm_lint_is_clean(values_file):
+    report = helm.lint(str(CHART), values_of(values_file), strict=True)
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
+
+
+def test_each_trap_rule_catches_what_it_names():
+    docs = render(values_of(CHART / "ci" / "gpu-values.yaml"))
+
+    def broken(change) -> list[dict[str, Any]]:
+        copied = copy.deepcopy(docs)
+        change(copied)
+        return copied
+
+    def of(kind: str, found: list[dict[str, Any]]) -> dict[str, Any]:
+        return next(doc for doc in found if doc["kind"] == kind)
+
+    def number_threshold(found):
+        of("ScaledObject", found)["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 120
+
+    def no_topic(found):
+        del of("ScaledObject", found)["spec"]["triggers"][0]["metadata"]["topic"]
+
+    def too_many(found):
+        of("ScaledObject", found)["spec"]["maxReplicaCount"] = 9
+
+    def wrong_probe(found):
+        of("Deployment", found)["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["path"] = "/healthz"
+
+    def short_grace(found):
+        of("Deployment", found)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 30
+
+    for rule, change in zip(RULES, (number_threshold, no_topic, too_many, wrong_probe, short_grace), strict=True):
+        assert rule(broken(change)), rule.__name__
+
+
+# --- what the objects say ----------------------------------------------------------------------
+
+def test_the_stream_worker_is_probed_drained_and_locked_down():
+    docs = render()
+    deployment = next(doc for doc in docs if doc["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez" and container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert pod["terminationGracePeriodSeconds"] == 30 + 30  # the drain, then the commit and the flush
+    assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"] and not container["securityContext"]["allowPrivilegeEscalation"]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["VISIONSTREAM_CLUSTER__SCHEDULER"]["value"] == "tcp://vs-visionstream-dask-scheduler.vision.svc:8786"
+    assert "replicas" not in deployment["spec"]  # KEDA owns the count
+    pdb = next(doc for doc in docs if doc["kind"] == "PodDisruptionBudget")
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+
+
+def test_the_lag_threshold_is_one_workers_work_in_hand_and_both_topics_trigger():
+    scaled = next(doc for doc in render() if doc["kind"] == "ScaledObject")
+    assert [t["metadata"]["topic"] for t in scaled["spec"]["triggers"]] == ["image-uploads", "image-uploads-backfill"]
+    assert {t["metadata"]["lagThreshold"] for t in scaled["spec"]["triggers"]} == {"120"}  # 60 x max(2, 0)
+    assert scaled["spec"]["minReplicaCount"] == 1 and scaled["spec"]["maxReplicaCount"] == 8
+    wider = next(doc for doc in render({"config": {"batch": {"size": 32, "max_in_flight": 5}}}) if doc["kind"] == "ScaledObject")
+    assert wider["spec"]["triggers"][0]["metadata"]["lagThreshold"] == "160"
+
+
+def test_secrets_come_from_existing_secrets_for_the_worker_keda_and_dask():
+    docs = render(values_of(CHART / "ci" / "gpu-values.yaml"))
+    auth = next(doc for doc in docs if doc["kind"] == "TriggerAuthentication")
+    assert {ref["parameter"] for ref in auth["spec"]["secretTargetRef"]} == {"username", "password", "ca"}
+    scaled = next(doc for doc in docs if doc["kind"] == "ScaledObject")
+    assert {t["metadata"]["sasl"] for t in scaled["spec"]["triggers"]} == {"scram_sha512"}
+    assert {t["metadata"]["tls"] for t in scaled["spec"]["triggers"]} == {"enable"}
+    cluster = next(doc for doc in docs if doc["kind"] == "DaskCluster")
+    [worker] = cluster["spec"]["worker"]["spec"]["containers"]
+    worker_env = {item["name"]: item for item in worker["env"]}
+    assert worker_env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-visionstream"
+    assert worker_env["VISIONSTREAM_LOCAL_WORKERS"]["value"] == "4" and "--nworkers" in worker["args"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    [scheduler] = cluster["spec"]["scheduler"]["spec"]["containers"]
+    assert "env" not in scheduler  # the scheduler runs no task: no storage credentials
+
+
+def test_an_existing_scheduler_replaces_the_dask_cluster():
+    docs = render({"dask": {"scheduler": "tls://gateway.dask:8786"}})
+    assert not any(doc["apiVersion"].startswith("kubernetes.dask.org") for doc in docs)
+    deployment = next(doc for doc in docs if doc["kind"] == "Deployment")
+    env = {item["name"]: item for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["VISIONSTREAM_CLUSTER__SCHEDULER"]["value"] == "tls://gateway.dask:8786"
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"autoscaling": {"maxReplicas": "eight"}}, "maxReplicas"),
+        ({"autoscaling": {"maxReplicas": 12}}, "autoscaling.maxReplicas (12) is above config.topics.partitions (8)"),
+        ({"config": {"kafka": {"sasl_password": "hunter2"}}}, "kafka"),
+        ({"config": {"storage": {"secret_access_key": "x"}}}, "storage"),
+        ({"streamWorker": {"port": 80}}, "port"),
+        ({"dask": {"scheduler": "scheduler:8786"}}, "scheduler"),
+        ({"dask": {"gpu": {"enabled": False}}}, "no Dask worker would run the model"),
+        ({"config": {"kafka": {"security_protocol": "SASL_SSL"}}}, "secrets.kafka.name"),
+        ({"autoscalling": {"enabled": False}}, "autoscalling"),
+    ],
+)
+def test_a_wrong_value_fails_at_install_naming_the_field(values, named):
+    with pytest.raises(helm.HelmError) as caught:
+        render(values)
+    assert named in str(caught.value)
