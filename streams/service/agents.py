@@ -13,7 +13,9 @@ the broker refusing our events) crashes the worker, which exits non-zero for its
 supervisor to restart: the unacknowledged events are then consumed again.
 
 On SIGTERM (``drain``) the worker stops taking events, lets in-flight batches finish and
-publish for up to ``worker.shutdown_grace_s``, commits, and exits 0.
+publish for up to ``worker.shutdown_grace_s``, commits, and exits 0. Before a rebalance
+takes its partitions it does the same, and keeps its partitions meanwhile
+(``streams.service.rebalance``): a group change costs no duplicates when batches finish in time.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from streams.service.metrics import CONTENT_TYPE, StreamMetrics
 from streams.service.processing import AckTracker, BatchHandler, InputMessage
 from streams.service.orphans import Orphan, OrphanWatch, Verdict
 from streams.service.progress import ProgressWatch, Stall
+from streams.service.rebalance import commit_before_revoke
 from streams.service.s3events import allowed_filter
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ class StreamService:
         )
         self.producer: AIOKafkaProducer | None = None
         self.draining = False
+        self.revoking = False  # from a revoke until the next assignment: no batch starts
         self.fatal: BaseException | None = None  # what stops this worker, once: the command's error line
         self._started: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # asyncio keeps only weak references to tasks
@@ -113,6 +117,8 @@ class StreamService:
 
         @app.on_partitions_assigned.connect
         async def on_assigned(app: Any, assigned: set[TP], **kwargs: Any) -> None:
+            commit_before_revoke(self.app.consumer, self.finish_in_flight)  # once; the consumer exists by now
+            self.revoking = False
             self.assigned = {tp for tp in assigned if tp.topic in self.inputs}
             self.acks.assigned(self.app.consumer_generation_id)  # Faust sets it before this signal
             self.progress.assigned(self.assigned, time.monotonic())
@@ -168,14 +174,14 @@ class StreamService:
             now = time.monotonic()
             for event in taken:
                 self.progress.taken(event.message.tp, event.message.offset, now)
-            if self.draining:
-                continue  # left unacknowledged: consumed again after the restart
+            if self.draining or self.revoking:
+                continue  # left unacknowledged: consumed again after the restart or the rebalance
             self.waiting_for_slot[priority] = True
             try:
                 await slots.acquire()  # backpressure: lag stays in Kafka, memory stays flat
             finally:
                 self.waiting_for_slot[priority] = False
-            if self.draining:
+            if self.draining or self.revoking:
                 slots.release()
                 continue
             events = self.admit(taken)
@@ -252,6 +258,17 @@ class StreamService:
         return await asyncio.wait_for(
             self.producer.send_and_wait(topic, value, key=key), timeout=self.settings.kafka.delivery_timeout_s
         )
+
+    async def finish_in_flight(self) -> int:
+        """Before a revoke: start no batch, and wait up to ``worker.shutdown_grace_s`` for those
+        in flight to publish and acknowledge. Returns how many did not finish (they carry on;
+        their events are fenced off and consumed again by the partitions' next owner)."""
+        self.revoking = True
+        tasks = set(self._tasks)
+        if not tasks or self.draining:
+            return 0
+        _, pending = await asyncio.wait(tasks, timeout=self.settings.worker.shutdown_grace_s)
+        return len(pending)
 
     async def drain(self) -> None:
         """Stop taking events, let in-flight batches finish and publish, commit what they acked."""

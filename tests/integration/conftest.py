@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,3 +240,13 @@ def drain_topic(settings, topic: str, idle_s: float = 3.0) -> list[dict[str, Any
         return events
 
     return asyncio.run(run())
+
+
+def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, log: Callable[[], str] = lambda: "") -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{log()}")

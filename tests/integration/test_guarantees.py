@@ -7,10 +7,8 @@ import asyncio
 import json
 import os
 import signal
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
 import boto3
@@ -23,18 +21,8 @@ from streams.service.kafka import start_consumer
 from streams.service.s3events import ObjectRef, object_created_event
 from inference.results import PREDICTION_SCHEMA
 
-from .conftest import collect_events, create_topics, drain_topic, plain_scheduler
+from .conftest import collect_events, create_topics, drain_topic, plain_scheduler, wait_until
 from .test_stream import put_images, send_raw
-
-
-def wait_until(condition: Callable[[], Any], timeout_s: float, what: str, log: Callable[[], str] = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{log()}")
 
 
 def status(url: str) -> int:

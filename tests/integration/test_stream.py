@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import boto3
@@ -20,7 +21,7 @@ from streams.service.s3events import ObjectRef, object_created_event
 from streams.service.uploads import upload_paths
 from inference.results import PREDICTION_SCHEMA
 
-from .conftest import collect_events, create_topics, drain_topic, plain_scheduler
+from .conftest import collect_events, create_topics, drain_topic, plain_scheduler, wait_until
 
 
 def put_images(settings, tmp_path: Path, count: int, prefix: str = "", bad_files: int = 0) -> set[str]:
@@ -210,3 +211,37 @@ def test_a_dask_worker_lost_mid_batch_loses_nothing(settings, bucket, tmp_path, 
         events = collect_events(settings, uris, timeout_s=240)
         assert uris <= events.keys(), worker.log_tail()
         assert all(found[0]["schema"] == PREDICTION_SCHEMA for uri, found in events.items() if uri in uris)
+
+
+@pytest.mark.slow  # about a minute here: `make test-slow` (CI runs both)
+def test_a_join_and_a_graceful_leave_while_batches_run_duplicate_nothing(settings, bucket, tmp_path, start_worker):
+    """Each group change revokes every member's partitions (an eager rebalance). A member first
+    lets its batches in flight finish and commits them (streams.service.rebalance), so neither a
+    joining worker nor one leaving on SIGTERM makes any image be predicted twice."""
+    import threading
+
+    from streams.embedded.stack import free_port
+
+    settings = settings.with_overrides({"batch": {"size": 10, "linger_s": 0.3}, "worker": {"shutdown_grace_s": 60}})
+    create_topics(settings)
+    one = start_worker(settings, "one")
+    one.wait_ready()
+    uris: set[str] = set()
+
+    def upload_rounds() -> None:
+        for round_ in range(8):
+            uris.update(put_images(settings, tmp_path, 30, prefix=f"round-{round_}/"))
+
+    uploads = threading.Thread(target=upload_rounds)
+    uploads.start()
+    wait_until(lambda: one.health()["counters"]["images_classified"] >= 30, 120, "the first batches", one.log_tail)
+    two = start_worker(settings.with_overrides({"worker": {"web_port": free_port(), "data_dir": str(tmp_path / "two-data")}}), "two")
+    two.wait_ready()
+    wait_until(lambda: two.health()["counters"]["images_classified"] >= 10, 120, "the joined worker to classify", two.log_tail)
+    one.stop()  # SIGTERM: a graceful leave, while two has batches running
+    uploads.join()
+    events = collect_events(settings, uris)
+    assert uris <= events.keys(), two.log_tail()
+    predicted = Counter(event["uri"] for event in drain_topic(settings, settings.topics.predictions) if event["uri"] in uris)
+    assert len(predicted) == len(uris) == 240
+    assert [uri for uri, count in predicted.items() if count > 1] == [], (one.log_tail(), two.log_tail())
