@@ -173,7 +173,7 @@ def load_model(settings: ModelSettings, storage: StorageSettings | None = None) 
     module = module.to(device, memory_format=memory_format)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if settings.compile:
+    if settings.compile is True and device.type == "cuda":  # the CPU compiles in the background (inference.compiled)
         module = torch.compile(module)
     categories = reference.meta.get("categories") or []
     classes = ClassTable.imagenet(categories) if len(categories) == 1000 else ClassTable(

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from inference.compiled import compile_in_background, compiles
 from inference.errors import ConfigError, ImageError
 from inference.fetch import fetch_many
 from inference.gpu import Decoder, batch_on, device_crops, device_decodable, jpeg_decoder
@@ -67,6 +68,8 @@ class BatchRunner:
         self.exit_on = os.environ.get(KILL_SWITCH_ENV) or None
         self.device_decoder = _device_decoder(image_settings.decode, model.device)
         self.predict: Callable[[torch.Tensor], torch.Tensor] = model.predict
+        self.graphed = False
+        self.compiling: threading.Thread | None = None  # the background compile, where there is one
         self.streams = threading.local()
 
     @classmethod
@@ -79,16 +82,27 @@ class BatchRunner:
         torch_threads: int,
         warmup_batch: int = 60,
     ) -> BatchRunner:
-        """Build the model and everything a batch needs, warmed up; blocking (seconds to minutes)."""
+        """Build the model and everything a batch needs, warmed up; blocking (seconds to minutes).
+        On the CPU, a compiled forward (``inference.compiled``) is built in the background."""
         model = load_model(model_settings, storage_settings)
         runner = cls(model, model_settings, image_settings, storage_settings, worker_address, torch_threads, warmup_batch)
         try:
-            if model_settings.compile or model.device.type == "cuda":
+            if model.device.type == "cuda":
                 runner._warm_up(model)
         except BaseException:
             runner.close()
             raise
+        if compiles(model_settings.compile, model.device):
+            log.info("model %s runs eagerly while it compiles for batch %d (model.compile: %s)", model.info.name, warmup_batch, model_settings.compile)
+            runner.compiling = compile_in_background(model, warmup_batch, model_settings.compile_cache_dir, runner.use, torch_threads)
+        else:
+            log.info("model %s runs %s on %s at %s", model.info.name, "as a CUDA graph" if runner.graphed else "eagerly", model.device, model.precision)
         return runner
+
+    def use(self, predict: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Run batches through ``predict`` from the next one on (the compiled forward)."""
+        with self.model_lock:
+            self.predict = predict
 
     def close(self) -> None:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -202,14 +216,16 @@ class BatchRunner:
             return Failure("decode", f"{type(exc).__name__}: {exc}")
 
     def _warm_up(self, loaded: LoadedModel) -> None:
-        """Pay start-up costs before the first batch: torch.compile's compilation, or on a GPU
-        cudnn's kernel choice and a CUDA graph for the batch size the stream sends, and one
-        decode through nvJPEG (when it fails, images decode on the CPU instead)."""
+        """On a GPU, pay start-up costs before the first batch: cudnn's kernel choice and a CUDA
+        graph for the batch size the stream sends (or torch.compile's compilation, with
+        ``model.compile: true``), and one decode through nvJPEG (when it fails, images decode on
+        the CPU instead)."""
         torch.set_num_threads(self.torch_threads)
         crop = loaded.preprocessing.crop_size
-        if loaded.device.type == "cuda" and not self.model_settings.compile:
+        if loaded.device.type == "cuda" and self.model_settings.compile is not True:
             try:
                 self.predict = GraphedModel.capture(loaded, self.warmup_batch).predict
+                self.graphed = True
             except Exception:  # noqa: BLE001 - eager is slower, not wrong
                 log.warning("CUDA graph capture failed; running the model eagerly", exc_info=True)
         else:

@@ -114,7 +114,9 @@ class ModelSettings(Section):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
-    compile: bool = False
+    # auto: compiled on CPUs with native bf16, where it pays (inference.compiled); true: on any CPU
+    compile: Annotated[Literal["auto", True, False], BeforeValidator(_auto_or_bool)] = "auto"
+    compile_cache_dir: str | None = None  # inductor's on-disk cache; None: its default
     top_k: int = Field(5, ge=1, le=1000)
 
 

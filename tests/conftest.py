@@ -1,8 +1,16 @@
-"""Shared test helpers: a `gpu` marker that skips without CUDA."""
+"""Shared test helpers: a `gpu` marker that skips without CUDA.
+
+The tests start many short-lived Dask workers; on a CPU with native bf16, ``model.compile: auto``
+would have each of them compile in the background beside the tests (tens of seconds of both
+cores each). The commands they run read this; the compiled path has tests of its own."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+os.environ.setdefault("VISIONSTREAM_MODEL__COMPILE", "false")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -13,7 +13,7 @@ from inference.gpu import jpeg_decoder
 from inference.model import load_model
 from inference.results import Failure, ImageResult, Timings
 from inference.settings import ImageSettings, ModelSettings, StorageSettings, TruthSettings
-from inference.runtime import BatchRunner, build_result
+from inference.runtime import build_result
 from inference.worker import ResidentModel
 from streams.embedded.samples import synthetic_photo
 
@@ -232,9 +232,10 @@ def test_a_failed_setup_leaves_no_half_built_model(monkeypatch: pytest.MonkeyPat
     from inference.worker import classify_batch
 
     plugin = ResidentModel(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), warmup_batch=4)
-    monkeypatch.setattr(BatchRunner, "_warm_up", lambda self, model: (_ for _ in ()).throw(RuntimeError("warm-up failed")))
-    plugin.model_settings = plugin.model_settings.model_copy(update={"compile": True})  # warm-up runs for compiled models
-    with pytest.raises(RuntimeError, match="warm-up failed"):
+    from inference import runtime
+
+    monkeypatch.setattr(runtime, "_device_decoder", lambda mode, device: (_ for _ in ()).throw(RuntimeError("decoder set-up failed")))
+    with pytest.raises(RuntimeError, match="decoder set-up failed"):
         asyncio.run(plugin.setup(SimpleNamespace(address="tcp://127.0.0.1:1")))
     monkeypatch.setattr(worker_module, "get_worker", lambda: SimpleNamespace(plugins={"p": plugin}, address="tcp://127.0.0.1:1"))
     with pytest.raises(ModelNotResident):
