@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import time
 import warnings
@@ -55,12 +56,15 @@ DRAFT_MIN_SCALE = 2
 # At the default limit that is about 0.8 s of decoding on one core (AMD EPYC, AVX2: a 4096x4096
 # JPEG of 100 scans, 1.7e9 scan-pixels, took 1.6 s).
 SCANS_AT_PIXEL_LIMIT = 20
-# Pillow decodes PNG, GIF, BMP and baseline JPEG block by block as it reads the encoded bytes:
-# the deadline (``images.decode_timeout_s``) is checked at every read, so a decode past it
-# ends within one block's work (smaller blocks than Pillow's 64 KiB: finer, at no measurable
-# cost). A progressive JPEG's scans, WebP and libtiff-compressed TIFF decode in one call that
-# no deadline stops: the scan and pixel limits bound those.
+# Pillow parses headers and decodes PNG, GIF, BMP and the JPEGs it takes (large ones in draft
+# mode, CMYK, what decode_jpeg refuses) block by block as it reads the encoded bytes: the
+# deadline (``images.decode_timeout_s``) is checked at every read, so a decode past it ends
+# within one block's work (smaller blocks than Pillow's 64 KiB: finer, at no measurable cost).
+# What decodes in one call that no deadline stops is bounded by the pixel and scan limits
+# instead: JPEGs through decode_jpeg (libjpeg-turbo) or nvJPEG, a progressive JPEG's scans,
+# WebP, libtiff-compressed TIFF.
 DECODE_BLOCK_BYTES = 8192
+_FILL = re.compile(rb"\xff+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,8 +137,9 @@ def open_image(
     image's ``load()`` raises DecodeOverdue past that many seconds from now."""
     if not data:
         raise ImageDecodeError(uri, "empty object")
-    encoded = _EncodedBytes(data)
+    encoded: io.BytesIO = io.BytesIO(data)
     if timeout_s is not None:
+        encoded = _EncodedBytes(data)
         encoded.deadline = time.monotonic() + timeout_s
     try:
         image = Image.open(encoded, formats=_OPENERS)
@@ -167,24 +172,27 @@ def jpeg_scans(data: bytes, limit: int) -> int:
     """How many scans (SOS segments) a JPEG holds, counting no further than ``limit`` + 1. Walks
     the marker segments by their lengths (an EXIF thumbnail's scans inside APP1 do not count)
     and skips each scan's entropy-coded data (where 0xFF is always stuffed or a restart marker).
-    Stops quietly at anything malformed: the decoder reports that. Pure."""
+    Between segments, bytes that are not a marker are skipped up to the next 0xFF, as libjpeg
+    does (it only warns), so junk cannot hide scans from the count; runs of 0xFF fill are skipped
+    at C speed. Stops quietly where the data ends: the decoder reports what is wrong. Pure."""
     size = len(data)
     position, scans = 2, 0  # past SOI
-    while position + 1 < size and scans <= limit:
-        if data[position] != 0xFF:
+    while scans <= limit:
+        position = data.find(b"\xff", position)  # libjpeg's next_marker: junk before it is skipped
+        if position < 0:
             break
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
+        position = _FILL.match(data, position).end()  # past the 0xFF and any fill bytes
+        if position >= size:
+            break
+        marker = data[position]
+        position += 1
         if marker == 0xD9:  # EOI
             break
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # no length
-            position += 2
+        if marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD7:  # no length
             continue
-        if position + 4 > size:
+        if position + 2 > size:
             break
-        end = position + 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        end = position + int.from_bytes(data[position : position + 2], "big")
         if marker != 0xDA:
             position = end
             continue
@@ -192,28 +200,37 @@ def jpeg_scans(data: bytes, limit: int) -> int:
         position = end
         while True:  # the entropy-coded data: up to the next marker that is not stuffing or a restart
             position = data.find(b"\xff", position)
-            if position < 0 or position + 1 >= size:
+            if position < 0:
                 return scans
-            following = data[position + 1]
+            run_end = _FILL.match(data, position).end()
+            if run_end >= size:
+                return scans
+            following = data[run_end]
             if following == 0x00 or 0xD0 <= following <= 0xD7:
-                position += 2
-            elif following == 0xFF:
-                position += 1
+                position = run_end + 1
             else:
+                position = run_end - 1  # the 0xFF that starts the next marker
                 break
     return scans
 
 
-def read_header(data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT_MAX_SCANS) -> ImageHeader:
+def read_header(
+    data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT_MAX_SCANS, timeout_s: float | None = None
+) -> ImageHeader:
     """Format, mode, size and orientation from the header; ImageDecodeError for empty or
-    unrecognised data, or more than ``max_pixels`` pixels (a decompression bomb is refused here)."""
-    with open_image(data, uri, max_pixels, max_scans) as image:
-        try:
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image.format in ("JPEG", "MPO") else 1
-        except (OSError, SyntaxError, ValueError, TypeError) as exc:
-            raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from exc
-        width, height = image.size
-        return ImageHeader(image.format, image.mode, width, height, orientation if orientation in range(1, 9) else 1)
+    unrecognised data, or more than ``max_pixels`` pixels (a decompression bomb is refused here).
+    ``timeout_s`` bounds the parse too (Pillow reads a JPEG's markers byte by byte: megabytes
+    of fill bytes before them would otherwise cost a minute)."""
+    try:
+        with open_image(data, uri, max_pixels, max_scans, timeout_s) as image:
+            try:
+                orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image.format in ("JPEG", "MPO") else 1
+            except (OSError, SyntaxError, ValueError, TypeError) as exc:
+                raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from exc
+            width, height = image.size
+            return ImageHeader(image.format, image.mode, width, height, orientation if orientation in range(1, 9) else 1)
+    except DecodeOverdue:
+        raise ImageDecodeError(uri, f"header not read within images.decode_timeout_s ({timeout_s:g} s)") from None
 
 
 def decode(
@@ -283,7 +300,7 @@ def decode_crop(
     rest, and any JPEG decode_jpeg refuses, through Pillow, whose errors name what is wrong,
     under the deadline ``timeout_s``.
     """
-    header = read_header(data, uri, max_pixels, max_scans)
+    header = read_header(data, uri, max_pixels, max_scans, timeout_s)
     if header.plain_jpeg and not (draft and header.draft_scale(spec.resize_size) >= DRAFT_MIN_SCALE):
         try:
             image = decode_jpeg(as_bytes_tensor(data), mode=ImageReadMode.RGB)

@@ -166,7 +166,8 @@ class BatchRunner:
                 outcomes[index] = Failure(data.stage, data.reason)
                 continue
             try:
-                header = read_header(data, uri, self.image_settings.max_pixels, self.image_settings.max_jpeg_scans)
+                images = self.image_settings
+                header = read_header(data, uri, images.max_pixels, images.max_jpeg_scans, images.decode_timeout_s)
             except ImageError as exc:
                 outcomes[index] = Failure(exc.stage, exc.reason)
                 continue

@@ -116,6 +116,25 @@ def test_the_worker_decodes_under_images_decode_timeout_s():
     assert plugin._prepare("big.png", big).shape == (3, 224, 224)
 
 
+def test_junk_between_segments_hides_no_scan():
+    """libjpeg skips bytes that are not a marker between segments (with a warning) and decodes
+    on: the count does the same, so a junk byte cannot smuggle thousands of scans past it."""
+    data = with_extra_scans(progressive(64, 64, flat=True), 300)
+    app0_end = 4 + int.from_bytes(data[4:6], "big")
+    smuggled = data[:app0_end] + b"\x00junk" + data[app0_end:]
+    assert jpeg_scans(smuggled, DEFAULT_MAX_SCANS) > DEFAULT_MAX_SCANS
+    with pytest.raises(ImageDecodeError, match="more than 100 scans"):
+        decode_crop(smuggled, "smuggled.jpg", SPEC, 10**8)
+    assert jpeg_scans(b"\xff\xd8" + b"\xff" * 1_000_000, DEFAULT_MAX_SCANS) == 0  # fill bytes: no scan, and quick
+
+
+def test_megabytes_of_fill_bytes_before_the_markers_end_at_the_deadline():
+    """Pillow parses a JPEG's markers one byte at a time: 8 MB of 0xFF fill would take seconds
+    (50 MB, a minute) before any pixel; the header read stops at images.decode_timeout_s."""
+    with pytest.raises(ImageDecodeError, match=r"header not read within images.decode_timeout_s \(1e-06 s\)"):
+        read_header(b"\xff\xd8" + b"\xff" * (8 << 20), "fill.jpg", 10**8, timeout_s=1e-6)
+
+
 def test_a_thumbnails_scans_inside_exif_do_not_count():
     thumbnail = encoded(Image.new("RGB", (16, 16), (9, 9, 9)), "JPEG")
     exif = Image.Exif()
