@@ -519,7 +519,7 @@ def _visible_gpus() -> list[str]:
     """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them for a child.
     A Linux host without NVIDIA's driver has none, which is known without importing torch
     (hundreds of MB and seconds, in a process that never runs the model)."""
-    if sys.platform.startswith("linux") and not os.path.isdir("/proc/driver/nvidia"):
+    if sys.platform.startswith("linux") and not os.path.isdir("/proc/driver/nvidia") and not os.path.exists("/dev/dxg"):  # dxg: WSL2's GPU
         return []
     try:
         import torch

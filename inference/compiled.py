@@ -54,8 +54,9 @@ def compiles(setting: str | bool, device: torch.device) -> bool:
 class CompiledModel:
     """``predict`` through one compiled forward for a fixed batch size; padded, chunked."""
 
-    model: LoadedModel
+    model: LoadedModel  # its module compiled
     batch_size: int
+    eager: LoadedModel  # the same model uncompiled: for the shape no batch has (none at all)
 
     @classmethod
     def compile(cls, model: LoadedModel, batch_size: int, cache_dir: str | None = None) -> CompiledModel:
@@ -64,7 +65,7 @@ class CompiledModel:
             os.makedirs(cache_dir, exist_ok=True)
             os.environ[CACHE_ENV] = cache_dir  # inductor reads it when it first needs its cache
         module = torch.compile(model.module, dynamic=False)
-        compiled = cls(dataclasses.replace(model, module=module), batch_size)
+        compiled = cls(dataclasses.replace(model, module=module), batch_size, model)
         crop = model.preprocessing.crop_size
         compiled.predict(torch.zeros(batch_size, 3, crop, crop, dtype=torch.uint8))
         return compiled
@@ -80,7 +81,7 @@ class CompiledModel:
                 chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - rows, *chunk.shape[1:]))])
             outputs.append(self.model.predict(chunk)[:rows])
         if not outputs:
-            return self.model.predict(batch)  # an empty batch: the model's own shape of nothing
+            return self.eager.predict(batch)  # an empty batch: never a compile for shape 0
         return torch.cat(outputs)
 
 

@@ -94,7 +94,8 @@ class ResidentModel(WorkerPlugin):
     @property
     def loaded(self) -> LoadedModel | None:
         """The resident model, once everything a batch needs is ready."""
-        return self.runner.loaded if self.runner is not None else None
+        runner = getattr(self, "runner", None)  # absent on a plugin pickled by an earlier release
+        return runner.loaded if runner is not None else None
 
     def ensure_loaded(self, worker: Worker) -> BatchRunner:
         """The resident model's runner. A batch waits at most ``LOAD_WAIT_S`` for a model still loading
@@ -129,13 +130,13 @@ class ResidentModel(WorkerPlugin):
         from inference.runtime import BatchRunner  # torch and the decoders: only where a model runs
 
         self.storage_settings = with_local_credentials(self.storage_settings)
-        cores = max(1, (os.cpu_count() or 1) // max(1, _local_workers(worker)))  # this worker's share
+        cores = max(1, host_cores() // max(1, _local_workers(worker)))  # this worker's share
         runner = BatchRunner.start(self.model_settings, self.image_settings, self.storage_settings, worker.address, cores, self.warmup_batch)
         self.loads += 1
         self.runner = runner
 
     def teardown(self, worker: Worker) -> None:
-        runner, self.runner = self.runner, None  # absent when setup failed
+        runner, self.runner = getattr(self, "runner", None), None  # absent when setup failed
         if runner is not None:
             runner.close()
 
@@ -226,3 +227,14 @@ def model_health(dask_worker: Worker, name: str) -> dict[str, Any]:
 def _local_workers(worker: Worker) -> int:
     """Workers sharing this machine's cores, so torch threads are not oversubscribed."""
     return int(os.environ.get("VISIONSTREAM_LOCAL_WORKERS", "1") or 1)
+
+
+def host_cores() -> int:
+    """The cores this worker's host (or pod) may use: ``VISIONSTREAM_CPUS`` where set (the Helm
+    chart sets it to the pod's CPU request), else every core the machine has."""
+    given = os.environ.get("VISIONSTREAM_CPUS", "").strip()
+    try:
+        return max(1, int(float(given))) if given else (os.cpu_count() or 1)
+    except ValueError:
+        return os.cpu_count() or 1
+

@@ -8,6 +8,7 @@ from pathlib import Path
 import faust
 
 from inference.settings import KafkaSettings, Settings
+from streams.service.rebalance import REVOKE_COMMIT_MARGIN_S
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -18,6 +19,9 @@ def create_app(settings: Settings) -> faust.App:
         broker_credentials=_credentials(kafka),
         broker_session_timeout=kafka.session_timeout_s,
         broker_heartbeat_interval=kafka.heartbeat_interval_s,
+        # the group waits this long for members to rejoin: above the wait for batches in flight
+        # before a revoke (streams.service.rebalance), so a member finishing them is not evicted
+        broker_rebalance_timeout=max(60.0, worker.shutdown_grace_s + REVOKE_COMMIT_MARGIN_S),
         processing_guarantee="at_least_once",  # exactly_once needs transactions, which not every broker has
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,

@@ -24,6 +24,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_S = 10.0
+REVOKE_COMMIT_MARGIN_S = 3 * COMMIT_TIMEOUT_S  # beyond worker.shutdown_grace_s, in the group's rebalance timeout
 
 
 def commit_before_revoke(consumer: Any, finish_in_flight: Callable[[], Awaitable[int]]) -> None:

@@ -257,8 +257,11 @@ def test_the_certificate_kafka_tls_init_makes_is_trusted_by_strict_clients_for_t
     assert oct((tmp_path / "kafka.p12").stat().st_mode & 0o777) == "0o600"
     again = subprocess.run(["bash", "-c", commands], env=env, capture_output=True, text=True, timeout=120)
     assert "keeping the certificate" in again.stdout
+    rotated = subprocess.run(["bash", "-c", commands], env=env | {"KAFKA_TLS_KEYSTORE_PASSWORD": "4567efgh"}, capture_output=True, text=True, timeout=120)
+    assert "made a certificate" in rotated.stdout  # the broker would not open the old one with the new password
+    env["KAFKA_TLS_KEYSTORE_PASSWORD"] = "4567efgh"
 
-    key, cert, chain = pkcs12.load_key_and_certificates((tmp_path / "kafka.p12").read_bytes(), b"0123abcd")
+    key, cert, chain = pkcs12.load_key_and_certificates((tmp_path / "kafka.p12").read_bytes(), b"4567efgh")
     pem = tmp_path / "server.pem"
     pem.write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()) + cert.public_bytes(Encoding.PEM))
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -247,3 +247,30 @@ def test_a_wrong_value_fails_at_install_naming_the_field(values, named):
     with pytest.raises(helm.HelmError) as caught:
         render(values)
     assert named in str(caught.value)
+
+
+def test_tls_without_sasl_asks_the_secret_only_for_its_ca():
+    docs = render({"config": {"kafka": {"security_protocol": "SSL"}}, "secrets": {"kafka": {"name": "kafka-ca", "caKey": "ca.crt"}}})
+    deployment = next(doc for doc in docs if doc["kind"] == "Deployment")
+    env = {item["name"] for item in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "VISIONSTREAM_KAFKA__SSL_CAFILE" in env and not any("SASL" in name for name in env)
+    auth = next(doc for doc in docs if doc["kind"] == "TriggerAuthentication")
+    assert [ref["parameter"] for ref in auth["spec"]["secretTargetRef"]] == ["ca"]
+
+
+def test_network_policies_never_open_to_everyone_and_let_the_dask_operator_in():
+    docs = render({"networkPolicy": {"enabled": True, "monitoringNamespaces": []}})
+    policies = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "NetworkPolicy"}
+    for policy in policies.values():
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule without sources admits every pod"
+    dask = policies["vs-visionstream-dask"]
+    namespaces = [peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for rule in dask["spec"]["ingress"] for peer in rule["from"] if "namespaceSelector" in peer]
+    assert namespaces == ["dask-operator"]
+
+
+def test_dask_workers_size_their_threads_to_the_pods_cpu_request():
+    cluster = next(doc for doc in render() if doc["kind"] == "DaskCluster")
+    [worker] = cluster["spec"]["worker"]["spec"]["containers"]
+    cpus = next(item for item in worker["env"] if item["name"] == "VISIONSTREAM_CPUS")
+    assert cpus["valueFrom"]["resourceFieldRef"] == {"containerName": "worker", "resource": "requests.cpu", "divisor": "1"}

@@ -97,7 +97,7 @@ def test_a_decode_past_its_deadline_ends_there_as_that_images_failure(fmt, optio
     assert reads <= 21 < blocks  # stopped at the first read past the deadline, long before the last block
     monkeypatch.undo()
 
-    with pytest.raises(ImageDecodeError, match=r"not decoded within images.decode_timeout_s \(1e-09 s\)") as caught:
+    with pytest.raises(ImageDecodeError, match=r"(not decoded|header not read) within images.decode_timeout_s \(1e-09 s\)") as caught:
         decode_crop(data, f"x.{fmt}", SPEC, 10**8, timeout_s=1e-9)
     assert caught.value.stage == "decode"
 

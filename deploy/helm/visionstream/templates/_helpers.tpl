@@ -91,6 +91,9 @@ spec:
       args: [dask, worker, --name, $(DASK_WORKER_NAME), --nworkers, {{ .processes | quote }}, --nthreads, {{ $group.threadsPerProcess | quote }}, --dashboard-address, ":8788"]
       env:
         - {name: VISIONSTREAM_LOCAL_WORKERS, value: {{ .processes | quote }}}
+        # the cores this pod may use, not the node's: each process sizes its threads to its share
+        - name: VISIONSTREAM_CPUS
+          valueFrom: {resourceFieldRef: {containerName: worker, resource: requests.cpu, divisor: "1"}}
         - {name: TORCH_HOME, value: /models/torch}
         {{- if eq .kind "cpu" }}
         - {name: VISIONSTREAM_MODEL__DEVICE, value: cpu}
