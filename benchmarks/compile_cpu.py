@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from benchmarks.reconcile_memory import cpu_name
+from benchmarks.machine import cpu_name
 from inference.compiled import CompiledModel
 from inference.model import cpu_has_native_bf16, load_model
 from inference.settings import ModelSettings

@@ -36,6 +36,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
+from benchmarks.machine import cpu_name
 from inference.images import Preprocessing, as_bytes_tensor, decode, decode_crop, preprocess, read_header, resize_crop
 from streams.embedded.samples import image_size, synthetic_photo
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     workers = [int(w) for w in args.workers.split(",")] if args.workers else _powers(cores)
     data = _load(args.source, args.images)
-    results: dict[str, Any] = {"cores": cores, "cpu": _cpu_name(), "images": len(data), "torch": torch.__version__}
+    results: dict[str, Any] = {"cores": cores, "cpu": cpu_name(), "images": len(data), "torch": torch.__version__}
     if not args.skip_sizes:
         results["per_image_ms"] = by_size(args.repeats)
     results["pools"] = pools(data, workers, args.repeats)
@@ -236,18 +237,6 @@ def table(results: dict[str, Any]) -> str:
 
 def _fmt(row: dict[str, float]) -> str:
     return f"{row['images_per_s']:.0f} ({row['min']:.0f}-{row['max']:.0f})"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

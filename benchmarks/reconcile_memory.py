@@ -1,7 +1,7 @@
 """Memory and time of reconcile's index per million object versions (no broker: the records
 are built here and fed through the same ``account`` the topic reader calls).
 
-    .venv/bin/python benchmarks/reconcile_memory.py --versions 1000000
+    .venv/bin/python -m benchmarks.reconcile_memory --versions 1000000
 
 Prints the CPU, the frozen index's bytes, the peak Python allocation while building it
 (tracemalloc), and records/s. The listing side holds one page (1,000 keys) at a time.
@@ -11,20 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 import tracemalloc
 
+from benchmarks.machine import cpu_name
 from inference.settings import EventSettings, FilterSettings
 from streams.service.reconcile import Accounted, account
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

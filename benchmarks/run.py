@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torchvision
 
+from benchmarks.machine import cpu_name
 from inference.cluster import InferenceCluster, embedded_cluster, reaching
 from inference.evaluation import percentile
 from inference.images import decode_crop
@@ -133,11 +134,10 @@ def say(text: str) -> None:
 
 
 def machine(device: torch.device, precision: str) -> dict[str, Any]:
-    cpu = platform.processor()
+    cpu = cpu_name()
     flags = ""
     if Path("/proc/cpuinfo").exists():
         info = Path("/proc/cpuinfo").read_text()
-        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
         flags = next((line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")), "")
     vector = "AMX" if "amx_bf16" in flags else "AVX-512 bf16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return {

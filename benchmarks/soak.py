@@ -39,6 +39,7 @@ from typing import Any
 
 import boto3
 
+from benchmarks.machine import cpu_name
 from inference.results import is_dead_letter, is_prediction
 from inference.settings import Settings
 from streams.embedded.samples import generate_dataset
@@ -372,11 +373,7 @@ def _kind(change: str) -> str:
 
 
 def _machine() -> str:
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

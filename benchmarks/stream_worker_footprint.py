@@ -1,6 +1,6 @@
 """What one more stream worker costs: its resident memory, and its time from start to /readyz 200.
 
-    .venv/bin/python benchmarks/stream_worker_footprint.py [--starts 3]
+    .venv/bin/python -m benchmarks.stream_worker_footprint [--starts 3]
 
 Runs the embedded broker and S3 server, a standalone Dask scheduler and worker, and starts
 `visionstream worker` (as a replica would start: the model already resident on the Dask
@@ -14,25 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
+from benchmarks.machine import cpu_name
 from inference.settings import Settings
 from streams.embedded.stack import (
     EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port, start_dask_scheduler, start_dask_worker, start_stream_worker,
 )
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def ready(port: int) -> bool:
