@@ -14,7 +14,6 @@ as the limit too, since lifting it would change what every other Pillow user in 
 from __future__ import annotations
 
 import io
-import math
 import re
 import struct
 import time
@@ -112,17 +111,20 @@ class ImageHeader:
 
 
 class DecodeOverdue(Exception):
-    """Raised inside Pillow's decode loop, at a read past the deadline; never leaves this module."""
+    """Raised by a read past the deadline, inside Pillow's parse or decode loop; ``read_header``
+    and ``decode`` turn it into that image's ImageDecodeError."""
 
 
 class _EncodedBytes(io.BytesIO):
     """The encoded bytes as Pillow reads them, block by block while it decodes: a read after
     ``deadline`` (``time.monotonic``) raises DecodeOverdue, which ends the decode there."""
 
-    deadline = math.inf
+    def __init__(self, data: bytes, deadline: float) -> None:
+        super().__init__(data)
+        self.deadline = deadline
 
     def read(self, size: int | None = -1) -> bytes:
-        if self.deadline != math.inf and time.monotonic() > self.deadline:
+        if time.monotonic() > self.deadline:
             raise DecodeOverdue
         return super().read(size)
 
@@ -137,10 +139,7 @@ def open_image(
     image's ``load()`` raises DecodeOverdue past that many seconds from now."""
     if not data:
         raise ImageDecodeError(uri, "empty object")
-    encoded: io.BytesIO = io.BytesIO(data)
-    if timeout_s is not None:
-        encoded = _EncodedBytes(data)
-        encoded.deadline = time.monotonic() + timeout_s
+    encoded = io.BytesIO(data) if timeout_s is None else _EncodedBytes(data, time.monotonic() + timeout_s)
     try:
         image = Image.open(encoded, formats=_OPENERS)
     except Image.DecompressionBombError as exc:  # over Pillow's own ceiling (2 x MAX_IMAGE_PIXELS)

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 KILL_SWITCH_ENV = "VISIONSTREAM_FAULT_EXIT_ON"
 
 
-
 class BatchRunner:
     """One worker's loaded model, with its decode pool, device decoder and forward pass (eager,
     compiled or a CUDA graph); ``classify`` runs one batch. Built by ``start``, ended by ``close``."""
@@ -68,7 +67,6 @@ class BatchRunner:
         self.exit_on = os.environ.get(KILL_SWITCH_ENV) or None
         self.device_decoder = _device_decoder(image_settings.decode, model.device)
         self.predict: Callable[[torch.Tensor], torch.Tensor] = model.predict
-        self.graphed = False
         self.compiling: threading.Thread | None = None  # the background compile, where there is one
         self.streams = threading.local()
 
@@ -96,7 +94,8 @@ class BatchRunner:
             log.info("model %s runs eagerly while it compiles for batch %d (model.compile: %s)", model.info.name, warmup_batch, model_settings.compile)
             runner.compiling = compile_in_background(model, warmup_batch, model_settings.compile_cache_dir, runner.use, torch_threads)
         else:
-            log.info("model %s runs %s on %s at %s", model.info.name, "as a CUDA graph" if runner.graphed else "eagerly", model.device, model.precision)
+            graphed = isinstance(getattr(runner.predict, "__self__", None), GraphedModel)
+            log.info("model %s runs %s on %s at %s", model.info.name, "as a CUDA graph" if graphed else "eagerly", model.device, model.precision)
         return runner
 
     def use(self, predict: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -226,7 +225,6 @@ class BatchRunner:
         if loaded.device.type == "cuda" and self.model_settings.compile is not True:
             try:
                 self.predict = GraphedModel.capture(loaded, self.warmup_batch).predict
-                self.graphed = True
             except Exception:  # noqa: BLE001 - eager is slower, not wrong
                 log.warning("CUDA graph capture failed; running the model eagerly", exc_info=True)
         else:

@@ -264,24 +264,25 @@ class StreamService:
         in flight to publish and acknowledge. Returns how many did not finish (they carry on;
         their events are fenced off and consumed again by the partitions' next owner)."""
         self.revoking = True
+        return 0 if self.draining else len(await self._finish_batches())
+
+    async def _finish_batches(self) -> set[asyncio.Task[None]]:
+        """Wait up to ``worker.shutdown_grace_s`` for the batches in flight; those still running."""
         tasks = set(self._tasks)
-        if not tasks or self.draining:
-            return 0
+        if not tasks:
+            return set()
         _, pending = await asyncio.wait(tasks, timeout=self.settings.worker.shutdown_grace_s)
-        return len(pending)
+        return pending
 
     async def drain(self) -> None:
         """Stop taking events, let in-flight batches finish and publish, commit what they acked."""
         self.draining = True
-        grace = self.settings.worker.shutdown_grace_s
-        tasks = set(self._tasks)
-        log.info("stopping: %d batch(es) in flight, waiting up to %.0f s for them", len(tasks), grace)
-        if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                log.warning("%d batch(es) did not finish within worker.shutdown_grace_s; their events will be consumed again", len(pending))
+        log.info("stopping: %d batch(es) in flight, waiting up to %.0f s for them", len(self._tasks), self.settings.worker.shutdown_grace_s)
+        pending = await self._finish_batches()
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("%d batch(es) did not finish within worker.shutdown_grace_s; their events will be consumed again", len(pending))
         try:
             await asyncio.wait_for(self.app.consumer.commit(), timeout=STOP_STEP_S)
         except Exception as exc:  # noqa: BLE001 - the next owner of the partitions starts from the last commit
