@@ -13,6 +13,10 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     TORCH_HOME=/models/torch
 
+# g++: a CPU worker builds its compiled forward pass once (model.compile, AOTInductor); without a
+# compiler it would stay eager (about 1.4x slower on AVX2, 3x with native bf16)
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 COPY requirements ./requirements
 # torch first (its own layer: gigabytes that change rarely), under the same constraints as the rest
@@ -25,8 +29,9 @@ RUN pip install -c requirements/constraints.txt ".${EXTRAS:+[$EXTRAS]}" \
     && rm -rf build ./*.egg-info
 COPY configs ./configs
 
-RUN useradd --create-home --uid 10001 visionstream && mkdir -p /models/torch /var/lib/visionstream \
-    && chown -R visionstream /models /var/lib/visionstream
+RUN useradd --create-home --uid 10001 visionstream && mkdir -p /models/torch /var/lib/visionstream /var/cache/visionstream \
+    && chown -R visionstream /models /var/lib/visionstream /var/cache/visionstream \
+    && chmod 0700 /var/cache/visionstream
 USER visionstream
 EXPOSE 6066 8786 8787 8788
 CMD ["visionstream", "worker", "--config", "configs/compose.yaml"]

@@ -1,12 +1,14 @@
-"""The CPU forward pass eager and compiled (inference.compiled): images/s, compile time cold and
-from a warm cache, and agreement, in one run on this machine.
+"""The CPU forward pass eager and compiled (inference.compiled): images/s, the package's cold
+build and its load from the cache in a fresh process, and agreement, in one run on this machine.
 
     .venv/bin/python -m benchmarks.compile_cpu [--model resnet50] [--batch 60] [--precision auto]
 
-Each figure is the best of --runs timed batches after one untimed batch. "cold" compiles into
-an empty cache directory; "warm" is a fresh process compiling again from that directory (as a
-restarted worker does). Prints JSON with the CPU named; the model has random weights (nothing
-is downloaded), which changes nothing of the speed.
+Each rate is the best of --runs timed batches after one untimed batch. "cold" builds the package
+into an empty cache directory; "warm" is a fresh process loading it from there and running its
+warm-up batch (as a restarted worker does). At bf16 it also times eager bf16 with the weights cast
+instead of autocast (the compiled package folds autocast's casts into its constants). Prints
+JSON with the CPU named; the model has random weights (nothing is downloaded), which changes
+nothing of the speed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 import torch
 
 from benchmarks.machine import cpu_name
-from inference.compiled import CompiledModel
+from inference.compiled import compiled_model
 from inference.model import cpu_has_native_bf16, load_model
 from inference.settings import ModelSettings
 
@@ -38,16 +40,32 @@ def _timed(predict, batch: torch.Tensor) -> float:
     return time.perf_counter() - began
 
 
-def warm_compile_s(args: argparse.Namespace, cache: str) -> float:
-    """Compile again in a fresh process from the cache the first compile filled."""
+def warm_load_s(args: argparse.Namespace, cache: str) -> float:
+    """Load the package the first build wrote, in a fresh process, up to its warm-up batch done."""
     code = (
-        "import time, torch; from inference.compiled import CompiledModel; from inference.model import load_model; "
+        "import time, torch; from inference.compiled import compiled_model; from inference.model import load_model; "
         "from inference.settings import ModelSettings; torch.set_num_threads(%d); "
         "m = load_model(ModelSettings(name=%r, weights='none', device='cpu', precision=%r, compile=False)); "
-        "t = time.perf_counter(); CompiledModel.compile(m, %d, %r); print(time.perf_counter() - t)"
+        "t = time.perf_counter(); compiled_model(m, %d, %r); print(time.perf_counter() - t)"
     ) % (args.threads, args.model, args.precision_resolved, args.batch, cache)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return round(float(done.stdout.strip().splitlines()[-1]), 1)
+
+
+@torch.inference_mode()
+def weights_cast_rate(model, batch: torch.Tensor, runs: int) -> float:
+    """Eager bf16 with the module's weights cast to bf16 (no autocast): the other eager option."""
+    import copy
+
+    from inference.images import normalize
+
+    module = copy.deepcopy(model.module).to(torch.bfloat16)
+    mean, std = model.mean_std
+
+    def predict(crops: torch.Tensor) -> torch.Tensor:
+        return module(normalize(crops.contiguous(memory_format=torch.channels_last), mean, std).to(torch.bfloat16)).float()
+
+    return rate(predict, batch, runs)
 
 
 def main() -> None:
@@ -63,18 +81,20 @@ def main() -> None:
     args.precision_resolved = model.precision
     batch = torch.randint(0, 255, (args.batch, 3, 224, 224), dtype=torch.uint8)
     eager = rate(model.predict, batch, args.runs)
+    extra = {"eager_bf16_weights_cast_images_per_s": weights_cast_rate(model, batch, args.runs)} if model.precision == "bf16" else {}
     with tempfile.TemporaryDirectory() as cache:
         began = time.perf_counter()
-        fast = CompiledModel.compile(model, args.batch, cache)
+        fast = compiled_model(model, args.batch, cache)
         cold = round(time.perf_counter() - began, 1)
         compiled_rate = rate(fast.predict, batch, args.runs)
-        warm = warm_compile_s(args, cache)
+        warm = warm_load_s(args, cache)
+        size_mb = round(fast.path.stat().st_size / 2**20)
     reference, got = model.predict(batch), fast.predict(batch)
     print(json.dumps({
-        "cpu": cpu_name(), "native_bf16": cpu_has_native_bf16(), "threads": args.threads, "model": args.model,
-        "precision": model.precision, "batch": args.batch,
-        "eager_images_per_s": eager, "compiled_images_per_s": compiled_rate, "speed-up": round(compiled_rate / eager, 2),
-        "compile_cold_s": cold, "compile_warm_cache_s": warm,
+        "cpu": cpu_name(), "native_bf16": cpu_has_native_bf16(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": args.threads, "model": args.model, "precision": model.precision, "batch": args.batch,
+        "eager_images_per_s": eager, **extra, "compiled_images_per_s": compiled_rate, "speed-up": round(compiled_rate / eager, 2),
+        "build_cold_s": cold, "load_warm_s": warm, "package_mb": size_mb,
         "top1_agreement": float((reference.argmax(1) == got.argmax(1)).float().mean()),
         "max_abs_logit_difference": float((reference - got).abs().max()),
     }, indent=2))

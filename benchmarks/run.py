@@ -38,6 +38,7 @@ import torchvision
 
 from benchmarks.machine import cpu_name
 from inference.cluster import InferenceCluster, embedded_cluster, reaching
+from inference.compiled import compiled_model, compiles
 from inference.evaluation import percentile
 from inference.images import decode_crop
 from inference.job import batches_in_flight, classify_all
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=60)
     parser.add_argument("--decode", choices=["auto", "cpu", "gpu"], default=None, help="images.decode for visionstream (default: the setting's)")
     parser.add_argument("--threads-per-worker", type=int, default=None, help="visionstream's cluster (default: cluster.threads_per_worker)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model once per worker")
+    parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto", help="model.compile for visionstream (default auto: compiled on the CPU)")
     parser.add_argument("--skip-tutorial", action="store_true")
     parser.add_argument("--skip-stream", action="store_true")
     parser.add_argument("--paced-s", type=float, default=40.0, help="how long the stream path's paced (latency) phase lasts (default 40)")
@@ -183,8 +184,12 @@ def ceiling(settings: Settings, paths: list[str], runs: int) -> dict[str, Any]:
     rounds = 1 if model.device.type == "cpu" else 20
     out: dict[str, Any] = {"decode_one_core": spread(len(sample), decode_s)}
     forwards = {"eager": model.predict}
-    if model.device.type == "cuda" and not settings.model.compile:
+    if model.device.type == "cuda" and settings.model.compile is not True:
         forwards["cuda_graph"] = GraphedModel.capture(model, size).predict
+    if compiles(settings.model.compile, model.device):  # built here, so the workers load it from the cache
+        package = compiled_model(model, size, settings.model.compile_cache_dir)
+        if package is not None:
+            forwards["compiled"] = package.predict
     for name, predict in forwards.items():
         predict(batch)  # warm-up
         seconds = timed(lambda predict=predict: [predict(batch) for _ in range(rounds)], runs)
@@ -236,6 +241,7 @@ async def classify_runs(settings: Settings, paths: list[str], runs: int) -> tupl
     seconds: list[float] = []
     async with InferenceCluster.from_settings(settings) as cluster:
         await cluster.classify(paths[: settings.batch.size])  # warm-up, untimed: the model is resident from here on
+        await compiled_everywhere(cluster)
         threads = sum((await cluster.threads()).values())
         in_flight = batches_in_flight(settings.batch.max_in_flight, threads)  # what `visionstream classify` uses
         errors = 0
@@ -249,6 +255,21 @@ async def classify_runs(settings: Settings, paths: list[str], runs: int) -> tupl
     result = spread(len(paths), seconds)
     result.update({"errors": errors, "in_flight": in_flight, "task_threads": threads})
     return result, records
+
+
+async def compiled_everywhere(cluster: InferenceCluster, timeout_s: float = 900) -> None:
+    """Wait until no worker's forward pass is still compiling (part of the warm-up: the package is
+    loaded from the cache the ceiling filled, or built)."""
+    from inference.worker import model_health
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        health = await cluster.client.run(model_health, name=cluster.plugin.name)
+        if all(h["forward"] != "compiling" for h in health.values()):
+            say(f"forward pass on the workers: {sorted({str(h['forward']) for h in health.values()})}")
+            return
+        await asyncio.sleep(1)
+    raise TimeoutError(f"the workers were still compiling after {timeout_s:.0f} s")
 
 
 def stage_breakdown(records: list[ImageResult]) -> dict[str, float]:
@@ -392,7 +413,11 @@ def table(results: dict[str, Any]) -> str:
             same = s["classify_same_storage"]
             lines.append(f"| visionstream classify, the same images from the embedded S3 server (stream path: {s['images_per_s'] / same['images_per_s']:.0%} of it) | {_rate(same)} | | | |")
     ceiling_ = results["ceiling"]
-    for key, label in (("model_eager", "ceiling: model alone, uint8 crops from the host"), ("model_cuda_graph", "ceiling: model alone, CUDA graph")):
+    for key, label in (
+        ("model_eager", "ceiling: model alone, uint8 crops from the host"),
+        ("model_compiled", "ceiling: model alone, compiled (AOTInductor package, model.compile)"),
+        ("model_cuda_graph", "ceiling: model alone, CUDA graph"),
+    ):
         if key in ceiling_:
             lines.append(f"| {label} | {_rate(ceiling_[key])} | | {ceiling_[key]['images_per_s'] / ceiling_['model']['images_per_s']:.0%} | |")
     lines.append(f"| decode + resize + crop alone (CPU path), one core | {_rate(ceiling_['decode_one_core'])} | | | |")

@@ -1,71 +1,151 @@
-"""The CPU forward pass compiled once per worker (``torch.compile``, inductor) for one batch shape.
+"""The CPU forward pass compiled ahead of time once (AOTInductor), kept on disk, loaded in a second.
 
-Every batch is padded up to the compiled size (rows past the real ones are dropped; in eval
-mode images do not interact), and a larger one runs in chunks of it, so no batch shape ever
-compiles again: a lingering partial batch would otherwise recompile (tens of seconds) or turn
-the graph dynamic. The CUDA path does the same with its captured graph (``GraphedModel``).
+The forward pass (normalisation, autocast, the model) is exported for one batch shape and
+compiled by inductor with freezing: the weights become constants, batch norms fold into the
+convolutions and oneDNN's prepacked weight layouts are built once, not per call. Every batch is
+padded up to the compiled size (rows past the real ones are dropped; in eval mode images do not
+interact), and a larger one runs in chunks of it, so no batch shape ever compiles again. The
+CUDA path does the same with its captured graph (``GraphedModel``).
 
-A worker serves batches eagerly while this compiles, in a thread of its own (``compile_in_background``), and
-switches between batches once the compiled forward has run a warm-up batch; a compile that
-fails is logged and the worker stays eager. Inductor keeps what it compiled on disk
-(``model.compile_cache_dir``, else inductor's own default under the temp dir), keyed by the
-graph, shapes, dtypes, torch's version and the CPU's instruction set, and written by rename,
-so processes may share the directory; a restarted worker finds it there in seconds. The
-weights are inputs of the compiled graph, not constants in it: one cache entry serves every
-checkpoint of an architecture.
+The result is an AOTInductor package (a ``.pt2``: a shared library and the prepacked weights)
+named by everything it depends on: the model, a digest of its weights, precision, batch size,
+crop, memory format, torch's version and the CPU capability torch dispatches to
+(``package_key``). A worker that finds its package loads it in well under a second; one that
+does not compiles it (a minute or two on a few cores) and writes it by rename, so workers
+sharing ``model.compile_cache_dir`` never read half a file and at worst compile the same
+package twice. A package holds native code that is loaded into the worker, so only a directory
+that no other user can write to is used (``private_dir``).
 
-Measured (benchmarks/compile_cpu.py): on a 2-core AMD EPYC (AVX2, no native bf16), ResNet50 at
-batch 60 in fp32, compiled 1.27x eager for a 42 s cold compile (14 s from a warm cache); on a
-2-core Xeon with AMX, compiled bf16 126 img/s against 39.9 eager bf16 autocast (issue 21's
-figures). So ``model.compile: auto`` compiles on CPUs with native bf16 only.
+A worker serves batches eagerly while its package is built, in a thread of its own
+(``compile_in_background``) at a lower CPU priority, so the eager batches keep their cores; it
+switches between batches once the compiled forward has run a warm-up batch. A compile that
+fails is logged and the worker stays eager.
+
+Why a package and not ``torch.compile``'s own caches: freezing's prepacked weights cannot enter
+inductor's graph cache, so a restarted worker would compile again (32 s); without freezing it
+caches (13 s) but runs a fifth slower. Measured (``benchmarks/compile_cpu.py``, AMD EPYC, AVX2, 2
+cores, ResNet50, batch 60, fp32): eager 7.7-8.4 img/s, ``torch.compile`` 10.0-10.3, with
+freezing 12.0-13.0, this package 11.1-11.3; the package compiles in 70 s and loads in 0.2-0.5 s.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
 import logging
 import os
+import shutil
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
+import torch._inductor.config as inductor_config
+from torch import Tensor, nn
 
-from inference.model import LoadedModel, cpu_has_native_bf16
+from inference.model import LoadedModel
 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+PACKAGE_FORMAT = 1  # bump when what a package holds or how it is built changes
+COMPILE_NICE = 10  # the background compile's CPU priority: it takes what eager batches leave
 
 
 def compiles(setting: str | bool, device: torch.device) -> bool:
-    """Whether the forward pass is compiled on the CPU: ``model.compile`` true, or auto on a CPU
-    with native bf16 (where it pays three times over). On CUDA the captured graph serves instead."""
-    if device.type != "cpu":
-        return False
-    if setting == "auto":
-        return cpu_has_native_bf16()
-    return bool(setting)
+    """Whether the forward pass is compiled on the CPU: ``model.compile`` true or auto (on CUDA
+    the captured graph serves instead). Where no package is cached and no C++ compiler exists,
+    auto stays eager (``compile_in_background`` says so); true tries and logs the failure."""
+    return device.type == "cpu" and setting in ("auto", True)
+
+
+def default_cache_dir() -> str:
+    """Where packages go when ``model.compile_cache_dir`` is unset: per user, under the temp dir."""
+    return os.path.join(tempfile.gettempdir(), f"visionstream-compiled-{os.getuid()}")
+
+
+def package_key(model: LoadedModel, batch_size: int) -> str:
+    """A digest of everything a compiled package depends on. Pure but for reading the weights."""
+    weights = hashlib.sha256()
+    for name, tensor in model.module.state_dict().items():
+        data = tensor.detach().cpu().contiguous().reshape(-1)
+        weights.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        weights.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    mean, std = model.mean_std
+    fields = (
+        PACKAGE_FORMAT, model.info.name, weights.hexdigest(), model.precision, batch_size,
+        model.preprocessing.crop_size, model.channels_last, mean.flatten().tolist(), std.flatten().tolist(),
+        torch.__version__, torch.backends.cpu.get_cpu_capability(),
+    )
+    return hashlib.sha256(repr(fields).encode()).hexdigest()
+
+
+def package_path(model: LoadedModel, batch_size: int, cache_dir: str) -> Path:
+    return Path(cache_dir) / f"{model.info.name}-{model.precision}-b{batch_size}-{package_key(model, batch_size)[:24]}.pt2"
+
+
+class UnsafeCacheDir(Exception):
+    """A cache directory another user could write to: native code from it is never loaded."""
+
+
+def private_dir(path: str) -> Path:
+    """``path``, created 0700 if missing; raises UnsafeCacheDir where another user could plant a
+    package: owned by someone other than this user or root, or writable by everyone."""
+    folder = Path(path)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid not in (os.getuid(), 0) or info.st_mode & stat.S_IWOTH:
+        raise UnsafeCacheDir(f"{folder} is writable by other users (owner uid {info.st_uid}, mode {stat.filemode(info.st_mode)})")
+    return folder
+
+
+class _Forward(nn.Module):
+    """What is exported: ``LoadedModel.forward`` (normalise uint8 crops, autocast, the model)."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        super().__init__()
+        self.model = model
+        self.module = model.module  # registered, so its weights are the program's parameters
+
+    def forward(self, batch: Tensor) -> Tensor:
+        return self.model.forward(batch)
+
+
+def build_package(model: LoadedModel, batch_size: int, path: Path) -> None:
+    """Export, compile with freezing and write the package at ``path`` (by rename)."""
+    crop = model.preprocessing.crop_size
+    example = torch.zeros(batch_size, 3, crop, crop, dtype=torch.uint8)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_native_id()}.pt2")  # the suffix AOTInductor wants
+    try:
+        with torch.no_grad():
+            program = torch.export.export(_Forward(model), (example,))
+            with inductor_config.patch(freezing=True):
+                torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @dataclass
 class CompiledModel:
-    """``predict`` through one compiled forward for a fixed batch size; padded, chunked."""
+    """``predict`` through one compiled package for a fixed batch size; padded, chunked."""
 
-    model: LoadedModel  # its module compiled
+    runner: Callable[..., Any]  # the loaded package: uint8 [batch_size, 3, crop, crop] -> logits
     batch_size: int
-    eager: LoadedModel  # the same model uncompiled: for the shape no batch has (none at all)
+    eager: LoadedModel  # for what the package was not built for: no rows, floats, another crop
+    path: Path
 
     @classmethod
-    def compile(cls, model: LoadedModel, batch_size: int, cache_dir: str | None = None) -> CompiledModel:
-        """Compile and run one warm-up batch (the compilation happens there); raises if it fails."""
-        if cache_dir:
-            os.makedirs(cache_dir, exist_ok=True)
-            os.environ[CACHE_ENV] = cache_dir  # inductor reads it when it first needs its cache
-        module = torch.compile(model.module, dynamic=False)
-        compiled = cls(dataclasses.replace(model, module=module), batch_size, model)
+    def load(cls, model: LoadedModel, batch_size: int, path: Path) -> CompiledModel:
+        """Load the package and run one warm-up batch; raises if either fails."""
+        path_info = path.stat()
+        if path_info.st_uid not in (os.getuid(), 0) or path_info.st_mode & stat.S_IWOTH:
+            raise UnsafeCacheDir(f"{path} is writable by other users")
+        compiled = cls(torch._inductor.aoti_load_package(str(path)), batch_size, model, path)
         crop = model.preprocessing.crop_size
         compiled.predict(torch.zeros(batch_size, 3, crop, crop, dtype=torch.uint8))
         return compiled
@@ -73,16 +153,44 @@ class CompiledModel:
     @torch.inference_mode()
     def predict(self, batch: Tensor) -> Tensor:
         """Float32 logits on the CPU, as ``LoadedModel.predict``, for any number of images."""
+        crop = self.eager.preprocessing.crop_size
+        if not len(batch) or batch.dtype != torch.uint8 or tuple(batch.shape[1:]) != (3, crop, crop):
+            return self.eager.predict(batch)
         outputs = []
         for start in range(0, len(batch), self.batch_size):
             chunk = batch[start : start + self.batch_size]
             rows = len(chunk)
             if rows < self.batch_size:
                 chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - rows, *chunk.shape[1:]))])
-            outputs.append(self.model.predict(chunk)[:rows])
-        if not outputs:
-            return self.eager.predict(batch)  # an empty batch: never a compile for shape 0
+            outputs.append(self.runner(chunk.contiguous())[:rows].float())
         return torch.cat(outputs)
+
+
+def compiled_model(model: LoadedModel, batch_size: int, cache_dir: str | None, compile_setting: str | bool = True) -> CompiledModel | None:
+    """The compiled forward: the cached package, else built now (blocking: a minute or more).
+    None where auto finds neither a package nor a C++ compiler. Raises if building fails."""
+    try:
+        folder = private_dir(cache_dir or default_cache_dir())
+    except (OSError, UnsafeCacheDir) as exc:
+        log.warning("model.compile_cache_dir refused (%s); compiling into a private directory that is not kept", exc)
+        folder = Path(tempfile.mkdtemp(prefix="visionstream-compiled-"))
+    path = package_path(model, batch_size, str(folder))
+    if path.exists():
+        try:
+            return CompiledModel.load(model, batch_size, path)
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign package: build it again
+            log.warning("compiled package %s unusable (%s: %s); compiling it again", path, type(exc).__name__, exc)
+            path.unlink(missing_ok=True)
+    if compile_setting == "auto" and not _cpp_compiler():
+        log.info("model.compile auto: no package cached in %s and no C++ compiler to build one; the model runs eagerly", folder)
+        return None
+    os.environ.setdefault(CACHE_ENV, str(folder / "inductor"))  # inductor's scratch work beside the packages
+    build_package(model, batch_size, path)
+    return CompiledModel.load(model, batch_size, path)
+
+
+def _cpp_compiler() -> str | None:
+    return next((found for name in (os.environ.get("CXX"), "g++", "clang++", "c++") if name and (found := shutil.which(name))), None)
 
 
 def compile_in_background(
@@ -91,24 +199,36 @@ def compile_in_background(
     cache_dir: str | None,
     use: Callable[[Callable[[Tensor], Tensor]], None],
     torch_threads: int,
+    compile_setting: str | bool = True,
 ) -> threading.Thread:
-    """Compile in a background thread; ``use(compiled.predict)`` once it has run its warm-up.
-    A failure is logged and changes nothing (the eager forward keeps serving)."""
+    """Load or build the compiled forward in a background thread at a lower CPU priority, then
+    ``use(compiled.predict)``. A failure is logged and changes nothing (eager keeps serving)."""
 
     def run() -> None:
+        _lower_priority()
         torch.set_num_threads(torch_threads)
         began = time.monotonic()
         try:
-            compiled = CompiledModel.compile(model, batch_size, cache_dir)
+            compiled = compiled_model(model, batch_size, cache_dir, compile_setting)
         except Exception as exc:  # noqa: BLE001 - eager is slower, not wrong
             log.warning("compiling the model failed; it keeps running eagerly: %s: %s", type(exc).__name__, exc)
             return
+        if compiled is None:
+            return
         use(compiled.predict)
         log.info(
-            "model %s now runs compiled (batch %d, %s), after %.0f s of compiling beside eager batches",
-            model.info.name, batch_size, model.precision, time.monotonic() - began,
+            "model %s now runs compiled (batch %d, %s, package %s), %.1f s after it started loading or compiling",
+            model.info.name, batch_size, model.precision, compiled.path, time.monotonic() - began,
         )
 
     thread = threading.Thread(target=run, name="visionstream-compile", daemon=True)
     thread.start()
     return thread
+
+
+def _lower_priority() -> None:
+    """This thread (and the threads and compiler processes it starts) at nice ``COMPILE_NICE``."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), COMPILE_NICE)
+    except (AttributeError, OSError):  # not Linux: the compile shares the CPU evenly
+        pass

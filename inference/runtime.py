@@ -68,6 +68,7 @@ class BatchRunner:
         self.device_decoder = _device_decoder(image_settings.decode, model.device)
         self.predict: Callable[[torch.Tensor], torch.Tensor] = model.predict
         self.compiling: threading.Thread | None = None  # the background compile, where there is one
+        self.closed = False
         self.streams = threading.local()
 
     @classmethod
@@ -91,19 +92,37 @@ class BatchRunner:
             runner.close()
             raise
         if compiles(model_settings.compile, model.device):
-            log.info("model %s runs eagerly while it compiles for batch %d (model.compile: %s)", model.info.name, warmup_batch, model_settings.compile)
-            runner.compiling = compile_in_background(model, warmup_batch, model_settings.compile_cache_dir, runner.use, torch_threads)
+            log.info(
+                "model %s runs eagerly on cpu at %s while its compiled forward for batch %d is loaded or built (model.compile: %s)",
+                model.info.name, model.precision, warmup_batch, model_settings.compile,
+            )
+            runner.compiling = compile_in_background(
+                model, warmup_batch, model_settings.compile_cache_dir, runner.use, torch_threads, model_settings.compile
+            )
         else:
             graphed = isinstance(getattr(runner.predict, "__self__", None), GraphedModel)
             log.info("model %s runs %s on %s at %s", model.info.name, "as a CUDA graph" if graphed else "eagerly", model.device, model.precision)
         return runner
 
+    @property
+    def forward_path(self) -> str:
+        """How batches run now: compiled, compiling (eager until it is), cuda-graph or eager."""
+        owner = getattr(self.predict, "__self__", None)
+        if isinstance(owner, GraphedModel):
+            return "cuda-graph"
+        if owner is not None and owner is not self.loaded:
+            return "compiled"
+        return "compiling" if self.compiling is not None and self.compiling.is_alive() else "eager"
+
     def use(self, predict: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Run batches through ``predict`` from the next one on (the compiled forward)."""
+        """Run batches through ``predict`` from the next one on (the compiled forward); not once closed."""
         with self.model_lock:
-            self.predict = predict
+            if not self.closed:
+                self.predict = predict
 
     def close(self) -> None:
+        """Stop the decode pool; a compile still running finishes on its own and is not used."""
+        self.closed = True  # no lock: a batch in flight may hold it for seconds
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def classify(self, uris: list[str], truth_pattern: str) -> list[ImageResult]:

@@ -114,9 +114,11 @@ class ModelSettings(Section):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
-    # auto: compiled on CPUs with native bf16, where it pays (inference.compiled); true: on any CPU
+    # CPU: compiled ahead of time once per model, weights, precision and batch size (inference.compiled);
+    # auto stays eager, quietly, where no package is cached and no C++ compiler can build one.
+    # CUDA: a captured CUDA graph unless true (torch.compile instead)
     compile: Annotated[Literal["auto", True, False], BeforeValidator(_auto_or_bool)] = "auto"
-    compile_cache_dir: str | None = None  # inductor's on-disk cache; None: its default
+    compile_cache_dir: str | None = None  # where compiled packages are kept; None: <tmp>/visionstream-compiled-<uid>
     top_k: int = Field(5, ge=1, le=1000)
 
 

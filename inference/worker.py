@@ -217,11 +217,18 @@ def plugin_usage(dask_worker: Worker) -> dict[str, tuple[int, float]]:
 
 
 def model_health(dask_worker: Worker, name: str) -> dict[str, Any]:
-    """Run on a worker: whether model plugin ``name`` is loaded there, and why not."""
+    """Run on a worker: whether model plugin ``name`` is loaded there, why not, and how its
+    forward pass runs (``BatchRunner.forward_path``)."""
     plugin = dask_worker.plugins.get(name)
     if plugin is None:
         return {"loaded": False, "reason": "not registered"}
-    return {"loaded": plugin.loaded is not None, "reason": getattr(plugin, "failure", None), "loads": plugin.loads}
+    runner = getattr(plugin, "runner", None)
+    return {
+        "loaded": plugin.loaded is not None,
+        "reason": getattr(plugin, "failure", None),
+        "loads": plugin.loads,
+        "forward": runner.forward_path if runner is not None else None,
+    }
 
 
 def _local_workers(worker: Worker) -> int:

@@ -518,3 +518,15 @@ def test_dask_workers_share_the_host_and_the_gpu_profile_refuses_the_cpu():
         assert environment(service)["VISIONSTREAM_LOCAL_WORKERS"] == "${STACK_WORKERS_PER_HOST:-1}"
         assert environment(service)["AWS_DEFAULT_REGION"] and "AWS_REGION" not in environment(service)
     assert environment("dask-worker")["VISIONSTREAM_MODEL__DEVICE"] == "cuda"
+
+
+def test_cpu_workers_keep_their_compiled_forward_on_a_volume_and_can_build_it():
+    settings = load_settings(REPO / "configs" / "compose.yaml", environ={})
+    cache = settings.model.compile_cache_dir
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in SERVICES["dask-worker-cpu"]["volumes"]}
+    assert cache and any(cache.startswith(path + "/") for path in mounts), (cache, mounts)
+    volume = next(name for path, name in mounts.items() if cache.startswith(path + "/"))
+    assert volume in COMPOSE["volumes"]  # named: kept across restarts, and never the host's /tmp
+    dockerfile = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    assert re.search(r"apt-get install[^\n]* g\+\+", dockerfile), "no C++ compiler: CPU workers would stay eager"
+    assert re.search(r"chmod 0700 [^\n]*/var/cache/visionstream", dockerfile)  # a new volume copies the mode: private
