@@ -6,6 +6,7 @@ is never loaded from a directory other users can write to."""
 import logging
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -27,6 +28,14 @@ def test_auto_and_true_compile_on_the_cpu_only():
 def test_the_setting_reads_auto_and_booleans_from_text():
     assert ModelSettings(compile="auto").compile == "auto"
     assert ModelSettings(compile="true").compile is True and ModelSettings(compile="0").compile is False
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "threads", "chunk"),
+    [(60, 1, 10), (60, 2, 10), (60, 8, 20), (60, 16, 60), (64, 2, 8), (7, 1, 7), (1, 4, 1), (61, 2, 61)],
+)
+def test_the_compiled_chunk_divides_the_batch_and_grows_with_the_threads(batch_size, threads, chunk):
+    assert compiled.compiled_batch(batch_size, threads) == chunk
 
 
 def test_a_package_is_named_by_the_weights_precision_and_batch_it_was_built_for():
@@ -68,6 +77,29 @@ def test_a_damaged_package_is_built_again(monkeypatch, tmp_path, caplog):
     with pytest.raises(RuntimeError, match="no compiler here"):
         compiled_model(model, 4, str(tmp_path))
     assert "unusable" in caplog.text and built and not path.exists()
+
+
+def test_workers_sharing_a_cache_build_a_package_once_and_clear_a_killed_build(monkeypatch, tmp_path):
+    model = load_model(SETTINGS)
+    path = compiled.package_path(model, 4, str(private_dir(str(tmp_path))))
+    killed = path.with_name(f".{path.stem}.999-1.pt2")
+    killed.write_bytes(b"half a package")
+    builds, started = [], threading.Event()
+
+    def slow_build(model, batch_size, target):
+        builds.append(target)
+        started.set()
+        time.sleep(0.5)  # the other worker arrives meanwhile
+        target.write_bytes(b"package")
+
+    monkeypatch.setattr(compiled, "build_package", slow_build)
+    monkeypatch.setattr(compiled.CompiledModel, "load", classmethod(lambda cls, model, batch_size, path: path))
+    first = threading.Thread(target=compiled_model, args=(model, 4, str(tmp_path)))
+    first.start()
+    started.wait(10)
+    assert compiled_model(model, 4, str(tmp_path)) == path  # waited for the first build, then loaded it
+    first.join()
+    assert builds == [path] and not killed.exists()
 
 
 def test_the_background_compile_runs_at_a_lower_cpu_priority(monkeypatch):
