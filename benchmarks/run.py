@@ -189,7 +189,8 @@ def ceiling(settings: Settings, paths: list[str], runs: int) -> dict[str, Any]:
     if model.device.type == "cuda" and settings.model.compile is not True:
         forwards["cuda_graph"] = GraphedModel.capture(model, size).predict
     if compiles(settings.model.compile, model.device):  # built here, so the workers load it from the cache
-        package = compiled_model(model, compiled_batch(size, torch.get_num_threads()), settings.model.compile_cache_dir)
+        # the workers' thread count (one worker per CPU host here): the same chunk and package
+        package = compiled_model(model, compiled_batch(size, torch.get_num_threads()), settings.model.compile_cache_dir, settings.model.compile)
         if package is not None:
             forwards["compiled"] = package.predict
     for name, predict in forwards.items():
@@ -252,7 +253,11 @@ def classify_from_start(settings: Settings, folder: Path, work: Path) -> dict[st
         sys.executable, "-m", "streams", "classify", "--log-level", "WARNING", "--output", str(out), "--weights", model.weights,
         "--precision", model.precision, "--device", model.device, "--batch-size", str(settings.batch.size), str(folder),
     ]
-    environment = os.environ | {"VISIONSTREAM_MODEL__COMPILE": str(model.compile).lower()}
+    environment = os.environ | {  # the cluster shape of the runs it is compared with
+        "VISIONSTREAM_MODEL__COMPILE": str(model.compile).lower(),
+        "VISIONSTREAM_CLUSTER__THREADS_PER_WORKER": str(settings.cluster.threads_per_worker),
+        "VISIONSTREAM_IMAGES__DECODE": settings.images.decode,
+    }
     if model.compile_cache_dir:
         environment["VISIONSTREAM_MODEL__COMPILE_CACHE_DIR"] = model.compile_cache_dir
     began = time.perf_counter()
@@ -290,8 +295,8 @@ async def compiled_everywhere(cluster: InferenceCluster, timeout_s: float = 900)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         health = await cluster.client.run(model_health, name=cluster.plugin.name)
-        if all(h["forward"] != "compiling" for h in health.values()):
-            say(f"forward pass on the workers: {sorted({str(h['forward']) for h in health.values()})}")
+        if health and all(h.get("forward") not in ("compiling", None) for h in health.values()):
+            say(f"forward pass on the workers: {sorted({str(h.get('forward')) for h in health.values()})}")
             return
         await asyncio.sleep(1)
     raise TimeoutError(f"the workers were still compiling after {timeout_s:.0f} s")

@@ -1,31 +1,32 @@
 """The CPU forward pass compiled ahead of time once (AOTInductor), kept on disk, loaded in a second.
 
-The forward pass (normalisation, autocast, the model) is exported for one batch shape and
-compiled by inductor with freezing: the weights become constants, batch norms fold into the
-convolutions and oneDNN's prepacked weight layouts are built once, not per call. Every batch is
-padded up to the compiled size (rows past the real ones are dropped; in eval mode images do not
-interact), and a larger one runs in chunks of it, so no batch shape ever compiles again. The
-CUDA path does the same with its captured graph (``GraphedModel``).
+The forward pass (normalisation, autocast, the model) is exported for one chunk shape
+(``compiled_batch``: a divisor of the batch size sized to the worker's threads) and compiled by
+inductor with freezing: the weights become constants, batch norms fold into the convolutions and
+oneDNN's prepacked weight layouts are built once, not per call. A batch runs as chunks of that
+shape, the last one padded (rows past the real ones are dropped; in eval mode images do not
+interact), so no batch shape ever compiles again and a partial batch pays for one chunk at most.
 
 The result is an AOTInductor package (a ``.pt2``: a shared library and the prepacked weights)
 named by everything it depends on: the model, a digest of its weights, precision, batch size,
 crop, memory format, torch's version and the CPU capability torch dispatches to
-(``package_key``). A worker that finds its package loads it in well under a second; one that
-does not compiles it (a minute or two on a few cores) and writes it by rename, so workers
-sharing ``model.compile_cache_dir`` never read half a file; one builds while the others wait
-on a lock beside the package, then load it. A package holds native code that is loaded into the worker, so only a directory
-that no other user can write to is used (``private_dir``).
+(``package_key``). A worker that finds its package loads it in about a second; one that does
+not builds it (a minute or two on a few cores) and writes it by rename, so workers sharing
+``model.compile_cache_dir`` never read half a file; one builds while the others wait on a lock
+beside the package, then load it. A package is native code loaded into the worker, so only a
+directory that no other user can write to is used (``private_dir``).
 
 A worker serves batches eagerly while its package is built, in a thread of its own
 (``compile_in_background``) at a lower CPU priority, so the eager batches keep their cores; it
-switches between batches once the compiled forward has run a warm-up batch. A compile that
+switches between batches once the compiled forward has run a warm-up chunk. A compile that
 fails is logged and the worker stays eager.
 
 Why a package and not ``torch.compile``'s own caches: freezing's prepacked weights cannot enter
 inductor's graph cache, so a restarted worker would compile again (32 s); without freezing it
 caches (13 s) but runs a fifth slower. Measured (``benchmarks/compile_cpu.py``, AMD EPYC, AVX2, 2
-cores, ResNet50, batch 60, fp32): eager 7.7-8.4 img/s, ``torch.compile`` 10.0-10.3, with
-freezing 12.0-13.0, this package 11.1-11.3; the package compiles in 70 s and loads in 0.2-0.5 s.
+cores, ResNet50, fp32, 60 images): eager 7.6-8.4 img/s, ``torch.compile`` 10.0-10.3, with
+freezing 12.0-13.0, this package 11.8 in chunks of 10 (the same as one chunk of 60); it builds in
+about 50 s and loads, with its warm-up chunk, in 1.5 s.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 PACKAGE_FORMAT = 1  # bump when what a package holds or how it is built changes
 COMPILE_NICE = 10  # the background compile's CPU priority: it takes what eager batches leave
+BUILD_WAIT_S = 1800.0  # the longest a worker waits for another's build of the same package
 
 
 def compiles(setting: str | bool, device: torch.device) -> bool:
@@ -67,14 +69,14 @@ def compiles(setting: str | bool, device: torch.device) -> bool:
 
 def compiled_batch(batch_size: int, torch_threads: int) -> int:
     """The batch shape to compile: the smallest divisor of ``batch_size`` of at least
-    max(8, 2 x torch_threads). A batch runs as chunks of it, the last one padded, so a partial
-    batch (an upload stream at a moderate rate: a few images per linger) pays for at most this
-    many images, not ``batch_size``: on the CPU a forward pass costs in proportion to its images
-    (padded to 60, four images took as long as sixty, and at half the saturated rate the stream
-    path's p50 latency went from under 2 s to 31 s). On 2 AVX2 cores chunks of 12 or 20 ran at
-    the same images/s as one of 60 (benchmarks/compile_cpu.py --batch); more threads want larger
-    chunks to keep each one busy. Pure."""
-    least = max(8, 2 * torch_threads)
+    max(4, torch_threads). A batch runs as chunks of it, the last one padded, so a partial batch
+    (an upload stream at a moderate rate: a few images per linger) pays for at most one chunk, not
+    ``batch_size``: on the CPU a forward pass costs in proportion to its images. Padded to 60, at
+    half the saturated rate the stream path's p50 latency was 31 s; in chunks of 10, 6.5 s. On 2
+    AVX2 cores chunks of 4, 10, 12, 20 and 60 all ran 60 images at 11.6-12.2 img/s
+    (benchmarks/compile_cpu.py --chunk); more threads are given larger chunks to share (not
+    measured). Pure."""
+    least = max(4, torch_threads)
     return next((size for size in range(least, batch_size + 1) if batch_size % size == 0), batch_size)
 
 
@@ -95,8 +97,20 @@ def package_key(model: LoadedModel, batch_size: int) -> str:
         PACKAGE_FORMAT, model.info.name, weights.hexdigest(), model.precision, batch_size,
         model.preprocessing.crop_size, model.channels_last, mean.flatten().tolist(), std.flatten().tolist(),
         torch.__version__, torch.backends.cpu.get_cpu_capability(),
+        torch.get_num_threads(),  # inductor writes the OpenMP thread count into its kernels
+        _cpu_identity(),  # and builds with -march=native: another CPU model may lack an instruction
     )
     return hashlib.sha256(repr(fields).encode()).hexdigest()
+
+
+def _cpu_identity() -> str:
+    """The CPU's model name and feature flags, as /proc/cpuinfo gives them (empty elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "|".join(sorted({line.strip() for line in info.splitlines() if line.split(":", 1)[0].strip() in wanted}))
 
 
 def package_path(model: LoadedModel, batch_size: int, cache_dir: str) -> Path:
@@ -104,18 +118,27 @@ def package_path(model: LoadedModel, batch_size: int, cache_dir: str) -> Path:
 
 
 class UnsafeCacheDir(Exception):
-    """A cache directory another user could write to: native code from it is never loaded."""
+    """A cache directory or package another user could have written: its code is never loaded."""
 
 
 def private_dir(path: str) -> Path:
-    """``path``, created 0700 if missing; raises UnsafeCacheDir where another user could plant a
-    package: owned by someone other than this user or root, or writable by everyone."""
+    """``path``, created 0700 if missing, resolved; raises UnsafeCacheDir unless it is a real
+    directory (not a symlink) owned by this user and writable by nobody else."""
     folder = Path(path)
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = folder.stat()
-    if info.st_uid not in (os.getuid(), 0) or info.st_mode & stat.S_IWOTH:
-        raise UnsafeCacheDir(f"{folder} is writable by other users (owner uid {info.st_uid}, mode {stat.filemode(info.st_mode)})")
-    return folder
+    _check_private(folder)
+    return folder.resolve()
+
+
+def _check_private(path: Path) -> None:
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeCacheDir(f"{path} is a symbolic link")
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise UnsafeCacheDir(
+            f"{path} is owned by uid {info.st_uid} with mode {stat.filemode(info.st_mode)}: it must be this user's "
+            f"(uid {os.getuid()}) and writable by no one else"
+        )
 
 
 class _Forward(nn.Module):
@@ -135,14 +158,21 @@ def build_package(model: LoadedModel, batch_size: int, path: Path) -> None:
     crop = model.preprocessing.crop_size
     example = torch.zeros(batch_size, 3, crop, crop, dtype=torch.uint8)
     partial = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_native_id()}.pt2")  # the suffix AOTInductor wants
+    scratch = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(private_dir(str(path.parent / "inductor")))  # not inductor's default in the shared /tmp
     try:
         with torch.no_grad():
             program = torch.export.export(_Forward(model), (example,))
             with inductor_config.patch(freezing=True):
                 torch._inductor.aoti_compile_and_package(program, package_path=str(partial))
+        partial.chmod(0o600)  # the weights may be private; and nobody else may rewrite native code
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+        if scratch is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = scratch
 
 
 @dataclass
@@ -157,9 +187,7 @@ class CompiledModel:
     @classmethod
     def load(cls, model: LoadedModel, batch_size: int, path: Path) -> CompiledModel:
         """Load the package and run one warm-up batch; raises if either fails."""
-        path_info = path.stat()
-        if path_info.st_uid not in (os.getuid(), 0) or path_info.st_mode & stat.S_IWOTH:
-            raise UnsafeCacheDir(f"{path} is writable by other users")
+        _check_private(path)
         compiled = cls(torch._inductor.aoti_load_package(str(path)), batch_size, model, path)
         crop = model.preprocessing.crop_size
         compiled.predict(torch.zeros(batch_size, 3, crop, crop, dtype=torch.uint8))
@@ -184,25 +212,34 @@ class CompiledModel:
 def compiled_model(model: LoadedModel, batch_size: int, cache_dir: str | None, compile_setting: str | bool = True) -> CompiledModel | None:
     """The compiled forward: the cached package, else built now (blocking: a minute or more).
     None where auto finds neither a package nor a C++ compiler. Raises if building fails."""
+    kept = True
     try:
         folder = private_dir(cache_dir or default_cache_dir())
     except (OSError, UnsafeCacheDir) as exc:
-        log.warning("model.compile_cache_dir refused (%s); compiling into a private directory that is not kept", exc)
-        folder = Path(tempfile.mkdtemp(prefix="visionstream-compiled-"))
+        log.warning("compile cache refused (%s); building into a private directory that is removed once loaded", exc)
+        folder, kept = Path(tempfile.mkdtemp(prefix="visionstream-compiled-")), False
+    try:
+        return _load_or_build(model, batch_size, folder, compile_setting)
+    finally:
+        if not kept:
+            shutil.rmtree(folder, ignore_errors=True)  # loaded: the runner keeps what it needs
+
+
+def _load_or_build(model: LoadedModel, batch_size: int, folder: Path, compile_setting: str | bool) -> CompiledModel | None:
     path = package_path(model, batch_size, str(folder))
+    failed: int | None = None  # the inode of a package that would not load
     if path.exists():
         try:
             return CompiledModel.load(model, batch_size, path)
         except Exception as exc:  # noqa: BLE001 - a damaged or foreign package: build it again
-            log.warning("compiled package %s unusable (%s: %s); compiling it again", path, type(exc).__name__, exc)
-            path.unlink(missing_ok=True)
+            log.warning("compiled package %s unusable (%s: %s); building it again", path, type(exc).__name__, exc)
+            failed = path.lstat().st_ino
     if compile_setting == "auto" and not _cpp_compiler():
         log.info("model.compile auto: no package cached in %s and no C++ compiler to build one; the model runs eagerly", folder)
         return None
     with _building(path):  # workers sharing the directory build a package once: the others wait, then load it
-        if not path.exists():
-            # inductor's scratch work beside the packages (its default is a name in the shared /tmp)
-            os.environ.setdefault(CACHE_ENV, str(folder / "inductor"))
+        if not path.exists() or path.lstat().st_ino == failed:  # not since rebuilt by another worker
+            path.unlink(missing_ok=True)
             for partial in path.parent.glob(f".{path.stem}.*.pt2"):  # left by a build that was killed
                 partial.unlink(missing_ok=True)
             build_package(model, batch_size, path)
@@ -210,10 +247,19 @@ def compiled_model(model: LoadedModel, batch_size: int, cache_dir: str | None, c
 
 
 @contextmanager
-def _building(path: Path) -> Iterator[None]:
-    """An exclusive lock on ``<package>.lock`` (released by the kernel if its holder dies)."""
+def _building(path: Path, timeout_s: float = BUILD_WAIT_S) -> Iterator[None]:
+    """An exclusive lock on ``<package>.lock`` (released by the kernel if its holder dies), waited
+    for at most ``timeout_s``: a build that hangs elsewhere does not hold this worker forever."""
+    deadline = time.monotonic() + timeout_s
     with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process has been building {path.name} for over {timeout_s:.0f} s") from None
+                time.sleep(1.0)
         try:
             yield
         finally:

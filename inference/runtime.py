@@ -107,10 +107,13 @@ class BatchRunner:
 
     @property
     def forward_path(self) -> str:
-        """How batches run now: compiled, compiling (eager until it is), cuda-graph or eager."""
+        """How batches run now: compiled, compiling (eager until it is), cuda-graph, torch-compile
+        (CUDA with ``model.compile: true``) or eager."""
         owner = getattr(self.predict, "__self__", None)
         if isinstance(owner, GraphedModel):
             return "cuda-graph"
+        if self.loaded.device.type == "cuda" and self.model_settings.compile is True:
+            return "torch-compile"
         if owner is not None and owner is not self.loaded:
             return "compiled"
         return "compiling" if self.compiling is not None and self.compiling.is_alive() else "eager"

@@ -32,17 +32,26 @@ def test_the_setting_reads_auto_and_booleans_from_text():
 
 @pytest.mark.parametrize(
     ("batch_size", "threads", "chunk"),
-    [(60, 1, 10), (60, 2, 10), (60, 8, 20), (60, 16, 60), (64, 2, 8), (7, 1, 7), (1, 4, 1), (61, 2, 61)],
+    [(60, 1, 4), (60, 2, 4), (60, 5, 5), (60, 8, 10), (60, 16, 20), (60, 32, 60), (64, 2, 4), (7, 1, 7), (1, 4, 1), (61, 2, 61)],
 )
 def test_the_compiled_chunk_divides_the_batch_and_grows_with_the_threads(batch_size, threads, chunk):
     assert compiled.compiled_batch(batch_size, threads) == chunk
 
 
-def test_a_package_is_named_by_the_weights_precision_and_batch_it_was_built_for():
+def test_a_package_is_named_by_the_weights_precision_batch_threads_and_cpu_it_was_built_for(monkeypatch):
     model = load_model(SETTINGS)
     key = package_key(model, 60)
     assert package_key(model, 60) == key  # stable: a restarted worker finds its package
     assert package_key(model, 30) != key
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)  # inductor writes the thread count into its kernels
+        assert package_key(model, 60) != key
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(compiled, "_cpu_identity", lambda: "model name : another CPU")
+    assert package_key(model, 60) != key
+    monkeypatch.undo()
     assert package_key(load_model(SETTINGS.model_copy(update={"precision": "bf16"})), 60) != key
     assert package_key(load_model(SETTINGS.model_copy(update={"seed": 1})), 60) != key  # other weights
     with torch.no_grad():
@@ -50,14 +59,42 @@ def test_a_package_is_named_by_the_weights_precision_and_batch_it_was_built_for(
     assert package_key(model, 60) != key
 
 
-def test_a_cache_dir_others_can_write_to_is_refused(tmp_path):
+def test_a_cache_dir_others_can_write_to_or_redirect_is_refused(tmp_path):
     made = private_dir(str(tmp_path / "new" / "cache"))
     assert made.is_dir() and (made.stat().st_mode & 0o777) == 0o700
+    for mode in (0o777, 0o770, 0o720):
+        shared = tmp_path / f"shared-{mode:o}"
+        shared.mkdir()
+        shared.chmod(mode)
+        with pytest.raises(UnsafeCacheDir, match="writable by no one else"):
+            private_dir(str(shared))
+    (tmp_path / "link").symlink_to(made)  # could be pointed elsewhere after the check
+    with pytest.raises(UnsafeCacheDir, match="symbolic link"):
+        private_dir(str(tmp_path / "link"))
+
+
+def test_a_refused_cache_dir_builds_in_a_private_one_that_is_removed_once_loaded(monkeypatch, tmp_path, caplog):
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    with pytest.raises(UnsafeCacheDir, match="writable by other users"):
-        private_dir(str(shared))
+    monkeypatch.setattr(compiled, "build_package", lambda model, batch_size, target: target.write_bytes(b"package"))
+    monkeypatch.setattr(compiled.CompiledModel, "load", classmethod(lambda cls, model, batch_size, path: path))
+    built = compiled_model(load_model(SETTINGS), 4, str(shared))
+    assert built.parent != shared and not built.parent.exists()  # built, loaded, and not left behind
+    assert not any(shared.iterdir()) and "compile cache refused" in caplog.text
+
+
+def test_a_package_others_could_have_written_is_not_loaded(monkeypatch, tmp_path, caplog):
+    model = load_model(SETTINGS)
+    path = compiled.package_path(model, 4, str(private_dir(str(tmp_path))))
+    path.write_bytes(b"native code")
+    path.chmod(0o666)
+    loaded = []
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *args: loaded.append(args))
+    monkeypatch.setattr(compiled, "build_package", _must_not_build)
+    with pytest.raises(RuntimeError, match="no compiler here"):
+        compiled_model(model, 4, str(tmp_path))
+    assert not loaded and "unusable (UnsafeCacheDir" in caplog.text
 
 
 def test_auto_without_a_cached_package_or_a_compiler_stays_eager(monkeypatch, tmp_path, caplog):
