@@ -1,17 +1,11 @@
 """The CPU forward pass compiled ahead of time once (AOTInductor), kept on disk, loaded in a second.
 
-The forward pass (normalisation, autocast, the model) is exported for one batch shape,
-``batch.size``, and compiled by inductor with freezing: the weights become constants, batch
-norms fold into the convolutions and oneDNN's prepacked weight layouts are built once, not per
-call. A larger batch runs in chunks of that size. A partial one is padded up to it (rows past
-the real ones are dropped; in eval mode images do not interact), unless it is so short that the
-eager model is quicker (``CompiledModel.eager_below``, measured when the package loads): on a CPU
-a forward pass costs in proportion to its images, so four images padded to sixty cost sixty's
-time, and an upload stream at a moderate rate sends a few images per linger. So no batch shape
-ever compiles again. Measured (benchmarks/run.py, AMD EPYC, AVX2, 2 cores, 600 images, the same
-day): padded to 60, `classify` at 89 % of the compiled ceiling, but the stream path's p50
-latency at half its saturated rate 31 s; compiled in chunks of 4, 1.8 s, but `classify` at 72 %
-(the worker's forward pass ran at 76 % of its speed alone against 96 % in one call of 60).
+The forward pass (normalisation, autocast, the model) is exported for one chunk shape
+(``compiled_batch``: a divisor of the batch size sized to the worker's threads) and compiled by
+inductor with freezing: the weights become constants, batch norms fold into the convolutions and
+oneDNN's prepacked weight layouts are built once, not per call. A batch runs as chunks of that
+shape, the last one padded (rows past the real ones are dropped; in eval mode images do not
+interact), so no batch shape ever compiles again and a partial batch pays for one chunk at most.
 
 The result is an AOTInductor package (a ``.pt2``: a shared library and the prepacked weights)
 named by everything it depends on: the model, a digest of its weights, precision, batch size,
@@ -63,7 +57,6 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 PACKAGE_FORMAT = 1  # bump when what a package holds or how it is built changes
 COMPILE_NICE = 10  # the background compile's CPU priority: it takes what eager batches leave
-EAGER_PROBE_ROWS = 4  # the eager model is timed on this many rows when a package loads
 BUILD_WAIT_S = 1800.0  # the longest a worker waits for another's build of the same package
 
 
@@ -72,6 +65,19 @@ def compiles(setting: str | bool, device: torch.device) -> bool:
     the captured graph serves instead). Where no package is cached and no C++ compiler exists,
     auto stays eager (``compile_in_background`` says so); true tries and logs the failure."""
     return device.type == "cpu" and setting in ("auto", True)
+
+
+def compiled_batch(batch_size: int, torch_threads: int) -> int:
+    """The batch shape to compile: the smallest divisor of ``batch_size`` of at least
+    max(4, torch_threads). A batch runs as chunks of it, the last one padded, so a partial batch
+    (an upload stream at a moderate rate: a few images per linger) pays for at most one chunk, not
+    ``batch_size``: on the CPU a forward pass costs in proportion to its images. Padded to 60, at
+    half the saturated rate the stream path's p50 latency was 31 s; in chunks of 10, 6.5 s. On 2
+    AVX2 cores chunks of 4, 10, 12, 20 and 60 all ran 60 images at 11.6-12.2 img/s
+    (benchmarks/compile_cpu.py --chunk); more threads are given larger chunks to share (not
+    measured). Pure."""
+    least = max(4, torch_threads)
+    return next((size for size in range(least, batch_size + 1) if batch_size % size == 0), batch_size)
 
 
 def default_cache_dir() -> str:
@@ -177,25 +183,14 @@ class CompiledModel:
     batch_size: int
     eager: LoadedModel  # for what the package was not built for: no rows, floats, another crop
     path: Path
-    eager_below: int = 0  # a chunk of fewer rows runs eagerly: quicker than a padded compiled one
 
     @classmethod
     def load(cls, model: LoadedModel, batch_size: int, path: Path) -> CompiledModel:
-        """Load the package, run one warm-up batch and time it against the eager model on a few
-        rows to set ``eager_below``; raises if loading or the warm-up fails."""
+        """Load the package and run one warm-up batch; raises if either fails."""
         _check_private(path)
         compiled = cls(torch._inductor.aoti_load_package(str(path)), batch_size, model, path)
         crop = model.preprocessing.crop_size
-        began = time.perf_counter()
         compiled.predict(torch.zeros(batch_size, 3, crop, crop, dtype=torch.uint8))
-        padded_s = time.perf_counter() - began
-        probe = torch.zeros(EAGER_PROBE_ROWS, 3, crop, crop, dtype=torch.uint8)
-        model.predict(probe)  # the eager path's first call at this shape sets up its kernels
-        began = time.perf_counter()
-        model.predict(probe)
-        per_row_s = (time.perf_counter() - began) / EAGER_PROBE_ROWS
-        compiled.eager_below = min(batch_size, int(padded_s / max(per_row_s, 1e-9)))
-        log.info("compiled batch of %d: %.2f s; eager %.3f s per image: batches under %d images run eagerly", batch_size, padded_s, per_row_s, compiled.eager_below)
         return compiled
 
     @torch.inference_mode()
@@ -208,9 +203,6 @@ class CompiledModel:
         for start in range(0, len(batch), self.batch_size):
             chunk = batch[start : start + self.batch_size]
             rows = len(chunk)
-            if rows < self.eager_below:
-                outputs.append(self.eager.predict(chunk))
-                continue
             if rows < self.batch_size:
                 chunk = torch.cat([chunk, chunk.new_zeros((self.batch_size - rows, *chunk.shape[1:]))])
             outputs.append(self.runner(chunk.contiguous())[:rows].float())

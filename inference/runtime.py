@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from inference.compiled import compile_in_background, compiles
+from inference.compiled import compile_in_background, compiled_batch, compiles
 from inference.errors import ConfigError, ImageError
 from inference.fetch import fetch_many
 from inference.gpu import Decoder, batch_on, device_crops, device_decodable, jpeg_decoder
@@ -92,12 +92,13 @@ class BatchRunner:
             runner.close()
             raise
         if compiles(model_settings.compile, model.device):
+            chunk = compiled_batch(warmup_batch, torch_threads)
             log.info(
-                "model %s runs eagerly on cpu at %s while its compiled forward for batch %d is loaded or built (model.compile: %s)",
-                model.info.name, model.precision, warmup_batch, model_settings.compile,
+                "model %s runs eagerly on cpu at %s while its compiled forward (chunks of %d) is loaded or built (model.compile: %s)",
+                model.info.name, model.precision, chunk, model_settings.compile,
             )
             runner.compiling = compile_in_background(
-                model, warmup_batch, model_settings.compile_cache_dir, runner.use, torch_threads, model_settings.compile
+                model, chunk, model_settings.compile_cache_dir, runner.use, torch_threads, model_settings.compile
             )
         else:
             graphed = isinstance(getattr(runner.predict, "__self__", None), GraphedModel)

@@ -7,7 +7,6 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -31,24 +30,12 @@ def test_the_setting_reads_auto_and_booleans_from_text():
     assert ModelSettings(compile="true").compile is True and ModelSettings(compile="0").compile is False
 
 
-def test_short_batches_run_eagerly_and_the_rest_through_the_compiled_size_padded():
-    model = load_model(SETTINGS)
-    shapes = []
-
-    def runner(chunk):
-        shapes.append(len(chunk))
-        return torch.full((len(chunk), 1000), 7.0)
-
-    fast = CompiledModel(runner, 8, model, Path("package.pt2"), eager_below=3)
-    crops = torch.randint(0, 255, (18, 3, 224, 224), dtype=torch.uint8)
-    torch.testing.assert_close(fast.predict(crops[:2]), model.predict(crops[:2]))  # quicker eagerly
-    assert shapes == []
-    assert fast.predict(crops[:5]).shape == (5, 1000) and shapes == [8]  # padded to the compiled size
-    result = fast.predict(crops)  # two full chunks, then 2 rows eagerly
-    assert shapes == [8, 8, 8] and result.shape == (18, 1000)
-    assert torch.equal(result[:16], torch.full((16, 1000), 7.0))
-    torch.testing.assert_close(result[16:], model.predict(crops[16:]))
-    assert fast.predict(crops[:0]).shape == (0, 1000) and shapes == [8, 8, 8]  # never a compiled call for no rows
+@pytest.mark.parametrize(
+    ("batch_size", "threads", "chunk"),
+    [(60, 1, 4), (60, 2, 4), (60, 5, 5), (60, 8, 10), (60, 16, 20), (60, 32, 60), (64, 2, 4), (7, 1, 7), (1, 4, 1), (61, 2, 61)],
+)
+def test_the_compiled_chunk_divides_the_batch_and_grows_with_the_threads(batch_size, threads, chunk):
+    assert compiled.compiled_batch(batch_size, threads) == chunk
 
 
 def test_a_package_is_named_by_the_weights_precision_batch_threads_and_cpu_it_was_built_for(monkeypatch):
