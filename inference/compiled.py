@@ -8,8 +8,9 @@ shape, the last one padded (rows past the real ones are dropped; in eval mode im
 interact), so no batch shape ever compiles again and a partial batch pays for one chunk at most.
 
 The result is an AOTInductor package (a ``.pt2``: a shared library and the prepacked weights)
-named by everything it depends on: the model, a digest of its weights, precision, batch size,
-crop, memory format, torch's version and the CPU capability torch dispatches to
+named by everything it depends on: the model, a digest of its weights, precision, chunk,
+crop, memory format, torch's version, the CPU capability torch dispatches to, the CPU's model
+and flags (inductor builds with -march=native) and the thread count (written into its kernels)
 (``package_key``). A worker that finds its package loads it in about a second; one that does
 not builds it (a minute or two on a few cores) and writes it by rename, so workers sharing
 ``model.compile_cache_dir`` never read half a file; one builds while the others wait on a lock
@@ -25,12 +26,16 @@ Why a package and not ``torch.compile``'s own caches: freezing's prepacked weigh
 inductor's graph cache, so a restarted worker would compile again (32 s); without freezing it
 caches (13 s) but runs a fifth slower. Measured (``benchmarks/compile_cpu.py``, AMD EPYC, AVX2, 2
 cores, ResNet50, fp32, 60 images): eager 7.6-8.4 img/s, ``torch.compile`` 10.0-10.3, with
-freezing 12.0-13.0, this package 11.8 in chunks of 10 (the same as one chunk of 60); it builds in
-about 50 s and loads, with its warm-up chunk, in 1.5 s.
+freezing 12.0-13.0, this package 11.8 in chunks of 10 (chunks of 4 to 60: 11.6-12.2); it builds
+in about 50 s and loads, with its warm-up chunk, in 1.5 s. In the worker, beside the decode
+threads, small chunks keep less of that speed (BENCHMARKS.md: one call of 60, 95-96 %; chunks
+of 4, 76 %) but spare a moderate upload stream the wait behind padding (p50 latency 1.8 s
+against 31 s).
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import logging
@@ -58,6 +63,7 @@ CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 PACKAGE_FORMAT = 1  # bump when what a package holds or how it is built changes
 COMPILE_NICE = 10  # the background compile's CPU priority: it takes what eager batches leave
 BUILD_WAIT_S = 1800.0  # the longest a worker waits for another's build of the same package
+EXIT_WAIT_S = 300.0  # the longest a process that is exiting waits for its build in progress
 
 
 def compiles(setting: str | bool, device: torch.device) -> bool:
@@ -300,6 +306,8 @@ def compile_in_background(
 
     thread = threading.Thread(target=run, name="visionstream-compile", daemon=True)
     thread.start()
+    # A process that ends mid-build would abort in C++ teardown (exit 134): let the build end first
+    atexit.register(thread.join, EXIT_WAIT_S)
     return thread
 
 

@@ -66,7 +66,7 @@ def test_classify_a_stanford_dogs_folder_with_corrupt_files(tmp_path: Path, dask
 
 def test_classify_with_a_checkpoint_gives_that_models_predictions(tmp_path: Path, dask_scheduler: str, dask_env):
     [image] = generate_dataset(tmp_path / "one", 1)
-    base = load_model(ModelSettings(name="resnet18", weights="none", seed=7, device="cpu", precision="fp32"))
+    base = load_model(ModelSettings(name="resnet18", weights="none", seed=7, device="cpu", precision="fp32", compile=False))
     checkpoint = tmp_path / "resnet18-tuned.pt"
     torch.save(base.module.state_dict(), checkpoint)
     output = tmp_path / "out.jsonl"

@@ -23,7 +23,7 @@ def test_rotated_secrets_share_one_model_and_a_new_configuration_retires_the_old
     async def run() -> None:
         async with embedded_cluster(ClusterSettings(gpu=False, threads_per_worker=1), asynchronous=True) as local:
             settings = ClusterSettings(**reaching(local))
-            model = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32")
+            model = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
             clusters = []
             for secret in ("first-secret-abc", "rotated-secret-xyz"):
                 cluster = InferenceCluster(settings, model, ImageSettings(), StorageSettings(access_key_id="K", secret_access_key=SecretStr(secret)), r"(?P<wnid>n\d{8})")
@@ -64,7 +64,7 @@ def test_a_model_that_failed_to_load_is_loaded_again_once_its_checkpoint_exists(
     from streams.embedded.samples import generate_dataset
 
     checkpoint = tmp_path / "resnet18-late.pt"
-    model = ModelSettings(name="resnet18", weights=str(checkpoint), device="cpu", precision="fp32")
+    model = ModelSettings(name="resnet18", weights=str(checkpoint), device="cpu", precision="fp32", compile=False)
     [image] = generate_dataset(tmp_path / "one", 1)
     settings = ClusterSettings(**dask_reach)
 
@@ -72,7 +72,7 @@ def test_a_model_that_failed_to_load_is_loaded_again_once_its_checkpoint_exists(
         first = InferenceCluster(settings, model, ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
         with pytest.raises(WeightsUnavailable, match="not found"):
             await first.start()
-        torch.save(load_model(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32")).module.state_dict(), checkpoint)
+        torch.save(load_model(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)).module.state_dict(), checkpoint)
         second = InferenceCluster(settings, model, ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
         await second.start()  # registering again is a no-op on the scheduler
         deadline = time.monotonic() + 60
@@ -105,7 +105,7 @@ def test_the_embedded_cluster_admits_only_peers_with_its_certificate():
             for attempt in (address, plain):
                 with pytest.raises((OSError, TimeoutError, TypeError)):  # refused, whichever way
                     await Client(attempt, asynchronous=True, timeout=3)
-            cluster = InferenceCluster(ClusterSettings(**reaching(local)), ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32"), ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
+            cluster = InferenceCluster(ClusterSettings(**reaching(local)), ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False), ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
             await cluster.start()
             assert (await cluster.threads()) and cluster.client.status == "running"
             await cluster.close()

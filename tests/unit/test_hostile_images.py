@@ -214,7 +214,7 @@ def device_path_plugin():
     from inference.runtime import BatchRunner
     from inference.settings import ImageSettings, ModelSettings, StorageSettings
 
-    settings = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32")
+    settings = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
     runner = BatchRunner(load_model(settings), settings, ImageSettings(), StorageSettings(), "tcp://127.0.0.1:1", torch_threads=1)
     runner.device_decoder = jpeg_decoder("cpu")
     return runner

@@ -9,7 +9,7 @@ from inference.settings import ImageSettings, ModelSettings, StorageSettings
 from inference.worker import ResidentModel
 
 SECRET = "s3cr3t-that-must-not-travel"
-MODEL = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32")
+MODEL = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
 
 
 def storage(secret: str = SECRET, key_id: str = "AKIAEXAMPLE") -> StorageSettings:
@@ -32,5 +32,5 @@ def test_a_rotated_secret_keeps_the_same_resident_model():
 
 
 def test_another_model_configuration_is_another_plugin():
-    other = ModelSettings(name="resnet50", weights="none", device="cpu", precision="fp32")
+    other = ModelSettings(name="resnet50", weights="none", device="cpu", precision="fp32", compile=False)
     assert ResidentModel(MODEL, ImageSettings(), storage()).name != ResidentModel(other, ImageSettings(), storage()).name

@@ -17,7 +17,7 @@ from inference.runtime import build_result
 from inference.worker import ResidentModel
 from streams.embedded.samples import synthetic_photo
 
-MODEL = load_model(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32"))
+MODEL = load_model(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False))
 PATTERN = TruthSettings().pattern
 
 
@@ -53,7 +53,7 @@ def test_records_round_trip_through_plain_json_dicts():
 
 # --- ResidentModel.classify: per-image failures are records; a failed forward pass raises ----
 
-SETTINGS = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32")
+SETTINGS = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
 
 
 def jpeg(seed: int, mode: str = "RGB", size: tuple[int, int] = (300, 240)) -> bytes:
