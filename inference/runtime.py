@@ -101,8 +101,8 @@ class BatchRunner:
                 model, chunk, model_settings.compile_cache_dir, runner.use, torch_threads, model_settings.compile
             )
         else:
-            graphed = isinstance(getattr(runner.predict, "__self__", None), GraphedModel)
-            log.info("model %s runs %s on %s at %s", model.info.name, "as a CUDA graph" if graphed else "eagerly", model.device, model.precision)
+            how = "as a CUDA graph" if runner.forward_path == "cuda-graph" else "eagerly"
+            log.info("model %s runs %s on %s at %s", model.info.name, how, model.device, model.precision)
         return runner
 
     @property
