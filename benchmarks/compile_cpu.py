@@ -24,7 +24,7 @@ import time
 import torch
 
 from benchmarks.machine import cpu_name
-from inference.compiled import compiled_batch, compiled_model
+from inference.compiled import PackageBuilder, compiled_batch, compiled_model, compiled_shapes
 from inference.model import cpu_has_native_bf16, load_model
 from inference.settings import ModelSettings
 
@@ -44,11 +44,11 @@ def _timed(predict, batch: torch.Tensor) -> float:
 def warm_load_s(args: argparse.Namespace, cache: str) -> float:
     """Load the package the first build wrote, in a fresh process, up to its warm-up batch done."""
     code = (
-        "import time, torch; from inference.compiled import compiled_batch, compiled_model; from inference.model import load_model; "
+        "import time, torch; from inference.compiled import PackageBuilder, compiled_batch, compiled_model, compiled_shapes; from inference.model import load_model; "
         "from inference.settings import ModelSettings; torch.set_num_threads(%d); "
         "m = load_model(ModelSettings(name=%r, weights='none', device='cpu', precision=%r, compile=False)); "
-        "t = time.perf_counter(); compiled_model(m, %d, %r); print(time.perf_counter() - t)"
-    ) % (args.threads, args.model, args.precision_resolved, args.chunk, cache)
+        "t = time.perf_counter(); compiled_model(m, %r, %r); print(time.perf_counter() - t)"
+    ) % (args.threads, args.model, args.precision_resolved, args.shapes, cache)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return round(float(done.stdout.strip().splitlines()[-1]), 1)
 
@@ -76,9 +76,10 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--chunk", type=int, help="the compiled batch shape (default: what a worker compiles, compiled_batch)")
+    parser.add_argument("--chunk", type=int, help="the compiled chunk shape (default: what a worker compiles, compiled_batch)")
     args = parser.parse_args()
     args.chunk = args.chunk or compiled_batch(args.batch, args.threads)
+    args.shapes = (args.chunk,) if args.chunk == args.batch else (args.chunk, args.batch)
     torch.set_num_threads(args.threads)
     model = load_model(ModelSettings(name=args.model, weights="none", device="cpu", precision=args.precision, compile=False))
     args.precision_resolved = model.precision
@@ -87,17 +88,18 @@ def main() -> None:
     extra = {"eager_bf16_weights_cast_images_per_s": weights_cast_rate(model, batch, args.runs)} if model.precision == "bf16" else {}
     with tempfile.TemporaryDirectory() as cache:
         began = time.perf_counter()
-        fast = compiled_model(model, args.chunk, cache)
+        fast = compiled_model(model, args.shapes, cache, builder=PackageBuilder(threads=args.threads))
         cold = round(time.perf_counter() - began, 1)
         compiled_rate = rate(fast.predict, batch, args.runs)
         few = batch[:4]  # a partial batch, as an upload stream at a moderate rate sends: padded to one chunk
         few_eager, few_compiled = rate(model.predict, few, args.runs), rate(fast.predict, few, args.runs)
         warm = warm_load_s(args, cache)
-        size_mb = round(fast.path.stat().st_size / 2**20)
+        size_mb = round(sum(path.stat().st_size for path in fast.paths.values()) / 2**20)
+        per_call = {f"shape_{shape}_images_per_s": round(shape / cost, 2) for shape, cost in fast.costs_s.items()}
     reference, got = model.predict(batch), fast.predict(batch)
     print(json.dumps({
         "cpu": cpu_name(), "native_bf16": cpu_has_native_bf16(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": args.threads, "model": args.model, "precision": model.precision, "batch": args.batch, "compiled_chunk": args.chunk,
+        "threads": args.threads, "model": args.model, "precision": model.precision, "batch": args.batch, "compiled_shapes": list(args.shapes), **per_call,
         "eager_images_per_s": eager, **extra, "compiled_images_per_s": compiled_rate, "speed-up": round(compiled_rate / eager, 2),
         "four_images_eager_per_s": few_eager, "four_images_compiled_per_s": few_compiled,
         "build_cold_s": cold, "load_warm_s": warm, "package_mb": size_mb,

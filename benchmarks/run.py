@@ -38,7 +38,7 @@ import torchvision
 
 from benchmarks.machine import cpu_name
 from inference.cluster import InferenceCluster, embedded_cluster, reaching
-from inference.compiled import compiled_batch, compiled_model, compiles
+from inference.compiled import compiled_model, compiled_shapes, compiles
 from inference.evaluation import percentile
 from inference.images import decode_crop
 from inference.job import batches_in_flight, classify_all
@@ -189,8 +189,9 @@ def ceiling(settings: Settings, paths: list[str], runs: int) -> dict[str, Any]:
     if model.device.type == "cuda" and settings.model.compile is not True:
         forwards["cuda_graph"] = GraphedModel.capture(model, size).predict
     if compiles(settings.model.compile, model.device):  # built here, so the workers load it from the cache
-        # the workers' thread count (one worker per CPU host here): the same chunk and package
-        package = compiled_model(model, compiled_batch(size, torch.get_num_threads()), settings.model.compile_cache_dir, settings.model.compile)
+        # the workers' thread count (one worker per CPU host here): the same shapes and packages
+        shapes = compiled_shapes(size, torch.get_num_threads())
+        package = compiled_model(model, shapes, settings.model.compile_cache_dir, settings.model.compile)
         if package is not None:
             forwards["compiled"] = package.predict
     for name, predict in forwards.items():

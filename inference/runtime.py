@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from inference.compiled import compile_in_background, compiled_batch, compiles
+from inference.compiled import BackgroundCompile, compiled_shapes, compiles
 from inference.errors import ConfigError, ImageError
 from inference.fetch import fetch_many
 from inference.gpu import Decoder, batch_on, device_crops, device_decodable, jpeg_decoder
@@ -67,7 +67,7 @@ class BatchRunner:
         self.exit_on = os.environ.get(KILL_SWITCH_ENV) or None
         self.device_decoder = _device_decoder(image_settings.decode, model.device)
         self.predict: Callable[[torch.Tensor], torch.Tensor] = model.predict
-        self.compiling: threading.Thread | None = None  # the background compile, where there is one
+        self.compiling: BackgroundCompile | None = None  # the compiled forward being found or built, where it is
         self.closed = False
         self.streams = threading.local()
 
@@ -92,14 +92,15 @@ class BatchRunner:
             runner.close()
             raise
         if compiles(model_settings.compile, model.device):
-            chunk = compiled_batch(warmup_batch, torch_threads)
+            shapes = compiled_shapes(warmup_batch, torch_threads)
             log.info(
-                "model %s runs eagerly on cpu at %s while its compiled forward (chunks of %d) is loaded or built (model.compile: %s)",
-                model.info.name, model.precision, chunk, model_settings.compile,
+                "model %s runs eagerly on cpu at %s while its compiled forward (shapes %s) is loaded or built (model.compile: %s)",
+                model.info.name, model.precision, "+".join(map(str, shapes)), model_settings.compile,
             )
-            runner.compiling = compile_in_background(
-                model, chunk, model_settings.compile_cache_dir, runner.use, torch_threads, model_settings.compile
-            )
+            runner.compiling = BackgroundCompile(
+                model, shapes, model_settings.compile_cache_dir, runner.use, torch_threads, model_settings.compile,
+                memory_mb=model_settings.compile_memory_mb, between_batches=runner.model_lock,
+            ).start()
         else:
             how = "as a CUDA graph" if runner.forward_path == "cuda-graph" else "eagerly"
             log.info("model %s runs %s on %s at %s", model.info.name, how, model.device, model.precision)
@@ -119,14 +120,16 @@ class BatchRunner:
         return "compiling" if self.compiling is not None and self.compiling.is_alive() else "eager"
 
     def use(self, predict: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Run batches through ``predict`` from the next one on (the compiled forward); not once closed."""
-        with self.model_lock:
-            if not self.closed:
-                self.predict = predict
+        """Run batches through ``predict`` from the next one on (the compiled forward); not once
+        closed. The compile calls it outside the model's lock: a batch reads ``predict`` once."""
+        if not self.closed:
+            self.predict = predict
 
     def close(self) -> None:
-        """Stop the decode pool; a compile still running finishes on its own and is not used."""
+        """Stop the decode pool and kill a package build in progress."""
         self.closed = True  # no lock: a batch in flight may hold it for seconds
+        if self.compiling is not None:
+            self.compiling.stop()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def classify(self, uris: list[str], truth_pattern: str) -> list[ImageResult]:

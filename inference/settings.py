@@ -119,6 +119,7 @@ class ModelSettings(Section):
     # CUDA: a captured CUDA graph unless true (torch.compile instead)
     compile: Annotated[Literal["auto", True, False], BeforeValidator(_auto_or_bool)] = "auto"
     compile_cache_dir: str | None = None  # where compiled packages are kept; None: <tmp>/visionstream-compiled-<uid>
+    compile_memory_mb: int = Field(8192, ge=0)  # the bound on a package build's process (its data segment); 0: none
     top_k: int = Field(5, ge=1, le=1000)
 
 
