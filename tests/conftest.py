@@ -1,16 +1,26 @@
-"""Shared test helpers: a `gpu` marker that skips without CUDA.
+"""Shared test helpers: a `gpu` marker that skips without CUDA, and an empty compile cache.
 
-The tests start many short-lived Dask workers; on a CPU with native bf16, ``model.compile: auto``
-would have each of them compile in the background beside the tests (tens of seconds of both
-cores each). The commands they run read this; the compiled path has tests of its own."""
+The suite runs the shipped defaults, ``model.compile: auto`` included: every Dask worker it starts
+has its compiled forward built (in a process of its own, beside the batches it serves) or loads
+it from the cache. That cache starts empty for each test session (a cold start, as a new user's
+first run), is shared by the session's processes through ``VISIONSTREAM_MODEL__COMPILE_CACHE_DIR``
+(so each package is built once per session) and is removed at its end. A test that turns compile
+off says why where it does."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
-os.environ.setdefault("VISIONSTREAM_MODEL__COMPILE", "false")
+COMPILE_CACHE = tempfile.mkdtemp(prefix="visionstream-test-compiled-")
+os.environ["VISIONSTREAM_MODEL__COMPILE_CACHE_DIR"] = COMPILE_CACHE
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(COMPILE_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -102,7 +102,7 @@ def settings(services: Services, dask_reach: dict[str, Any], tmp_path: Path) -> 
     suffix = uuid.uuid4().hex[:8]
     return Settings().with_overrides(
         {
-            "model": {"name": "resnet18", "weights": "none", "precision": "fp32", "compile": False},
+            "model": {"name": "resnet18", "weights": "none", "precision": "fp32"},  # compile: the default (auto)
             "kafka": {"bootstrap_servers": services.bootstrap_servers, "consumer_group": f"vs-test-{suffix}", **services.kafka_timeouts},
             "topics": {
                 "uploads": f"uploads-{suffix}",

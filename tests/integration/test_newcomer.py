@@ -62,3 +62,19 @@ def test_the_readme_flow_runs_as_written_against_visionstream_stack(tmp_path: Pa
     worker_log = (tmp_path / "worker.log").read_text()
     assert worker.returncode == 0 and "level=ERROR" not in worker_log and "Traceback" not in worker_log, worker_log[-3000:]  # a clean SIGTERM
     assert "Traceback" not in stderr and not config.exists()
+
+
+@pytest.mark.slow  # the whole demo: broker, S3, Dask and a stream worker, about a minute
+def test_make_demo_with_the_shipped_defaults_from_an_empty_compile_cache(tmp_path: Path):
+    """`visionstream demo` as `make demo` runs it: every default (model.compile auto included),
+    from an empty compile cache, so its Dask worker builds packages beside the batches it
+    serves; every image is accounted for, and the worker's log says how its model runs."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("AWS_", "VISIONSTREAM_", "KAFKA_"))}
+    cache = tmp_path / "compiled"
+    env |= {"VISIONSTREAM_MODEL__COMPILE_CACHE_DIR": str(cache), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "streams", "demo", "--count", "30"], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert re.search(r"images\s+(\d+) of \1 accounted for", done.stdout + done.stderr), done.stdout[-3000:]
+    assert re.search(r"model resnet50 runs eagerly on cpu at \w+ while its compiled forward \(shapes [\d+]+\) is loaded or built", done.stderr), done.stderr[-4000:]
+    assert not any(line.startswith("Traceback") for line in done.stderr.splitlines()), done.stderr[-4000:]

@@ -2,6 +2,7 @@
 image names. Each ends as that image's own decode failure, at bounded cost, on every path."""
 
 import io
+import threading
 import time
 
 import numpy as np
@@ -70,12 +71,18 @@ def test_the_larger_a_progressive_jpeg_the_fewer_scans_it_may_have():
 
 
 class SteppingClock:
-    """time.monotonic for images.py: each call one second later."""
+    """time.monotonic for the test's own thread: each call one second later. Other threads (a
+    Dask or compile thread left by an earlier test) get the real clock and move nothing: they
+    would otherwise make the count depend on what else runs, and how fast."""
 
     def __init__(self, now: float) -> None:
         self.now = now
+        self.real = time.monotonic
+        self.thread = threading.get_ident()
 
     def __call__(self) -> float:
+        if threading.get_ident() != self.thread:
+            return self.real()
         self.now += 1.0
         return self.now
 
