@@ -2,8 +2,9 @@
 
 The stable Python API (``inference.notebook``); everything else is internal:
 
-    classify(sources, *, client=None, model="resnet50", weights="DEFAULT", batch_size=60,
-             precision="auto", progress=True, config=None) -> pandas.DataFrame
+    classify(sources, *, client=None, model=None, weights=None, batch_size=None,
+             precision=None, progress=True, config=None) -> pandas.DataFrame
+                         (None: the settings' value; found as the commands find them)
     iter_classify(...)   the same rows, as their batches complete
     accuracy_report(df)  -> AccuracyReport (top1, top5, per_class(), confusions(), figures(), save())
     COLUMNS              the DataFrame's columns and dtypes

@@ -23,7 +23,7 @@ from inference.errors import ClusterUnavailable, ConfigError, InferenceError, Mo
 from inference.objects import identity, pins
 from inference.results import ImageResult
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, Settings, StorageSettings
-from inference.worker import STDOUT_TO_STDERR_ENV, ResidentModel, classify_batch, plugin_usage
+from inference.worker import EMBEDDED_ENV, STDOUT_TO_STDERR_ENV, ResidentModel, classify_batch, plugin_usage
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +421,7 @@ def embedded_cluster(settings: ClusterSettings, *, asynchronous: bool = False, e
     (default 1). ``env`` reaches every worker process (credentials of an embedded S3 server).
     Await it when ``asynchronous``; close it (or use it as a context manager) when done.
     """
+    _workers_skip_main()
     gpus = _visible_gpus() if settings.gpu is not False else []
     if settings.gpu is True and not gpus:
         raise ClusterUnavailable("embedded", "cluster.gpu is true but no CUDA device is visible")
@@ -436,6 +437,34 @@ def embedded_cluster(settings: ClusterSettings, *, asynchronous: bool = False, e
         workers=workers, scheduler=scheduler, asynchronous=asynchronous, silence_logs=logging.WARNING,
         name="visionstream-embedded", security=security,
     )
+
+
+def _workers_skip_main() -> None:
+    """Dask worker processes started from here do not run the caller's ``__main__`` again.
+
+    multiprocessing's spawn (Dask's default) re-imports the parent's main module in each child:
+    a script that calls ``inference.classify`` at top level, with no ``if __name__ ==
+    "__main__":`` guard, would start a cluster again inside each worker process as it boots, which
+    multiprocessing refuses, and the caller would wait forever for workers that never come. The
+    workers need nothing from the script: they run visionstream's own functions (cloudpickle
+    sends anything defined in ``__main__`` by value). So the preparation of processes Dask's
+    nannies name "Dask Worker process" leaves the main module out; every other process is
+    prepared as before."""
+    import multiprocessing.spawn as spawn
+
+    original = spawn.get_preparation_data
+    if getattr(original, "skips_main_for_dask_workers", False):
+        return
+
+    def get_preparation_data(name: str) -> dict[str, Any]:
+        data = original(name)
+        if str(name).startswith("Dask Worker process"):
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+        return data
+
+    get_preparation_data.skips_main_for_dask_workers = True  # type: ignore[attr-defined]
+    spawn.get_preparation_data = get_preparation_data
 
 
 def client_security(settings: ClusterSettings) -> Security | None:
@@ -477,7 +506,7 @@ def worker_specs(settings: ClusterSettings, gpus: list[str], cores: int, env: Ma
     workers: dict[str, dict[str, Any]] = {}
     for index in range(count):
         # the client's stdout may carry its records (`classify -o -`): the workers print to stderr
-        worker_env = {**env, "VISIONSTREAM_LOCAL_WORKERS": str(count), STDOUT_TO_STDERR_ENV: "1"}
+        worker_env = {**env, "VISIONSTREAM_LOCAL_WORKERS": str(count), STDOUT_TO_STDERR_ENV: "1", EMBEDDED_ENV: "1"}
         name = f"cpu-{index}"
         if gpus:
             gpu = gpus[index % len(gpus)]

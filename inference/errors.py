@@ -30,16 +30,23 @@ class ConfigError(InferenceError):
 
 
 class WeightsUnavailable(InferenceError):
-    """Pretrained weights or a checkpoint could not be loaded."""
+    """Pretrained weights or a checkpoint could not be loaded. The hint names the option of the
+    interface in use: ``--weights`` for the commands, ``weights=`` for the Python API."""
 
-    def __init__(self, spec: str, reason: str) -> None:
+    def __init__(self, spec: str, reason: str, option: str = "--weights") -> None:
+        def named(value: str) -> str:
+            return f'{option}"{value}"' if option.endswith("=") else f"{option} {value}"
+
         super().__init__(
             f"cannot load weights {spec!r}: {reason}. Alternatives: a checkpoint "
-            "(--weights /path/to/state_dict.pt or s3://bucket/key.pt), torchvision weights "
-            "pre-downloaded to the torch cache ($TORCH_HOME), or --weights none for random "
+            f"({named('/path/to/state_dict.pt')} or s3://bucket/key.pt), torchvision weights "
+            f"pre-downloaded to the torch cache ($TORCH_HOME), or {named('none')} for random "
             "initialisation"
         )
-        self.spec, self.reason = spec, reason
+        self.spec, self.reason, self.option = spec, reason, option
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:  # crosses the Dask boundary intact
+        return (type(self), (self.spec, self.reason, self.option))
 
 
 class ClusterUnavailable(InferenceError):
@@ -90,7 +97,7 @@ class BatchTimeout(InferenceError):
     """A batch did not finish within ``batch.timeout_s``; its task was cancelled."""
 
     def __init__(self, images: int, timeout_s: float) -> None:
-        super().__init__(f"batch of {images} images did not finish within {timeout_s:g} s (batch.timeout_s)")
+        super().__init__(f"batch of {images} image{'' if images == 1 else 's'} did not finish within {timeout_s:g} s (batch.timeout_s)")
         self.images, self.timeout_s = images, timeout_s
 
 

@@ -10,6 +10,7 @@ from itertools import islice
 
 from inference.cluster import InferenceCluster
 from inference.evaluation import accuracy
+from inference.report import plural
 from inference.results import ImageResult
 
 
@@ -47,7 +48,7 @@ class Tally:
     def summary(self) -> str:
         accuracy = f"{self.accuracy:.2%} top-1 ({self.matches}/{self.with_truth} with truth)" if self.accuracy is not None else "no ground truth"
         return (
-            f"{self.images} images, {self.errors} errors, {accuracy}, "
+            f"{plural(self.images, 'image')}, {plural(self.errors, 'error')}, {accuracy}, "
             f"{self.elapsed_s:.1f} s, {self.images_per_s:.1f} images/s"
         )
 

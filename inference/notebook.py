@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inference.cluster import InferenceCluster
+from inference.errors import WeightsUnavailable
 from inference.evaluation import Outcome, summarize
 from inference.job import batches_in_flight, classify_all
 from inference.report import figures, headline, write_report
@@ -72,10 +73,10 @@ def iter_classify(
     sources: str | Iterable[str],
     *,
     client: Any = None,
-    model: str = "resnet50",
-    weights: str = "DEFAULT",
-    batch_size: int = 60,
-    precision: str = "auto",
+    model: str | None = None,
+    weights: str | None = None,
+    batch_size: int | None = None,
+    precision: str | None = None,
     progress: bool = True,
     config: str | Path | None = None,
 ) -> Iterator[dict[str, Any]]:
@@ -83,10 +84,13 @@ def iter_classify(
 
     ``sources``: what ``visionstream classify`` takes (a file, folder, glob, ``s3://`` prefix)
     or a list of them, or of object URIs. ``client``: a ``distributed.Client`` to run on (None:
-    an embedded cluster for this call). ``config``: a YAML file of settings (storage endpoint
-    and credentials, truth pattern...), as ``--config`` reads it; the keyword arguments win
-    over it. A bad image is a row with ``error_stage`` set, never an exception; a bad argument
-    raises ValueError naming it; a source that names nothing raises SourceError.
+    an embedded cluster for this call). Settings are found as the commands find them: the
+    defaults, the file ``VISIONSTREAM_CONFIG`` names, ``config`` (a YAML file, as ``--config``)
+    on top, the ``VISIONSTREAM_*`` environment, then the keyword arguments that are given
+    (``model``, ``weights``, ``batch_size``, ``precision``; unset, the settings' values:
+    resnet50, DEFAULT, 60, auto by default). A bad image is a row with ``error_stage`` set,
+    never an exception; a bad argument raises ValueError naming it; a source that names nothing
+    raises SourceError.
     """
     settings = _settings(model=model, weights=weights, batch_size=batch_size, precision=precision, config=config)
     names = [sources] if isinstance(sources, str | Path) else [str(source) for source in sources]
@@ -113,7 +117,10 @@ def iter_classify(
             if bar is not None:
                 bar.update(1)
             yield row(result)
-        job.result()  # the job's own error (the cluster gone, retries spent), as the CLI reports it
+        try:
+            job.result()  # the job's own error (the cluster gone, retries spent), as the CLI reports it
+        except WeightsUnavailable as exc:  # its hint in this interface's words
+            raise WeightsUnavailable(exc.spec, exc.reason, option="weights=") from None
     finally:
         if bar is not None:
             bar.close()
@@ -248,15 +255,23 @@ def _outcome(record: Mapping[str, Any]) -> Outcome | None:
     )
 
 
-def _settings(*, model: str, weights: str, batch_size: int, precision: str, config: str | Path | None) -> Settings:
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+def _settings(*, model: str | None, weights: str | None, batch_size: int | None, precision: str | None, config: str | Path | None) -> Settings:
+    """The settings the commands would find (``load_settings`` with ``VISIONSTREAM_CONFIG``),
+    with the keyword arguments that were given on top."""
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f"batch_size: a whole number of images, 1 or more (got {batch_size!r})")
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
+    if precision is not None and precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"precision: one of auto, fp32, bf16, fp16 (got {precision!r})")
-    if not isinstance(model, str) or not model:
+    if model is not None and (not isinstance(model, str) or not model):
         raise ValueError(f"model: a torchvision model name such as 'resnet50' (got {model!r})")
-    settings = load_settings(config)
-    return settings.with_overrides({"model": {"name": model, "weights": weights, "precision": precision}, "batch": {"size": batch_size}})
+    if weights is not None and (not isinstance(weights, str) or not weights.strip()):
+        raise ValueError(f"weights: DEFAULT, a torchvision weights name, a checkpoint path or s3:// URI, or none (got {weights!r})")
+    settings = load_settings(config, config_env=True)
+    given = {"name": model, "weights": weights, "precision": precision}
+    overrides: dict[str, Any] = {"model": {key: value for key, value in given.items() if value is not None}}
+    if batch_size is not None:
+        overrides["batch"] = {"size": batch_size}
+    return settings.with_overrides(overrides)
 
 
 def _cluster(settings: Settings, client: Any) -> InferenceCluster:

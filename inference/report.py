@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 image``, ``2 images``: a count with its noun. Pure."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3%}"
 

@@ -58,6 +58,7 @@ from pydantic_settings import (
 from inference.errors import ConfigError
 
 ENV_PREFIX = "VISIONSTREAM_"
+CONFIG_ENV = "VISIONSTREAM_CONFIG"  # a config file read by every entry point (`visionstream stack` prints it)
 ENV_NESTED_DELIMITER = "__"
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "data" / "default.yaml"
 
@@ -341,13 +342,24 @@ class Settings(BaseSettings):
 def load_settings(
     config_file: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    *,
+    config_env: bool = False,
 ) -> Settings:
-    """The packaged defaults, then ``config_file``, then ``environ`` (``os.environ`` unless
-    given), later wins. Any problem is a ``ConfigError`` of one line naming the key."""
+    """The packaged defaults, then (with ``config_env``) the file ``VISIONSTREAM_CONFIG`` names,
+    then ``config_file`` on top of it, then ``environ`` (``os.environ`` unless given), later wins:
+    every entry point (the commands, the Python API) finds settings this way. Any problem is a
+    ``ConfigError`` of one line naming the key and the file or variable that set it."""
+    environ = os.environ if environ is None else environ
+    files = []  # highest first
+    if config_file is not None:
+        files.append(_YamlFile(Settings, Path(config_file)))
+    named = environ.get(CONFIG_ENV) if config_env else None
+    if named:
+        files.append(_YamlFile(Settings, Path(named), named_by=CONFIG_ENV))
     loading = _Sources(
         defaults=_YamlFile(Settings, DEFAULT_CONFIG),
-        config_file=() if config_file is None else (_YamlFile(Settings, Path(config_file)),),
-        environment=_Environment(Settings, os.environ if environ is None else environ),
+        config_file=tuple(files),
+        environment=_Environment(Settings, environ),
     )
     token = _LOADING.set(loading)
     try:
@@ -434,8 +446,8 @@ class _YamlFile(YamlConfigSettingsSource):
     """One YAML file of settings. Unlike the library's source, a missing or unreadable file is
     an error, and every error is one line that quotes nothing that could be a secret."""
 
-    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
-        self.path = path
+    def __init__(self, settings_cls: type[BaseSettings], path: Path, named_by: str | None = None) -> None:
+        self.path, self.named_by = path, named_by  # the variable that named the file, if one did
         super().__init__(settings_cls, yaml_file=path)
 
     def _read_files(self, files: Any, deep_merge: bool = False) -> dict[str, Any]:
@@ -445,7 +457,8 @@ class _YamlFile(YamlConfigSettingsSource):
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+            named = f" (named by {self.named_by}: unset it, or point it at a config file)" if self.named_by else ""
+            raise ConfigError(f"cannot read config file {path}{named}: {exc.strerror}") from exc
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path} is not UTF-8 text") from exc
         try:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed import Worker, WorkerPlugin, get_worker
 
-from inference.errors import ModelLoadFailed, ModelNotResident
+from inference.errors import InferenceError, ModelLoadFailed, ModelNotResident
 from inference.objects import pinned
 from inference.settings import ImageSettings, ModelSettings, StorageSettings, load_settings
 
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 PLUGIN_PREFIX = "visionstream-model-"
 STDOUT_TO_STDERR_ENV = "VISIONSTREAM_STDOUT_TO_STDERR"  # set by the embedded cluster for its workers
+EMBEDDED_ENV = "VISIONSTREAM_EMBEDDED_WORKER"  # likewise: a worker whose client shares its terminal
 LOAD_WAIT_S = 30.0  # the longest a batch waits on a worker for its model to finish loading; then it goes elsewhere
 RELOAD_BACKOFF_S = (5.0, 300.0)  # after a failed load, the first and the longest pause before a batch tries again
 # Part of every plugin's name: a plugin pickled by an earlier release (other attributes) that a
@@ -67,6 +68,7 @@ class ResidentModel(WorkerPlugin):
         A load that fails is tried again by a later batch (``ensure_loaded``): the scheduler
         keeps the registered plugin and never sets it up on this worker again."""
         logging.getLogger("distributed.worker").addFilter(_said_already)  # once per logger: a set
+        _log_to_stderr()
         if os.environ.get(STDOUT_TO_STDERR_ENV) == "1":
             _stdout_to_stderr()
         self.ready = threading.Event()
@@ -87,7 +89,11 @@ class ResidentModel(WorkerPlugin):
             self.failure = f"{type(exc).__name__}: {exc}"[:500]
             first, longest = RELOAD_BACKOFF_S
             self.retry_at = time.monotonic() + min(longest, first * 2 ** (self.failed_loads - 1))
-            log.error("model %s failed to load on %s (attempt %d): %s", self.name, worker.address, self.failed_loads, self.failure)
+            # An embedded cluster's client prints a first failure of ours (bad weights, a bad
+            # setting) as its one line, on the same terminal: here it is a detail
+            reported = os.environ.get(EMBEDDED_ENV) == "1" and isinstance(exc, InferenceError) and self.failed_loads == 1
+            log.log(logging.DEBUG if reported else logging.ERROR, "model %s failed to load on %s (attempt %d): %s",
+                    self.name, worker.address, self.failed_loads, self.failure)
             raise
         self.failure, self.failed_loads = None, 0
 
@@ -214,6 +220,20 @@ def plugin_usage(dask_worker: Worker) -> dict[str, tuple[int, float]]:
         active = getattr(plugin, "active_batches", 0) + int(loading)
         usage[name] = (active, now - getattr(plugin, "last_used", now))
     return usage
+
+
+def _log_to_stderr() -> None:
+    """visionstream's worker-side lines (how the model runs, when it switches to compiled, why a
+    load failed) at INFO on the worker's stderr, where nothing else configured logging: Dask
+    configures its own loggers only, and Python's last-resort handler shows warnings alone."""
+    logger = logging.getLogger("inference")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
 
 
 def model_health(dask_worker: Worker, name: str) -> dict[str, Any]:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from inference.report import plural
+
 
 class StreamError(Exception):
     """Base of every error raised by the streams package."""
@@ -36,7 +38,7 @@ class BatchRetryExhausted(StreamError):
     """A batch kept failing (cluster, storage, model) for longer than ``batch.retry_timeout_s``."""
 
     def __init__(self, images: int, retry_timeout_s: float, last_error: str) -> None:
-        super().__init__(f"batch of {images} images failed for {retry_timeout_s:g} s (batch.retry_timeout_s); last error: {last_error}")
+        super().__init__(f"batch of {plural(images, 'image')} failed for {retry_timeout_s:g} s (batch.retry_timeout_s); last error: {last_error}")
         self.images, self.retry_timeout_s, self.last_error = images, retry_timeout_s, last_error
 
 

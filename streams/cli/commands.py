@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TextIO
 
+from inference.report import plural
 from inference.settings import Settings
 from streams.cli.console import describe, progress_bar, render
 from streams.service.logs import escape
@@ -118,10 +119,14 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 def run_upload(args: argparse.Namespace, settings: Settings) -> int:
     from streams.service.uploads import upload_paths
 
+    prefix = args.prefix
+    if prefix and not prefix.endswith("/"):  # "dogs" would make keys dogsn02085620-Chihuahua/...
+        prefix += "/"
+        print(f"visionstream: warning: --prefix {escape(args.prefix)!r} does not end with '/': keys go under {escape(prefix)!r}", file=sys.stderr)
     count = asyncio.run(
-        upload_paths(args.paths, args.prefix, settings, notify=args.notify, make_bucket=args.create_bucket)
+        upload_paths(args.paths, prefix, settings, notify=args.notify, make_bucket=args.create_bucket)
     )
-    print(f"uploaded {count} objects to s3://{settings.storage.bucket}/{args.prefix}", file=sys.stderr)
+    print(f"uploaded {plural(count, 'object')} to s3://{settings.storage.bucket}/{escape(prefix)}", file=sys.stderr)
     return 0
 
 
@@ -221,9 +226,14 @@ def run_backfill(args: argparse.Namespace, settings: Settings) -> int:
         return 130
     progress.n = done.published
     progress.close()
+    if done.published == 0 and not args.start_after:  # a typo in the prefix, not an empty backfill
+        found = f"only {plural(done.skipped, 'object')} that {'is not an image' if done.skipped == 1 else 'are not images'}" if done.skipped else "no objects"
+        print(f"visionstream: error: backfill: {found} under {escape(args.uri)} (suffixes: {', '.join(settings.filter.suffixes)}); "
+              "check the bucket and prefix", file=sys.stderr)
+        return 1
     verb = "would publish" if args.dry_run else "published"
-    print(f"backfill: {verb} {done.published} events from {args.uri} ({done.skipped} non-image objects skipped, "
-          f"{done.rate:.0f} events/s); last key {done.last_key!r}", file=sys.stderr)
+    print(f"backfill: {verb} {plural(done.published, 'event')} from {escape(args.uri)} ({plural(done.skipped, 'non-image object')} skipped, "
+          f"{done.rate:.0f} events/s); last key {escape(repr(done.last_key))}", file=sys.stderr)
     return 0
 
 
@@ -314,6 +324,11 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         records = asyncio.run(_read_topic(settings, args.from_beginning, args.idle, args.limit))
         source = f"kafka topics {settings.topics.predictions}, {settings.topics.dead_letter}"
     outcomes = [o for uri, o in latest_per_uri(records).items() if uri.startswith(args.prefix)]
+    if not outcomes:  # an empty report would replace the last good one
+        matching = f" under --prefix {escape(args.prefix)!r}" if args.prefix else ""
+        print(f"visionstream: error: evaluate: no records{matching} in {escape(source)} ({plural(len(records), 'record')} read); "
+              f"{escape(str(args.output))} left as it was", file=sys.stderr)
+        return 1
     summary = summarize(outcomes)
     written = write_report(summary, args.output, source + (f" (prefix {args.prefix})" if args.prefix else ""))
     print(headline(summary))

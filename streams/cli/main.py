@@ -12,7 +12,7 @@ from typing import Any
 import dask.config
 
 from inference.errors import InferenceError
-from inference.settings import Settings, load_settings
+from inference.settings import CONFIG_ENV, Settings, load_settings
 from streams.cli import commands as commands_module
 from streams.errors import StreamError
 from streams.service.logs import configure_logging, escape
@@ -20,7 +20,6 @@ from streams.service.logs import configure_logging, escape
 log = logging.getLogger("visionstream")
 
 EXIT_OK, EXIT_FATAL, EXIT_INTERRUPTED = 0, 1, 130
-CONFIG_ENV = "VISIONSTREAM_CONFIG"  # the config file when --config is not given (`visionstream stack` prints it)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,17 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace) -> Settings:
-    """Defaults, then ``--config`` (else the file ``VISIONSTREAM_CONFIG`` names, for the
-    commands that read it), then the environment, then the options."""
-    from inference.errors import ConfigError
-
-    named = os.environ.get(CONFIG_ENV) if getattr(args, "reads_config_env", True) else None
-    try:
-        settings = load_settings(args.config or named or None)
-    except ConfigError as exc:
-        if args.config or not named:
-            raise
-        raise ConfigError(f"{exc} (named by {CONFIG_ENV}: unset it, or point it at a config file)") from None
+    """Defaults, then the file ``VISIONSTREAM_CONFIG`` names (for the commands that read it),
+    then ``--config`` on top of it, then the environment, then the options."""
+    settings = load_settings(args.config, config_env=getattr(args, "reads_config_env", True))
     return settings.with_overrides(_overrides(args))
 
 
@@ -95,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, run: Callable[[argparse.Namespace, Settings], int | None], help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument("--config", metavar="FILE", help=f"YAML file overriding configs/default.yaml (default: ${CONFIG_ENV})")
+        sub.add_argument("--config", metavar="FILE", help=f"YAML file of settings, layered on configs/default.yaml and on the file ${CONFIG_ENV} names")
         sub.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
         sub.add_argument("--log-format", dest="worker__log_format", choices=["text", "json"], help="text (key=value) or json, one record per line (default: worker.log_format)")
         sub.set_defaults(run=run, parser=sub)

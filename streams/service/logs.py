@@ -52,6 +52,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=True, default=str)
 
 
+class ConnectAttempts(logging.Filter):
+    """aiokafka logs each failed connection attempt at ERROR. The client retries, and where it
+    gives up visionstream raises BrokerUnavailable naming the broker, which the command prints
+    as its one line: the attempts are shown at DEBUG only, not as a second line before it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return logging.getLogger().level <= logging.DEBUG or not str(record.msg).startswith("Unable connect to")
+
+
 def configure_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
@@ -60,3 +69,7 @@ def configure_logging(level: str, log_format: str = "text") -> None:
     root.setLevel(getattr(logging, level))
     for noisy in NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))
+    for name in ("aiokafka", "aiokafka.conn"):
+        attempts = logging.getLogger(name)
+        if not any(isinstance(existing, ConnectAttempts) for existing in attempts.filters):
+            attempts.addFilter(ConnectAttempts())

@@ -2,7 +2,7 @@
 (``inference`` never talks to Kafka). Re-exported by ``streams``.
 
     from streams import read_predictions
-    df = read_predictions("localhost:9092")
+    df = read_predictions()   # the broker of the settings (VISIONSTREAM_CONFIG, the environment)
 
 The latest event per URI, as ``visionstream evaluate`` keeps them (a replay or a retry makes
 duplicates); a dead letter is a row with ``error_stage`` set. Reads from the topics' start up to
@@ -94,8 +94,9 @@ def read_predictions(
     """The predictions topic (``topic``, default ``topics.predictions``), with the dead-letter
     topic unless ``dead_letters`` is False, as one row per URI (``EVENT_COLUMNS``): its latest
     event. ``since``: only events published at or after it (a datetime, or ISO 8601; no zone
-    means UTC). ``limit``: read at most this many events. ``config``: the YAML settings file
-    (security, topic names) as ``--config`` reads it; ``bootstrap_servers`` wins over it."""
+    means UTC). ``limit``: read at most this many events. Settings (the broker, security, topic
+    names) are found as the commands find them: the file ``VISIONSTREAM_CONFIG`` names,
+    ``config`` on top (as ``--config``), the environment; ``bootstrap_servers`` wins where given."""
     import pandas  # noqa: F401 - missing pandas fails here, before the topics are read
 
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -103,7 +104,7 @@ def read_predictions(
     if not idle_s > 0:
         raise ValueError(f"idle_s: seconds, above 0 (got {idle_s!r})")
     after = _moment(since)
-    settings = load_settings(config)
+    settings = load_settings(config, config_env=True)
     if bootstrap_servers:
         settings = settings.with_overrides({"kafka": {"bootstrap_servers": bootstrap_servers}})
     topics = [topic or settings.topics.predictions, *([settings.topics.dead_letter] if dead_letters else [])]

@@ -174,3 +174,21 @@ def test_an_interrupted_backfill_prints_the_exact_resume_command_and_resuming_lo
     published = [e["Records"][0]["s3"]["object"]["key"] for e, _ in backfill_events(settings, len(keys))]
     assert set(published) == set(keys)  # every key at least once; a few around the interruption may repeat
     assert len(published) - len(keys) < 60
+
+
+def test_a_backfill_of_a_prefix_with_no_images_and_an_upload_prefix_without_its_slash_say_so(settings, bucket, tmp_path):
+    fill_bucket(settings, images=0, others=2)
+    env = _env(settings) | {"VISIONSTREAM_STORAGE__BUCKET": bucket}
+    typo = visionstream("backfill", f"s3://{bucket}/nothing/", env=env, timeout_s=120)
+    [line] = typo.stderr.splitlines()[-1:]
+    assert typo.returncode == 1 and line.startswith(f"visionstream: error: backfill: no objects under s3://{bucket}/nothing/"), typo.stderr
+    texts = visionstream("backfill", f"s3://{bucket}/bf/", env=env, timeout_s=120)
+    assert texts.returncode == 1 and "only 2 objects that are not images" in texts.stderr, texts.stderr
+
+    generate_dataset(tmp_path / "set", 1)
+    done = visionstream("upload", str(tmp_path / "set" / "Images"), "--prefix", "noslash", env=env, timeout_s=120)
+    assert done.returncode == 0, done.stderr
+    assert "--prefix 'noslash' does not end with '/': keys go under 'noslash/'" in done.stderr
+    assert "uploaded 1 object to" in done.stderr
+    keys = [item["Key"] for item in boto3.client("s3", **settings.storage.boto3_kwargs()).list_objects_v2(Bucket=bucket, Prefix="noslash")["Contents"]]
+    assert keys and all(key.startswith("noslash/Images/") for key in keys), keys

@@ -148,3 +148,79 @@ def test_the_stack_config_is_its_owners_alone_whatever_was_there(tmp_path):
         assert "bucket: images" in path.read_text()
     assert target.read_text() == "not to be touched"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.yaml", "link.yaml", "open.yaml"]  # no temporary left
+
+
+def test_a_bad_variable_is_blamed_on_the_variable_not_on_the_config_file_set_beside_it(tmp_path):
+    import os
+
+    config = tmp_path / "stack.yaml"
+    config.write_text("batch:\n  size: 10\n")
+    done = visionstream("evaluate", "--input", str(tmp_path / "x.jsonl"),
+                        env=os.environ | {"VISIONSTREAM_CONFIG": str(config), "VISIONSTREAM_BATCH__SZIE": "32"})
+    [line] = done.stderr.splitlines()
+    assert done.returncode == 1 and "(VISIONSTREAM_BATCH__SZIE): batch.szie: unknown setting" in line
+    assert "named by VISIONSTREAM_CONFIG" not in line and "stack.yaml" not in line
+
+
+def test_a_config_file_layers_on_the_one_visionstream_config_names(tmp_path):
+    from inference.settings import load_settings
+
+    stack = tmp_path / "stack.yaml"
+    stack.write_text("model:\n  weights: none\nbatch:\n  size: 10\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("batch:\n  size: 12\n")
+    both = load_settings(mine, environ={"VISIONSTREAM_CONFIG": str(stack)}, config_env=True)
+    assert both.model.weights == "none" and both.batch.size == 12  # only the keys you change
+    assert load_settings(mine, environ={"VISIONSTREAM_CONFIG": str(stack)}).model.weights == "DEFAULT"  # not asked to read it
+    (tmp_path / "bad.yaml").write_text("batch:\n  size: -1\n")
+    with pytest.raises(Exception, match=r"\(.*bad.yaml\): batch.size"):
+        load_settings(tmp_path / "bad.yaml", environ={"VISIONSTREAM_CONFIG": str(stack)}, config_env=True)
+
+
+def test_evaluate_that_matches_nothing_leaves_the_last_report_alone(tmp_path):
+    records = tmp_path / "p.jsonl"
+    records.write_text('{"uri": "s3://b/dogs/a.jpg", "prediction": null, "error": {"stage": "decode", "message": "x"}}\n')
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("the last good report")
+    done = visionstream("evaluate", "--input", str(records), "--prefix", "s3://b/cats/", "--output", str(report))
+    [line] = done.stderr.splitlines()
+    assert done.returncode == 1 and "no records under --prefix 's3://b/cats/'" in line and "left as it was" in line
+    assert (report / "report.md").read_text() == "the last good report"
+
+
+def test_counts_read_in_the_singular_and_plural():
+    from inference.errors import BatchTimeout
+    from inference.report import plural
+
+    assert (plural(1, "image"), plural(0, "image"), plural(2, "object")) == ("1 image", "0 images", "2 objects")
+    assert "batch of 1 image did" in str(BatchTimeout(1, 5.0))
+
+
+def test_a_weights_hint_names_the_option_of_the_interface_in_use():
+    import pickle
+
+    from inference.errors import WeightsUnavailable
+
+    assert "--weights none" in str(WeightsUnavailable("x.pt", "checkpoint file not found"))
+    api = WeightsUnavailable("x.pt", "checkpoint file not found", option="weights=")
+    assert 'weights="none"' in str(api) and "--weights" not in str(api)
+    assert str(pickle.loads(pickle.dumps(api))) == str(api)  # crosses the Dask boundary intact
+
+
+def test_a_failed_connection_attempt_is_not_a_second_line_before_the_error():
+    import logging
+
+    from streams.service.logs import configure_logging
+
+    configure_logging("INFO")
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        logging.getLogger("aiokafka").error('Unable connect to "127.0.0.1:1": [Errno 111] Connect call failed')
+        logging.getLogger("aiokafka").error("Unexpected error in heartbeat routine")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert [record.getMessage() for record in records] == ["Unexpected error in heartbeat routine"]
