@@ -82,6 +82,7 @@ COMPILE_NICE = 10  # the build's CPU priority: it takes what eager batches leave
 BUILD_WAIT_S = 1800.0  # the longest a worker waits for another's build of the same package
 RETRY_DELAYS_S = (30.0, 120.0, 600.0)  # after a failed build; then the worker stays eager
 STDERR_TAIL = 4000  # what is kept of a failed build's output to find its reason in
+STOP_WAIT_S = 10.0  # how long stopping waits for a package load in progress
 
 
 class UnsafeCacheDir(InferenceError):
@@ -104,13 +105,17 @@ def compiles(setting: str | bool, device: torch.device) -> bool:
 
 
 def compiled_batch(batch_size: int, torch_threads: int) -> int:
-    """The chunk shape: the smallest divisor of ``batch_size`` of at least max(4, torch_threads).
-    What a full batch leaves (a moderate upload stream sends a few images per linger) runs as
-    chunks of it, so it pays for a few chunks, not ``batch_size`` rows: on the CPU a forward pass
-    costs in proportion to its images. Padded to 60, at half the saturated rate the stream path's
-    p50 latency was 31 s; in chunks of 4, 1.8 s (BENCHMARKS.md). Pure."""
-    least = max(4, torch_threads)
-    return next((size for size in range(least, batch_size + 1) if batch_size % size == 0), batch_size)
+    """The chunk shape: max(4, torch_threads) images, raised to the smallest divisor of
+    ``batch_size`` within reach (a full batch then runs as whole chunks), never above
+    ``batch_size``. What a full batch leaves (a moderate upload stream sends a few images per
+    linger) runs as chunks of it, so it pays for a few chunks, not ``batch_size`` rows: on the
+    CPU a forward pass costs in proportion to its images. Padded to 60, at half the saturated
+    rate the stream path's p50 latency was 31 s; in chunks of 4, 1.8 s (BENCHMARKS.md). Pure."""
+    least = min(max(4, torch_threads), batch_size)
+    if least == batch_size:
+        return batch_size
+    divisor = next(size for size in range(least, batch_size + 1) if batch_size % size == 0)
+    return divisor if divisor < batch_size and divisor <= 2 * least else least
 
 
 def compiled_shapes(batch_size: int, torch_threads: int) -> tuple[int, ...]:
@@ -149,7 +154,16 @@ def forward_code_digest() -> str:
     and how it is exported and compiled. A change to any of it names new packages (no format
     number to remember to bump)."""
     parts = (LoadedModel.forward, LoadedModel._autocast, normalize, package_build)  # package_build: the export and compile
-    return hashlib.sha256("\n".join(inspect.getsource(part) for part in parts).encode()).hexdigest()
+    return hashlib.sha256(b"\n".join(_code_of(part) for part in parts)).hexdigest()
+
+
+def _code_of(part: Any) -> bytes:
+    """A function's or module's source; where it ships without (byte code only), its code."""
+    try:
+        return inspect.getsource(part).encode()
+    except (OSError, TypeError):
+        code = getattr(part, "__code__", None)
+        return code.co_code if code is not None else Path(inspect.getfile(part)).read_bytes()
 
 
 def _cpu_identity() -> str:
@@ -192,7 +206,7 @@ class PackageBuilder:
     """Builds packages in a child process (``inference.package_build``), one at a time;
     ``stop`` kills the one running (and the compilers it started) and refuses new ones."""
 
-    memory_mb: int = 8192
+    memory_mb: int | None = None  # the build's bound (model.compile_memory_mb): None sizes it to the model, 0 is none
     threads: int | None = None  # the worker's torch threads: inductor writes them into its kernels
     nice: int = COMPILE_NICE
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
@@ -206,18 +220,19 @@ class PackageBuilder:
     def build(self, model: LoadedModel, batch_size: int, path: Path) -> None:
         """Build the package for ``batch_size`` at ``path`` (by rename); raises BuildFailed."""
         partial = path.with_name(f".{path.stem}.{os.getpid()}-{threading.get_native_id()}.pt2")  # the suffix AOTInductor wants
-        weights = partial.with_suffix(".weights.npz")
-        scratch = private_dir(str(path.parent / "inductor"))  # not inductor's default in the shared /tmp
+        weights = partial.with_suffix(".weights")
+        # inductor's scratch (its shared library holds the weights too): in the private cache, not
+        # inductor's default in the shared /tmp, one per build and removed after it
+        scratch = Path(tempfile.mkdtemp(prefix=f".{path.stem}.inductor-", dir=path.parent))
         threads = self.threads or torch.get_num_threads()
         try:
             save_weights(model.module.state_dict(), weights)
-            weights.chmod(0o600)
             request = BuildRequest(
                 model_name=model.info.name, num_classes=_num_classes(model), precision=model.precision,
                 channels_last=model.channels_last, crop_size=model.preprocessing.crop_size,
                 mean=tuple(model.preprocessing.mean), std=tuple(model.preprocessing.std),  # type: ignore[arg-type]
                 weights_path=str(weights), batch_size=batch_size, threads=threads, target=str(partial),
-                parent_pid=os.getpid(), memory_bytes=self.memory_mb << 20, nice=self.nice,
+                parent_pid=os.getpid(), memory_bytes=build_memory_mb(self.memory_mb, model) << 20, nice=self.nice,
             )
             self._run(request, scratch, threads)
             partial.chmod(0o600)  # the weights may be private; and nobody else may rewrite native code
@@ -225,6 +240,7 @@ class PackageBuilder:
         finally:
             partial.unlink(missing_ok=True)
             weights.unlink(missing_ok=True)
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _run(self, request: BuildRequest, scratch: Path, threads: int) -> None:
         with tempfile.TemporaryFile() as output:
@@ -263,24 +279,45 @@ class PackageBuilder:
                 pass
 
 
+def build_memory_mb(setting: int | None, model: LoadedModel) -> int:
+    """The build process's bound: ``model.compile_memory_mb``, or where unset four times the
+    weights (the module's, the folded constants, the package's copy of them, headroom) plus
+    4 GiB for torch and the compiler, at least 8 GiB (ResNet-50's build peaks near 1.2 GB)."""
+    if setting is not None:
+        return setting
+    weights_mb = sum(tensor.numel() * tensor.element_size() for tensor in model.module.state_dict().values()) >> 20
+    return max(8192, 4 * weights_mb + 4096)
+
+
 def _num_classes(model: LoadedModel) -> int:
     """The model's outputs: torchvision builds the head for the weights' categories."""
     return len(model.classes)
 
 
+ENV_KEPT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "CC", "CXX", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
+ENV_KEPT_PREFIXES = ("LC_", "PYTHON", "TORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOMP_", "CUDA_", "CONDA_")
+
+
 def _build_env(scratch: Path, threads: int) -> dict[str, str]:
-    """The build's environment: the worker's, less anything that could be a credential (the build
-    reads only the weights file), with inductor's scratch in the private cache and the package's
-    own import path first."""
-    secret_words = ("SECRET", "PASSWORD", "TOKEN", "CREDENTIAL", "_KEY", "SESSION")
-    env = {name: value for name, value in os.environ.items() if not any(word in name.upper() for word in secret_words)}
-    env = {name: value for name, value in env.items() if not name.startswith(("AWS_", "VISIONSTREAM_STORAGE__", "VISIONSTREAM_KAFKA__"))}
+    """The build's environment: the few variables a compiler and torch need, nothing else (the
+    build reads only the weights file: no credential of the worker's goes along), with
+    inductor's scratch in the private cache, and this package importable."""
+    env = {name: value for name, value in os.environ.items() if name in ENV_KEPT or name.startswith(ENV_KEPT_PREFIXES)}
+    env = {name: value for name, value in env.items() if not any(word in name.upper() for word in ("SECRET", "PASSWORD", "TOKEN"))}
     source_root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [source_root, env.get("PYTHONPATH")]))
+    if source_root not in _site_paths():  # an editable install or a source tree: not on a new interpreter's path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), source_root]))
     env[CACHE_ENV] = str(scratch)
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def _site_paths() -> set[str]:
+    import site
+
+    paths = [*site.getsitepackages(), site.getusersitepackages()]
+    return {str(Path(path).resolve()) for path in paths}
 
 
 def _reason(returncode: int, output: str, stopped: bool) -> str:
@@ -314,11 +351,14 @@ class CompiledModel:
         runner = torch._inductor.aoti_load_package(str(path))
         crop = model.preprocessing.crop_size
         zeros = torch.zeros(batch_size, 3, crop, crop, dtype=torch.uint8)
+        timings: list[float] = []
         with torch.inference_mode():
-            runner(zeros)
-            began = time.perf_counter()
-            runner(zeros)
-        return runner, time.perf_counter() - began
+            runner(zeros)  # warm-up
+            while len(timings) < 2 or (len(timings) < 3 and sum(timings) < 1.0):  # the least of 2 or 3 calls
+                began = time.perf_counter()
+                runner(zeros)
+                timings.append(time.perf_counter() - began)
+        return runner, min(timings)
 
     def with_shape(self, batch_size: int, runner: Callable[..., Any], cost_s: float, path: Path) -> CompiledModel:
         return CompiledModel({**self.runners, batch_size: runner}, {**self.costs_s, batch_size: cost_s}, self.eager, {**self.paths, batch_size: path})
@@ -341,6 +381,10 @@ class CompiledModel:
                 chunk = torch.cat([chunk, chunk.new_zeros((shape - rows, *chunk.shape[1:]))])
             outputs.append(self.runners[shape](chunk.contiguous())[:rows].float())
         return torch.cat(outputs)
+
+    def uses(self, shape: int) -> bool:
+        """Whether any number of rows up to the largest shape is planned with a call of ``shape``."""
+        return any(size == shape for rows in range(1, max(self.runners) + 1) for _, size in self.plan(rows))
 
     def plan(self, rows: int) -> list[tuple[int, int]]:
         """(first row, shape) per call for ``rows`` images: the calls, the last one padded, whose
@@ -399,8 +443,13 @@ def add_shape(
         path = _package(model, batch_size, folder, compile_setting, builder)
         if path is None:
             return None
-        with between_batches or nullcontext():
-            runner, cost_s = CompiledModel.load_runner(model, batch_size, path)
+        try:
+            with between_batches or nullcontext():
+                runner, cost_s = CompiledModel.load_runner(model, batch_size, path)
+        except Exception:
+            with _building(path, builder.stopping):  # not loadable here (another libstdc++, say): the retry builds it
+                path.unlink(missing_ok=True)
+            raise
         if compiled is None:
             return CompiledModel({batch_size: runner}, {batch_size: cost_s}, model, {batch_size: path})
         return compiled.with_shape(batch_size, runner, cost_s, path)
@@ -429,7 +478,7 @@ def _package(model: LoadedModel, batch_size: int, folder: Path, compile_setting:
         if not path.exists() or path.lstat().st_ino == failed:  # not since rebuilt by another worker
             path.unlink(missing_ok=True)
             for partial in path.parent.glob(f".{path.stem}.*"):  # left by a build that was killed
-                partial.unlink(missing_ok=True)
+                shutil.rmtree(partial, ignore_errors=True) if partial.is_dir() else partial.unlink(missing_ok=True)
             # one build at a time among the workers sharing the directory (a host's, normally):
             # each takes both cores for a minute, and they would only slow each other and the batches
             with _building(folder / ".build-slot", builder.stopping):
@@ -487,7 +536,7 @@ class BackgroundCompile:
         use: Callable[[Callable[[Tensor], Tensor]], None],
         torch_threads: int,
         compile_setting: str | bool = True,
-        memory_mb: int = 8192,
+        memory_mb: int | None = None,
         between_batches: AbstractContextManager[Any] | None = None,
         retry_delays_s: tuple[float, ...] | None = None,
     ) -> None:
@@ -511,18 +560,32 @@ class BackgroundCompile:
         self.thread.join(timeout_s)
 
     def stop(self) -> None:
-        """Kill a build in progress; nothing more is loaded or used."""
+        """Kill a build in progress; nothing more is loaded or used. Waits briefly for a package
+        load in progress (a process that exits under one aborts in C++ teardown)."""
         self.stopping.set()
         self.builder.stop()
         atexit.unregister(self.stop)
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(STOP_WAIT_S)
 
     def _run(self) -> None:
+        # OpenMP's thread count is per calling thread (Dask's nannies export OMP_NUM_THREADS=1):
+        # the packages' warm-up and timed calls run as the batches will
+        torch.set_num_threads(self.builder.threads or torch.get_num_threads())
         began = time.monotonic()
         compiled: CompiledModel | None = None
         for shape in self.shapes:
-            compiled = self._with_retries(compiled, shape)
-            if compiled is None or self.stopping.is_set():
+            added = self._with_retries(compiled, shape)
+            if added is None or self.stopping.is_set():
                 return
+            if compiled is not None and not added.uses(shape):
+                log.info(
+                    "model %s: one call of %d (%.3f s) costs more than the chunks it would replace here; it keeps "
+                    "running compiled in shapes %s", self.model.info.name, shape, added.costs_s[shape],
+                    "+".join(map(str, sorted(compiled.runners))),
+                )
+                return  # the unused package is dropped: its memory and its lock-time back
+            compiled = added
             self.use(compiled.predict)
             log.info(
                 "model %s now runs compiled (shapes %s, %s, package %s), %.1f s after it started loading or compiling",
@@ -538,15 +601,20 @@ class BackgroundCompile:
                 if self.stopping.is_set():
                     return None
                 reason = exc.reason if isinstance(exc, BuildFailed) else f"{type(exc).__name__}: {exc}"
-                self._report(reason, attempt, delay_s)
+                self._report(reason, attempt, delay_s, shape, compiled)
                 if delay_s is None or self.stopping.wait(delay_s):
                     return None
         return None
 
-    def _report(self, reason: str, attempt: int, delay_s: float | None) -> None:
+    def _report(self, reason: str, attempt: int, delay_s: float | None, shape: int, compiled: CompiledModel | None) -> None:
         """One warning per distinct reason; a repeat of the same one is logged at INFO, giving up
         at WARNING."""
         level = logging.INFO if reason in self.failures and delay_s is not None else logging.WARNING
         self.failures.append(reason)
-        then = f"retrying in {delay_s:.0f} s" if delay_s is not None else "giving up: it keeps running eagerly"
-        log.log(level, "compiling model %s failed (attempt %d; %s): %s", self.model.info.name, attempt, then, reason)
+        if delay_s is not None:
+            then = f"retrying in {delay_s:.0f} s"
+        elif compiled is not None:
+            then = f"giving up on shape {shape}: it keeps running compiled in shapes {'+'.join(map(str, sorted(compiled.runners)))}"
+        else:
+            then = "giving up: it keeps running eagerly"
+        log.log(level, "compiling model %s failed (shape %d, attempt %d; %s): %s", self.model.info.name, shape, attempt, then, reason)

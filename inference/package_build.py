@@ -7,11 +7,11 @@ A build also takes a minute of both cores and gigabytes of memory. Here it has i
 its own copy of the weights, a lower CPU priority and a memory bound: a build that fails, crashes
 or runs out of memory ends this process only, never the worker or the batch it runs.
 
-The request comes on stdin as one JSON object (``BuildRequest``); the weights come as a NumPy
-archive (no pickle: ``allow_pickle=False``) written by the worker into its private cache
+The request comes on stdin as one JSON object (``BuildRequest``); the weights come as raw
+tensors behind a JSON index (no pickle), written by the worker into its private cache
 directory. The package is written beside its final name and renamed into place by the caller's
 ``inference.compiled.PackageBuilder``. The process ends when its parent does (it polls), and
-receives no credential: it reads nothing but the weights file.
+receives no credential: it reads nothing but the weights file. Its compilers end with it.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -64,38 +64,54 @@ class BuildRequest:
         return cls(**fields)
 
 
+WEIGHTS_MAGIC = b"visionstream-weights-1\n"
+
+
 def save_weights(state: dict, path: Path) -> None:
-    """A state_dict as a NumPy archive of raw bytes, with each tensor's dtype and shape in its name
-    (bf16 has no NumPy dtype); read back by ``load_weights`` without unpickling anything."""
-    arrays = {}
-    for index, (name, tensor) in enumerate(state.items()):
-        data = tensor.detach().cpu().contiguous()
-        meta = json.dumps({"name": name, "dtype": str(data.dtype).removeprefix("torch."), "shape": list(data.shape)})
-        arrays[f"t{index}"] = np.frombuffer(data.reshape(-1).view(torch.uint8).numpy().tobytes(), dtype=np.uint8)
-        arrays[f"m{index}"] = np.frombuffer(meta.encode(), dtype=np.uint8)
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
+    """A state_dict as raw bytes behind a JSON index (name, dtype, shape, size per tensor),
+    written one tensor at a time (never a second copy of every weight in the worker's memory)
+    into a file only this user can read; read back by ``load_weights`` without unpickling."""
+    tensors = [(name, tensor.detach().cpu().contiguous()) for name, tensor in state.items()]
+    index = [{"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "bytes": t.numel() * t.element_size()} for name, t in tensors]
+    header = json.dumps(index).encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(WEIGHTS_MAGIC + len(header).to_bytes(8, "little") + header)
+        for _, tensor in tensors:
+            if tensor.numel():
+                handle.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
 
 
 def load_weights(path: str) -> dict:
     state = {}
-    with np.load(path, allow_pickle=False) as archive:
-        for index in range(len(archive.files) // 2):
-            meta = json.loads(archive[f"m{index}"].tobytes())
-            raw = torch.from_numpy(archive[f"t{index}"].copy())
-            state[meta["name"]] = raw.view(getattr(torch, meta["dtype"])).reshape(meta["shape"])
+    with open(path, "rb") as handle:
+        if handle.read(len(WEIGHTS_MAGIC)) != WEIGHTS_MAGIC:
+            raise ValueError(f"{path}: not a weights file of this version")
+        index = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for entry in index:
+            raw = torch.frombuffer(bytearray(handle.read(entry["bytes"])), dtype=torch.uint8) if entry["bytes"] else torch.empty(0, dtype=torch.uint8)
+            state[entry["name"]] = raw.view(getattr(torch, entry["dtype"])).reshape(entry["shape"])
     return state
 
 
 def _limit(request: BuildRequest) -> None:
-    """Lower priority (inherited by the compiler processes inductor starts) and a bound on the
-    process's data segment: an allocation past it fails here, not in the worker."""
+    """Lower priority, a bound on the data segment and the kernel's first pick when memory runs
+    out (all inherited by the compiler processes inductor starts): a build that needs too much
+    fails here, or is the process killed, never the worker that serves batches."""
+    os.umask(0o077)  # the package and inductor's scratch hold the weights
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, request.nice)
+        os.setpriority(os.PRIO_PROCESS, 0, max(request.nice, os.getpriority(os.PRIO_PROCESS, 0)))
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write("1000")
     except OSError:
         pass
     if request.memory_bytes > 0:
-        resource.setrlimit(resource.RLIMIT_DATA, (request.memory_bytes, request.memory_bytes))
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        bound = request.memory_bytes if hard == resource.RLIM_INFINITY else min(request.memory_bytes, hard)
+        resource.setrlimit(resource.RLIMIT_DATA, (bound, hard))
 
 
 def _end_with_parent(parent_pid: int) -> None:
@@ -104,7 +120,10 @@ def _end_with_parent(parent_pid: int) -> None:
     def watch() -> None:
         while os.getppid() == parent_pid:
             time.sleep(PARENT_POLL_S)
-        os._exit(3)
+        try:
+            os.killpg(0, signal.SIGKILL)  # this process leads its group: its compilers end with it
+        finally:
+            os._exit(3)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
@@ -165,8 +184,8 @@ def build(request: BuildRequest) -> None:
 def main() -> int:
     request = BuildRequest.from_json(sys.stdin.read())
     _end_with_parent(request.parent_pid)
-    _limit(request)
     try:
+        _limit(request)
         build(request)
     except MemoryError:
         print(f"error: out of memory (model.compile_memory_mb: {request.memory_bytes >> 20} MiB)", file=sys.stderr)

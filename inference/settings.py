@@ -1,11 +1,12 @@
 """Settings: one frozen object, and the only module that reads the environment.
 
-``load_settings`` layers four sources with pydantic-settings, later wins (the order is stated
+``load_settings`` layers these sources with pydantic-settings, later wins (the order is stated
 once, in ``Settings.settings_customise_sources``):
 
 1. the packaged defaults, ``inference/data/default.yaml`` (``DEFAULT_CONFIG``; mirrored by the
    field defaults below, a test keeps the two equal; ``configs/default.yaml`` links to it);
-2. a ``--config`` YAML file;
+2. with ``config_env`` (every entry point: the commands, the Python API), the YAML file that
+   ``VISIONSTREAM_CONFIG`` names, then a ``--config`` YAML file on top of it;
 3. ``VISIONSTREAM_<SECTION>__<KEY>`` environment variables, any case. A value is a string parsed
    by the field's type, never as YAML: ``0123`` stays ``"0123"`` for a string field, a password
    loads verbatim whatever it holds. Lists take a JSON array or comma-separated items. A
@@ -120,7 +121,7 @@ class ModelSettings(Section):
     # CUDA: a captured CUDA graph unless true (torch.compile instead)
     compile: Annotated[Literal["auto", True, False], BeforeValidator(_auto_or_bool)] = "auto"
     compile_cache_dir: str | None = None  # where compiled packages are kept; None: <tmp>/visionstream-compiled-<uid>
-    compile_memory_mb: int = Field(8192, ge=0)  # the bound on a package build's process (its data segment); 0: none
+    compile_memory_mb: int | None = Field(None, ge=0)  # a package build's bound (its data segment); None: sized to the model; 0: none
     top_k: int = Field(5, ge=1, le=1000)
 
 
@@ -310,7 +311,8 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Highest first: explicit values, the environment, the ``--config`` file, the packaged
+        """Highest first: explicit values, the environment, the ``--config`` file, the file
+        ``VISIONSTREAM_CONFIG`` names, the packaged
         defaults. No ``.env`` file (the repository's is docker-compose's) and no secrets dir.
 
         The sources of one ``load_settings`` call arrive through ``_LOADING`` (this hook takes
