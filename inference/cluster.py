@@ -421,7 +421,6 @@ def embedded_cluster(settings: ClusterSettings, *, asynchronous: bool = False, e
     (default 1). ``env`` reaches every worker process (credentials of an embedded S3 server).
     Await it when ``asynchronous``; close it (or use it as a context manager) when done.
     """
-    _workers_skip_main()
     gpus = _visible_gpus() if settings.gpu is not False else []
     if settings.gpu is True and not gpus:
         raise ClusterUnavailable("embedded", "cluster.gpu is true but no CUDA device is visible")
@@ -433,10 +432,33 @@ def embedded_cluster(settings: ClusterSettings, *, asynchronous: bool = False, e
     for spec in workers.values():
         spec["options"].update(transport)
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0", **transport}}
-    return SpecCluster(
+    _workers_skip_main()
+    return EmbeddedCluster(
         workers=workers, scheduler=scheduler, asynchronous=asynchronous, silence_logs=logging.WARNING,
         name="visionstream-embedded", security=security,
     )
+
+
+_OPEN_EMBEDDED: set[int] = set()  # ids of the embedded clusters open in this process
+
+
+class EmbeddedCluster(SpecCluster):
+    """visionstream's embedded cluster: while one is open, Dask worker processes started in this
+    process are prepared without the caller's ``__main__`` (``_workers_skip_main``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _OPEN_EMBEDDED.add(id(self))
+        try:
+            super().__init__(*args, **kwargs)
+        except BaseException:
+            _OPEN_EMBEDDED.discard(id(self))
+            raise
+
+    async def _close(self) -> None:
+        try:
+            await super()._close()
+        finally:
+            _OPEN_EMBEDDED.discard(id(self))
 
 
 def _workers_skip_main() -> None:
@@ -447,9 +469,9 @@ def _workers_skip_main() -> None:
     "__main__":`` guard, would start a cluster again inside each worker process as it boots, which
     multiprocessing refuses, and the caller would wait forever for workers that never come. The
     workers need nothing from the script: they run visionstream's own functions (cloudpickle
-    sends anything defined in ``__main__`` by value). So the preparation of processes Dask's
-    nannies name "Dask Worker process" leaves the main module out; every other process is
-    prepared as before."""
+    sends anything defined in ``__main__`` by value). So while an embedded cluster is open, the
+    preparation of processes Dask's nannies name "Dask Worker process" leaves the main module
+    out; every other process, and every process once none is open, is prepared as before."""
     import multiprocessing.spawn as spawn
 
     original = spawn.get_preparation_data
@@ -458,7 +480,7 @@ def _workers_skip_main() -> None:
 
     def get_preparation_data(name: str) -> dict[str, Any]:
         data = original(name)
-        if str(name).startswith("Dask Worker process"):
+        if _OPEN_EMBEDDED and str(name).startswith("Dask Worker process"):
             data.pop("init_main_from_path", None)
             data.pop("init_main_from_name", None)
         return data

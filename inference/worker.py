@@ -226,9 +226,11 @@ def _log_to_stderr() -> None:
     """visionstream's worker-side lines (how the model runs, when it switches to compiled, why a
     load failed) at INFO on the worker's stderr, where nothing else configured logging: Dask
     configures its own loggers only, and Python's last-resort handler shows warnings alone."""
+    import multiprocessing
+
     logger = logging.getLogger("inference")
-    if logger.handlers or logging.getLogger().handlers:
-        return
+    if multiprocessing.parent_process() is None or logger.handlers or logging.getLogger().handlers:
+        return  # not a worker process of its own (processes=False: the caller's logging decides)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
     logger.addHandler(handler)

@@ -15,6 +15,7 @@ import tempfile
 
 import pytest
 
+os.environ.pop("VISIONSTREAM_CONFIG", None)  # a shell that followed README's `export` must not reach the tests
 COMPILE_CACHE = tempfile.mkdtemp(prefix="visionstream-test-compiled-")
 os.environ["VISIONSTREAM_MODEL__COMPILE_CACHE_DIR"] = COMPILE_CACHE
 

@@ -122,7 +122,7 @@ def run_upload(args: argparse.Namespace, settings: Settings) -> int:
     prefix = args.prefix
     if prefix and not prefix.endswith("/"):  # "dogs" would make keys dogsn02085620-Chihuahua/...
         prefix += "/"
-        print(f"visionstream: warning: --prefix {escape(args.prefix)!r} does not end with '/': keys go under {escape(prefix)!r}", file=sys.stderr)
+        print(f"visionstream: warning: --prefix {args.prefix!r} does not end with '/': keys go under {prefix!r}", file=sys.stderr)
     count = asyncio.run(
         upload_paths(args.paths, prefix, settings, notify=args.notify, make_bucket=args.create_bucket)
     )
@@ -222,12 +222,12 @@ def run_backfill(args: argparse.Namespace, settings: Settings) -> int:
         progress.close()
         print(f"interrupted after {latest.published} events; last key published: {latest.last_key!r}", file=sys.stderr)
         if latest.last_key is not None:
-            print(f"resume with: visionstream {' '.join(_without_start_after(sys.argv[1:]))} --start-after {shlex.quote(latest.last_key)}", file=sys.stderr)
+            print(escape(f"resume with: visionstream {' '.join(_without_start_after(sys.argv[1:]))} --start-after {shlex.quote(latest.last_key)}"), file=sys.stderr)
         return 130
     progress.n = done.published
     progress.close()
     if done.published == 0 and not args.start_after:  # a typo in the prefix, not an empty backfill
-        found = f"only {plural(done.skipped, 'object')} that {'is not an image' if done.skipped == 1 else 'are not images'}" if done.skipped else "no objects"
+        found = f"no image objects ({plural(done.skipped, 'other object')} skipped: other suffixes, or outside filter.prefix)" if done.skipped else "no objects"
         print(f"visionstream: error: backfill: {found} under {escape(args.uri)} (suffixes: {', '.join(settings.filter.suffixes)}); "
               "check the bucket and prefix", file=sys.stderr)
         return 1
@@ -325,7 +325,7 @@ def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         source = f"kafka topics {settings.topics.predictions}, {settings.topics.dead_letter}"
     outcomes = [o for uri, o in latest_per_uri(records).items() if uri.startswith(args.prefix)]
     if not outcomes:  # an empty report would replace the last good one
-        matching = f" under --prefix {escape(args.prefix)!r}" if args.prefix else ""
+        matching = f" under --prefix {args.prefix!r}" if args.prefix else ""
         print(f"visionstream: error: evaluate: no records{matching} in {escape(source)} ({plural(len(records), 'record')} read); "
               f"{escape(str(args.output))} left as it was", file=sys.stderr)
         return 1

@@ -55,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _load(args: argparse.Namespace) -> Settings:
     """Defaults, then the file ``VISIONSTREAM_CONFIG`` names (for the commands that read it),
     then ``--config`` on top of it, then the environment, then the options."""
-    settings = load_settings(args.config, config_env=getattr(args, "reads_config_env", True))
+    reads_env = getattr(args, "reads_config_env", True)
+    named = os.environ.get(CONFIG_ENV) if reads_env else None
+    if args.config and named:  # said, so that nobody wonders where a key they did not write came from
+        log.info("settings: %s layered on %s (named by %s)", escape(args.config), escape(named), CONFIG_ENV)
+    settings = load_settings(args.config, config_env=reads_env)
     return settings.with_overrides(_overrides(args))
 
 

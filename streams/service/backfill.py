@@ -55,7 +55,10 @@ class BackfillPlan:
 
     @classmethod
     def parse(cls, uri: str, topic: str, **options: Any) -> BackfillPlan:
-        """A plan for ``s3://bucket/prefix``; ValueError if ``uri`` is not one."""
+        """A plan for ``s3://bucket/prefix``; ValueError if ``uri`` is not one, or a limit is below 1."""
+        limit = options.get("limit")
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit: a number of events, 1 or more (got {limit})")
         return cls(*parse_s3_uri(uri), topic, **options)
 
     def reached(self, events: int) -> bool:

@@ -53,12 +53,13 @@ class JsonFormatter(logging.Formatter):
 
 
 class ConnectAttempts(logging.Filter):
-    """aiokafka logs each failed connection attempt at ERROR. The client retries, and where it
-    gives up visionstream raises BrokerUnavailable naming the broker, which the command prints
-    as its one line: the attempts are shown at DEBUG only, not as a second line before it."""
+    """aiokafka logs each failed attempt to reach a bootstrap server at ERROR. Where it gives up
+    visionstream raises BrokerUnavailable naming the broker, which the command prints as its one
+    line: those attempts are shown at DEBUG only, not as a second line before it. A member that
+    cannot reach a broker later (``Unable connect to node with id N``) is still logged."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return logging.getLogger().level <= logging.DEBUG or not str(record.msg).startswith("Unable connect to")
+        return logging.getLogger().level <= logging.DEBUG or not str(record.msg).startswith('Unable connect to "')
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:
