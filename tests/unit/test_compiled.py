@@ -269,7 +269,7 @@ def test_eager_batches_run_while_the_package_builds_and_the_worker_then_runs_com
         runner.compiling.join(300)  # the full-batch shape too: kept where one call of 8 is cheaper than two of 4
         package = runner.predict.__self__
         assert isinstance(package, CompiledModel) and sorted(package.runners) in ([4], [4, 8])
-        assert ("shapes 4+8" in caplog.text) != ("one call of 8" in caplog.text and "costs more than the chunks" in caplog.text)
+        assert ("now runs compiled (shapes 4+8" in caplog.text) != ("one call of 8" in caplog.text and "costs more than the chunks" in caplog.text)
         for rows in (1, 4, 8, 9):  # short, a chunk, a full batch, and longer
             got = runner.predict(crops[:rows])
             torch.testing.assert_close(got, expected[:rows], atol=1e-3, rtol=1e-3)
