@@ -322,6 +322,8 @@ def _describe(spec: WeightsSpec) -> str:
 def redact_uri(uri: str) -> str:
     """A checkpoint's path or URI without what could be a credential: ``user:token@`` and the
     query (a presigned URL's signature) are dropped. Pure."""
+    if "::" in uri:  # an fsspec chain (simplecache::https://user:token@host/m.pt): each link on its own
+        return "::".join(redact_uri(link) for link in uri.split("::"))
     parts = urlsplit(uri)
     if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
         return uri

@@ -48,8 +48,8 @@ def _markdown(summary: dict[str, Any], source: str, charts: list[Path]) -> str:
     lines = [
         "# visionstream accuracy report",
         "",
-        f"- source: `{source}`",
-        f"- model (weights): {models}",
+        f"- source: {_cell(source)}",  # a file name or a weights URI is text, never Markdown or HTML
+        f"- model (weights): {_cell(models)}",
         "",
         "| figure | value |",
         "| --- | --- |",

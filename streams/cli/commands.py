@@ -119,7 +119,11 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
 def run_upload(args: argparse.Namespace, settings: Settings) -> int:
     from streams.service.uploads import upload_paths
 
+    from streams.service.s3events import key_problem
+
     prefix = args.prefix
+    if (problem := key_problem(prefix + "x")) is not None:  # the stream worker would refuse every event
+        return _usage_error(f"--prefix {prefix!r}: {problem}")
     if prefix and not prefix.endswith("/"):  # "dogs" would make keys dogsn02085620-Chihuahua/...
         prefix += "/"
         print(f"visionstream: warning: --prefix {args.prefix!r} does not end with '/': keys go under {prefix!r}", file=sys.stderr)
@@ -415,7 +419,8 @@ def run_classify(args: argparse.Namespace, settings: Settings) -> int:
     progress = progress_bar("classify", unit="img")
 
     def write(result: Any) -> None:
-        output.write(json.dumps(result.to_dict(), ensure_ascii=False) + "\n")
+        # ASCII-only JSON, as the events are: a key's C1 or bidi controls reach no terminal raw
+        output.write(json.dumps(result.to_dict(), ensure_ascii=True) + "\n")
         progress.update(1)
 
     async def run() -> Any:

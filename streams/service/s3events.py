@@ -268,7 +268,8 @@ def _decoded_key(encoded: str, where: str) -> str:
 
 
 def key_problem(key: str) -> str | None:
-    """Why an event naming ``key`` is refused (control characters, ``::``, too long); None if it is not."""
+    """Why an event naming ``key`` is refused (control characters, ``::``, a ``.`` or ``..``
+    segment, too long); None if it is not."""
     try:
         _printable(key)
     except ValueError as exc:
@@ -277,6 +278,10 @@ def key_problem(key: str) -> str | None:
         return f"object key longer than S3's {MAX_KEY_BYTES} bytes"
     if "::" in key:
         return "object key contains '::'"
+    if any(segment in (".", "..") for segment in key.split("/")):
+        # S3 stores it as written, but a client or a proxy that normalises paths reads another
+        # object (images/../private/x.jpg is private/x.jpg), outside the prefix the filter allowed
+        return "object key has a '.' or '..' segment"
     return None
 
 

@@ -151,6 +151,8 @@ def test_fatal_problems_exit_non_zero_with_one_clear_message(args: list[str], me
     [line] = [line for line in done.stderr.splitlines() if line.startswith("visionstream: error:")]
     assert message in line
     assert "Traceback" not in done.stderr, done.stderr
+    others = [other for other in done.stderr.splitlines() if other != line and ("ERROR" in other or "failed to load" in other)]
+    assert not others, others  # the fatal error is said once, not also by a worker or a client library
 
 
 @pytest.mark.slow  # about 45 s: an embedded cluster of its own: `make test-slow` (CI runs both)
@@ -293,3 +295,19 @@ def test_the_shipped_defaults_from_a_cold_cache_serve_while_the_bf16_package_bui
     assert compiled.keys() == eager.keys()
     same = sum(compiled[uri]["prediction"]["class_index"] == eager[uri]["prediction"]["class_index"] for uri in eager)
     assert same >= 0.9 * len(eager), f"{same} of {len(eager)} agree"
+
+
+def test_classify_records_are_ascii_json_whatever_the_file_names_hold(tmp_path: Path, dask_scheduler: str, dask_env):
+    """A name with a bidi override or a C1 control (U+009B: a CSI to many terminals) reaches the
+    terminal \\u-escaped, as the events carry it."""
+    [path] = generate_dataset(tmp_path / "dogs", 1)
+    folder = Path(path).parent
+    names = ["n02085620_\u202egpj.jpg", "n02085620_\u009b31m.jpg"]
+    for name in names:
+        (folder / name).write_bytes(Path(path).read_bytes())
+    done = visionstream("classify", str(tmp_path / "dogs"), "--weights", "none", "--model", "resnet18",
+                        "--scheduler", dask_scheduler, "--output", "-", env=dask_env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.isascii() and "\\u202e" in done.stdout and "\\u009b" in done.stdout
+    uris = {json.loads(line)["uri"] for line in done.stdout.splitlines()}
+    assert {Path(uri).name for uri in uris} >= set(names)

@@ -224,3 +224,46 @@ def test_a_failed_connection_attempt_is_not_a_second_line_before_the_error():
     finally:
         logging.getLogger().removeHandler(handler)
     assert [record.getMessage() for record in records] == ["Unexpected error in heartbeat routine"]
+
+
+def test_a_cpu_host_is_not_told_that_no_cuda_runtime_is_found():
+    import logging
+
+    import inference.compiled  # noqa: F401 - installs the filter, as every process that loads a package imports it
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    logger.addHandler(handler)
+    try:
+        logger.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local")
+        logger.warning("Error checking compiler version for c++")
+    finally:
+        logger.removeHandler(handler)
+    assert [record.getMessage() for record in records] == ["Error checking compiler version for c++"]
+
+
+def test_a_sasl_password_appears_in_no_output_even_at_debug():
+    """The Kafka client options are built with SASL on, as a production config has them, and
+    everything the commands print at DEBUG is read: the password is in none of it."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    secret = "Sasl-Pa55word-4f9c"
+    sasl = UNREACHABLE | {
+        "VISIONSTREAM_KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT", "VISIONSTREAM_KAFKA__SASL_MECHANISM": "SCRAM-SHA-512",
+        "VISIONSTREAM_KAFKA__SASL_USERNAME": "svc", "VISIONSTREAM_KAFKA__SASL_PASSWORD": secret,
+    }
+    cases = [["tail", "--idle", "2"], ["lag"], ["backfill", "s3://images/dogs/"]]
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(lambda args: visionstream(*args, "--log-level", "DEBUG", env=os.environ | sasl), cases))
+    for args, done in zip(cases, runs, strict=True):
+        assert done.returncode == 1, (args, done.stderr[-2000:])
+        assert "sasl" in done.stderr.lower() or "Kafka at 127.0.0.1:9" in done.stderr, (args, done.stderr[-2000:])  # it did build them
+        assert secret not in done.stdout + done.stderr, args
+
+
+def test_upload_refuses_a_prefix_whose_keys_the_worker_would_refuse():
+    done = visionstream("upload", "README.md", "--prefix", "../outside/")
+    assert done.returncode == 2 and "--prefix '../outside/': object key has a '.' or '..' segment" in done.stderr

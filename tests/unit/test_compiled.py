@@ -279,11 +279,12 @@ def test_eager_batches_run_while_the_package_builds_and_the_worker_then_runs_com
         runner.close()
 
 
-@pytest.mark.slow  # loads the packages the test above built
-def test_a_restarted_worker_loads_its_packages_without_building(cache, monkeypatch):
-    monkeypatch.setattr(PackageBuilder, "build", _must_not_build)
+@pytest.mark.slow  # builds resnet18's package for chunks of 4: about 30 s on 2 cores
+def test_a_restarted_worker_loads_its_packages_without_building(tmp_path, monkeypatch):
     model = load_model(SETTINGS)
-    package = compiled_model(model, (4, 8), cache)
+    compiled_model(model, 4, str(tmp_path))  # built (in its own process) by a first worker
+    monkeypatch.setattr(PackageBuilder, "build", _must_not_build)
+    package = compiled_model(load_model(SETTINGS), 4, str(tmp_path))  # as a restarted worker: loaded, not built
     crops = torch.randint(0, 255, (11, 3, 224, 224), dtype=torch.uint8)
     torch.testing.assert_close(package.predict(crops), model.predict(crops), atol=1e-3, rtol=1e-3)
 

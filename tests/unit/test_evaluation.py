@@ -77,7 +77,7 @@ def test_report_folder_has_markdown_json_and_valid_pngs(tmp_path: Path):
             image.verify()
             assert image.format == "PNG"
     text = (tmp_path / "report" / "report.md").read_text()
-    assert "67.085%" in text and "60.000%" in text and "resnet50 (IMAGENET1K_V2)" in text
+    assert "67.085%" in text and "60.000%" in text and r"resnet50 (IMAGENET1K\_V2)" in text
     assert json.loads((tmp_path / "report" / "summary.json").read_text())["top1_accuracy"] == pytest.approx(0.6)
 
 
@@ -108,3 +108,13 @@ def test_labels_from_keys_cannot_break_the_report(tmp_path: Path):
     assert "<script>" not in text and "&lt;script&gt;" in text
     row = next(line for line in text.splitlines() if line.startswith("| n09999999"))
     assert row.count("|") - row.count("\\|") == 6  # five columns, the label's pipes escaped
+
+
+def test_a_model_or_source_name_is_text_in_the_report_not_markup(tmp_path: Path):
+    hostile = dict(RECORDS[0], model={"name": "resnet50", "weights": "<img src=x onerror=alert(1)>|[x](http://e)`"})
+    summary = summarize(latest_per_uri([hostile]).values())
+    write_report(summary, tmp_path / "report", "s3://b/`code`<b>")
+    text = (tmp_path / "report" / "report.md").read_text()
+    source, model = (line for line in text.splitlines() if line.startswith(("- source:", "- model")))
+    assert source == r"- source: s3://b/\`code\`&lt;b&gt;"
+    assert r"&lt;img src=x onerror=alert(1)&gt;\|\[x\](http://e)\`" in model and "<img" not in model

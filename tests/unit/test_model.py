@@ -190,6 +190,8 @@ def test_pretrained_weights_are_loaded_without_unpickling_and_checked_against_th
         ("s3://models/resnet50.pt", "s3://models/resnet50.pt"),
         ("/models/resnet50.pt", "/models/resnet50.pt"),
         ("https://models.example:8443/a.pt?token=t0k", "https://models.example:8443/a.pt"),
+        ("simplecache::https://user:s3cr3t@models.example/m.pt", "simplecache::https://models.example/m.pt"),  # an fsspec chain
+        ("filecache::s3://key:s3cr3t@models/m.pt?sig=x", "filecache::s3://models/m.pt"),
     ],
 )
 def test_a_checkpoint_uri_is_described_without_credentials(uri, shown):

@@ -141,6 +141,9 @@ def _with_object_field(name: str, value) -> bytes:
         (_with_key("Images/line%0Abreak.jpg"), "control characters"),
         (_with_key("Images/%1B%5B31mred.jpg"), "control characters"),
         (_with_key("private/doc::x.jpg"), "'::'"),
+        (_with_key("Images/../private/x.jpg"), "'..' segment"),
+        (_with_key("./Images/x.jpg"), "'..' segment"),
+        (_with_key("Images/%2E%2E/x.jpg"), "'..' segment"),
         (json.dumps({"Records": AWS["Records"] * 101}).encode(), "101 records in one message; the limit is 100"),
     ],
 )
@@ -150,7 +153,7 @@ def test_hostile_notifications_are_malformed_never_a_crash(payload: bytes, reaso
 
 
 def test_glob_characters_and_query_strings_stay_part_of_the_key():
-    for key in ("**/*.jpg", "a?versionId=1.jpg", "[abc].jpg"):
+    for key in ("**/*.jpg", "a?versionId=1.jpg", "[abc].jpg", "a/.hidden.jpg", "a/...jpg", "a/..b/c.jpg"):
         [ref] = parse_notification(_with_key(key.replace("?", "%3F")), ALL).objects
         assert ref.key == key
 

@@ -302,3 +302,36 @@ def test_plugin_usage_counts_a_loading_model_and_waiting_batches_as_busy_by_the_
     assert active == 0 and idle > 0 and set(plugin_usage(worker)) == {plugin.name} and plugin.name.startswith(PLUGIN_PREFIX)
     plugin.active_batches = 2  # running, or waiting for the model
     assert plugin_usage(worker)[plugin.name][0] == 2
+
+
+def test_whatever_a_decoder_raises_for_one_image_is_that_images_dead_letter(tmp_path, monkeypatch):
+    """A decoder that fails with something other than an image error (EOFError, struct.error: what
+    Pillow's plugins raise on truncated headers) fails its image alone; the batch goes on."""
+    import struct
+
+    from PIL import Image
+
+    from inference import runtime
+    from inference.runtime import BatchRunner
+    from inference.settings import ImageSettings, StorageSettings
+
+    paths = []
+    for name in ("n02085620_1.jpg", "n02085620_bad.jpg", "n02085620_2.jpg"):
+        Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / name, "JPEG")
+        paths.append(str(tmp_path / name))
+    real = runtime.decode_crop
+
+    def decode_crop(data, uri, *args, **kwargs):
+        if "bad" in uri:
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return real(data, uri, *args, **kwargs)
+
+    monkeypatch.setattr(runtime, "decode_crop", decode_crop)
+    runner = BatchRunner.start(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=3)
+    try:
+        results = runner.classify(paths, r"(?P<wnid>n\d{8})")
+    finally:
+        runner.close()
+    bad = results[1]
+    assert bad.prediction is None and bad.error.stage == "decode" and "error: unpack requires" in bad.error.message
+    assert all(result.prediction is not None and result.error is None for result in (results[0], results[2]))
