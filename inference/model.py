@@ -260,11 +260,12 @@ def _load_pretrained(model_name: str, weights: Any, spec: str) -> nn.Module:
             raise WeightsUnavailable(
                 f"{spec} ({weights})", f"not in the torch cache ({path.parent}) and not downloadable: {type(exc).__name__}: {exc}"
             ) from exc
-    digest = _sha256(path)
+    data = path.read_bytes()  # hashed and loaded from the same bytes: the file cannot change in between
+    digest = hashlib.sha256(data).hexdigest()
     if expected and not digest.startswith(expected):
         raise WeightsUnavailable(f"{spec} ({weights})", f"{path} does not match its published digest ({expected}...): refused")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         module = torchvision.models.get_model(model_name, weights=None, num_classes=len(weights.meta["categories"]))
         module.load_state_dict(state, strict=True)
     except Exception as exc:  # noqa: BLE001 - not a plain state_dict, or not this architecture's
@@ -276,14 +277,6 @@ def _digest_prefix(filename: str) -> str | None:
     """``resnet50-11ad3fa6.pth`` -> ``11ad3fa6``: the SHA-256 prefix torchvision publishes."""
     match = re.search(r"-([a-f0-9]{6,})\.", filename)
     return match.group(1) if match else None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings) -> None:

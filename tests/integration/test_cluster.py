@@ -23,6 +23,7 @@ def test_rotated_secrets_share_one_model_and_a_new_configuration_retires_the_old
     async def run() -> None:
         async with embedded_cluster(ClusterSettings(gpu=False, threads_per_worker=1), asynchronous=True) as local:
             settings = ClusterSettings(**reaching(local))
+            # compile off: short-lived clusters about secrets and retirement, closed before a build could end
             model = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
             clusters = []
             for secret in ("first-secret-abc", "rotated-secret-xyz"):
@@ -64,6 +65,7 @@ def test_a_model_that_failed_to_load_is_loaded_again_once_its_checkpoint_exists(
     from streams.embedded.samples import generate_dataset
 
     checkpoint = tmp_path / "resnet18-late.pt"
+    # compile off: about a late checkpoint; each reload would start a build beside the test
     model = ModelSettings(name="resnet18", weights=str(checkpoint), device="cpu", precision="fp32", compile=False)
     [image] = generate_dataset(tmp_path / "one", 1)
     settings = ClusterSettings(**dask_reach)
@@ -105,6 +107,7 @@ def test_the_embedded_cluster_admits_only_peers_with_its_certificate():
             for attempt in (address, plain):
                 with pytest.raises((OSError, TimeoutError, TypeError)):  # refused, whichever way
                     await Client(attempt, asynchronous=True, timeout=3)
+            # compile off: a short-lived cluster about TLS, closed before a build could end
             cluster = InferenceCluster(ClusterSettings(**reaching(local)), ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False), ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
             await cluster.start()
             assert (await cluster.threads()) and cluster.client.status == "running"

@@ -151,7 +151,17 @@ def test_the_scheduler_is_on_a_network_of_its_own():
     on_dask = {name for name, nets in networks.items() if "dask" in nets}
     assert on_dask == {"dask-scheduler", "dask-worker", "dask-worker-cpu", "visionstream", "prometheus"}
     for reader in STORAGE_READERS:
-        assert "default" in networks[reader], f"{reader} must still reach MinIO"
+        assert networks[reader] & networks["minio"], f"{reader} must still reach MinIO"
+
+
+def test_the_dask_workers_are_reachable_from_the_scheduler_minio_and_prometheus_networks_only():
+    """Whoever reaches a Dask worker's ports can run code there, with the storage credentials:
+    not Kafka, not the init jobs, not Grafana (issue 35)."""
+    networks = {name: set(service.get("networks") or ["default"]) for name, service in SERVICES.items()}
+    for worker in ("dask-worker", "dask-worker-cpu"):
+        assert networks[worker] == {"dask", "storage"}, networks[worker]
+    on_storage = {name for name, nets in networks.items() if "storage" in nets}
+    assert on_storage == {"minio", "dask-worker", "dask-worker-cpu"}, on_storage
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))

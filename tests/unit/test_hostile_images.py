@@ -221,6 +221,7 @@ def device_path_plugin():
     from inference.runtime import BatchRunner
     from inference.settings import ImageSettings, ModelSettings, StorageSettings
 
+    # compile off: a short-lived in-process runner about decoding
     settings = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
     runner = BatchRunner(load_model(settings), settings, ImageSettings(), StorageSettings(), "tcp://127.0.0.1:1", torch_threads=1)
     runner.device_decoder = jpeg_decoder("cpu")

@@ -8,6 +8,7 @@ from inference.errors import ConfigError, WeightsUnavailable
 from inference.model import WeightsSpec, load_model, resolve_precision, top_k
 from inference.settings import ModelSettings
 
+# compile off: in-process models of the model module's own tests (load_model alone never compiles)
 SMALL = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
 
 

@@ -9,6 +9,7 @@ from inference.settings import ImageSettings, ModelSettings, StorageSettings
 from inference.worker import ResidentModel
 
 SECRET = "s3cr3t-that-must-not-travel"
+# compile off: many short-lived in-process plugins; the compiled path has tests of its own
 MODEL = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
 
 

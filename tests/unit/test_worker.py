@@ -53,6 +53,7 @@ def test_records_round_trip_through_plain_json_dicts():
 
 # --- ResidentModel.classify: per-image failures are records; a failed forward pass raises ----
 
+# compile off: many short-lived in-process runners about the plugin and batches; the compiled path has tests of its own
 SETTINGS = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
 
 
