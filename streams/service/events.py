@@ -142,7 +142,7 @@ def _original(original: bytes | None, max_bytes: int) -> Any:
             if isinstance(document, dict):
                 encode(document)
                 json.dumps(document, ensure_ascii=False).encode("utf-8")  # lone surrogates: as text below
-                return document
+                return without_identity(document)
         except (ValueError, RecursionError, UnicodeError):
             pass
     try:
@@ -151,6 +151,31 @@ def _original(original: bytes | None, max_bytes: int) -> Any:
         if len(cut) < len(original) and exc.start >= len(cut) - 3:  # a character cut in half at the cap
             return {"text": cut[: exc.start].decode("utf-8", errors="replace")}
         return {"base64": base64.b64encode(cut).decode("ascii")}
+
+
+# What a notification says of who uploaded and from where, not needed to replay it: S3's and
+# MinIO's userIdentity (an access key id), requestParameters (source address), responseElements
+# (request ids, MinIO's endpoint), MinIO's source (client host, user agent), EventBridge's
+# requester and source-ip-address. Dead letters are readable by whoever may read the dead-letter
+# topic (compose's outside client user, for one): they carry none of another uploader's identity.
+IDENTITY_FIELDS = frozenset({"userIdentity", "requestParameters", "responseElements", "requester", "source-ip-address", "request-id"})
+
+
+def without_identity(document: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+    """``document`` without the uploader's identity (``IDENTITY_FIELDS``, and MinIO's ``source``
+    object), wherever it sits in the records; the rest as it was. Pure."""
+    if depth > 8:
+        return document
+    kept: dict[str, Any] = {}
+    for name, value in document.items():
+        if name in IDENTITY_FIELDS or (name == "source" and isinstance(value, dict) and {"host", "userAgent"} & value.keys()):
+            continue
+        if isinstance(value, dict):
+            value = without_identity(value, depth + 1)
+        elif isinstance(value, list):
+            value = [without_identity(item, depth + 1) if isinstance(item, dict) else item for item in value]
+        kept[name] = value
+    return kept
 
 
 def _refuse(constant: str) -> Any:

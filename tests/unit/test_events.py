@@ -56,3 +56,28 @@ def test_a_replayed_objects_latency_counts_from_its_announcement_not_its_upload(
     assert 2000 <= event["latency_ms"] < 60_000
     live = prediction_event(ObjectRef("b", "k.jpg", event_time="2020-01-01T00:00:00Z"), result, "b1", 1, announced_ms)
     assert live["latency_ms"] > 1e9  # a live event's own time counts
+
+
+def test_a_dead_letter_carries_no_uploaders_identity_but_stays_replayable():
+    """Whoever reads the dead-letter topic (compose's outside user may) learns no other uploader's
+    access key, address or request ids; the original still parses to the same object."""
+    from streams.service.s3events import parse_notification
+    from inference.settings import FilterSettings
+
+    aws = {"Records": [{
+        "eventVersion": "2.1", "eventSource": "aws:s3", "eventTime": "2026-11-23T21:32:09.123Z", "eventName": "ObjectCreated:Put",
+        "userIdentity": {"principalId": "AWS:AIDAEXAMPLEKEYID"}, "requestParameters": {"sourceIPAddress": "203.0.113.7"},
+        "responseElements": {"x-amz-request-id": "R1", "x-amz-id-2": "I2"},
+        "s3": {"bucket": {"name": "images"}, "object": {"key": "a/b.jpg", "size": 3, "eTag": "e1"}},
+    }]}
+    minio = {"EventName": "s3:ObjectCreated:Put", "Key": "images/a/b.jpg", "Records": [dict(aws["Records"][0], source={"host": "198.51.100.9", "port": "", "userAgent": "MinIO (linux)"})]}
+    bridge = {"detail-type": "Object Created", "source": "aws.s3", "detail": {"bucket": {"name": "images"}, "object": {"key": "a/b.jpg", "etag": "e1"},
+              "requester": "123456789012", "source-ip-address": "203.0.113.7", "request-id": "R1"}}
+    for message in (aws, minio, bridge):
+        event = dead_letter_event("decode", "bad image", json.dumps(message).encode())
+        text = json.dumps(event)
+        for leak in ("AIDAEXAMPLEKEYID", "203.0.113.7", "198.51.100.9", "MinIO (linux)", "123456789012", '"R1"'):
+            assert leak not in text, (leak, text)
+        assert event["original_size_bytes"] == len(json.dumps(message).encode())
+        [ref] = parse_notification(json.dumps(event["original"]).encode(), FilterSettings(buckets=("*",))).objects
+        assert (ref.bucket, ref.key) == ("images", "a/b.jpg")
