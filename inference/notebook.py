@@ -271,7 +271,7 @@ def _settings(*, model: str | None, weights: str | None, batch_size: int | None,
     overrides: dict[str, Any] = {"model": {key: value for key, value in given.items() if value is not None}}
     if batch_size is not None:
         overrides["batch"] = {"size": batch_size}
-    return settings.with_overrides(overrides)
+    return settings.with_overrides(overrides, source="keyword arguments")
 
 
 def _cluster(settings: Settings, client: Any) -> InferenceCluster:

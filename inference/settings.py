@@ -332,13 +332,14 @@ class Settings(BaseSettings):
                 env[_variable(section, key)] = value.get_secret_value()
         return env
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
-        """A copy with nested overrides, e.g. ``{"batch": {"size": 8}}``; validated; secrets kept."""
+    def with_overrides(self, overrides: Mapping[str, Any], source: str = "overrides") -> Settings:
+        """A copy with nested overrides, e.g. ``{"batch": {"size": 8}}``; validated; secrets kept.
+        ``source`` names them in an error (the command's options, the API's keywords)."""
         try:
             return type(self).model_validate(_merge(self.model_dump(), overrides))  # python mode keeps SecretStr
         except ValidationError as exc:
             # from None: a ValidationError quotes the input values, which may be secrets
-            raise _config_error(exc, lambda loc: "overrides") from None
+            raise _config_error(exc, lambda loc: source) from None
 
 
 def load_settings(
@@ -523,6 +524,9 @@ def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, An
     return merged
 
 
+OVERRIDE_SOURCES = ("overrides", "command-line options", "keyword arguments")  # values given in code, not YAML
+
+
 def _config_error(exc: ValidationError, origin: Callable[[tuple[str, ...]], str]) -> ConfigError:
     """One line, grouped by where the bad values came from:
     ``invalid configuration (SOURCE): section.key: what is wrong; ...``.
@@ -539,7 +543,7 @@ def _config_error(exc: ValidationError, origin: Callable[[tuple[str, ...]], str]
         else:
             message = error["msg"]
         source = origin(loc)
-        if loc[:2] in _SECRETS and error["type"] == "string_type" and source != "overrides":
+        if loc[:2] in _SECRETS and error["type"] == "string_type" and source not in OVERRIDE_SOURCES:
             message += " (in YAML, quote it)"  # a file's 0123 is the number 83
         problems.setdefault(source, []).append(f"{'.'.join(loc) or 'settings'}: {message}")
     return ConfigError(

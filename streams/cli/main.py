@@ -60,7 +60,7 @@ def _load(args: argparse.Namespace) -> Settings:
     if args.config and named:  # said, so that nobody wonders where a key they did not write came from
         log.info("settings: %s layered on %s (named by %s)", escape(args.config), escape(named), CONFIG_ENV)
     settings = load_settings(args.config, config_env=reads_env)
-    return settings.with_overrides(_overrides(args))
+    return settings.with_overrides(_overrides(args), source="command-line options")
 
 
 def _silence_stdout() -> None:

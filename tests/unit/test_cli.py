@@ -267,3 +267,9 @@ def test_a_sasl_password_appears_in_no_output_even_at_debug():
 def test_upload_refuses_a_prefix_whose_keys_the_worker_would_refuse():
     done = visionstream("upload", "README.md", "--prefix", "../outside/")
     assert done.returncode == 2 and "--prefix '../outside/': object key has a '.' or '..' segment" in done.stderr
+
+
+def test_a_bad_option_is_blamed_on_the_command_line():
+    done = visionstream("classify", "README.md", "--batch-size", "0")
+    [line] = done.stderr.splitlines()
+    assert done.returncode == 1 and line.startswith("visionstream: error: invalid configuration (command-line options): batch.size")
