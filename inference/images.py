@@ -162,9 +162,53 @@ def open_image(
             raise ImageDecodeError(
                 uri, f"a progressive JPEG of {scans} scans over {width}x{height} pixels: too costly to decode (at most {SCANS_AT_PIXEL_LIMIT} scans at images.max_pixels)"
             )
+    if image.format == "TIFF":
+        problem = tiff_layout_problem(image)
+        if problem is not None:
+            image.close()
+            raise ImageDecodeError(uri, problem)
     if timeout_s is not None:
         image.decodermaxblock = DECODE_BLOCK_BYTES
     return image
+
+
+TIFF_SLACK_PIXELS = 2048 * 2048  # what the tiles or strips may cover past the image: one large tile
+
+
+def tiff_layout_problem(image: Image.Image) -> str | None:
+    """Why a TIFF's tile or strip layout is refused before decoding, or None. libtiff decodes a
+    whole tile or strip in one call, as large as the file declares it, whatever the image's size:
+    a 1 MB file declaring a 1 x 32,768 image in one 32,768 x 32,768 deflate tile makes it allocate
+    1 GiB, and the pixel limit sees 32,768 pixels. So the pixels the tiles (or strips) cover, as
+    declared, may exceed the image's by at most 4x plus one 2048 x 2048 tile, and there may be no
+    more of them than the image has room for. Pure."""
+    tags = getattr(image, "tag_v2", None)
+    if tags is None:
+        return None
+    width, height = image.size
+    planes = int(tags.get(277, 1) or 1) if int(tags.get(284, 1) or 1) == 2 else 1  # PlanarConfiguration 2: a set per sample
+    try:
+        if 322 in tags or 323 in tags:  # TileWidth, TileLength
+            tile_w, tile_h = int(tags.get(322, 0)), int(tags.get(323, 0))
+            count = len(_as_tuple(tags.get(324, ())))  # TileOffsets
+            room = -(-width // max(1, tile_w)) * -(-height // max(1, tile_h)) * planes
+            what, covered = "tiles", tile_w * tile_h * count
+        else:
+            rows = min(int(tags.get(278, height) or height), height)  # RowsPerStrip, as libtiff clips it
+            count = len(_as_tuple(tags.get(273, ())))  # StripOffsets
+            room = -(-height // max(1, rows)) * planes
+            what, covered = "strips", width * rows * count
+    except (TypeError, ValueError):
+        return "corrupt TIFF: unreadable tile or strip tags"
+    if count > room:
+        return f"a TIFF of {count} {what} where a {width}x{height} image has room for {room}: refused"
+    if covered > 4 * width * height * planes + TIFF_SLACK_PIXELS:
+        return f"a TIFF whose {what} cover {covered} pixels for a {width}x{height} image: too costly to decode, refused"
+    return None
+
+
+def _as_tuple(value: object) -> tuple[object, ...]:
+    return value if isinstance(value, tuple) else (value,)
 
 
 def jpeg_scans(data: bytes, limit: int) -> int:

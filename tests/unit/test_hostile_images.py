@@ -274,3 +274,51 @@ def test_the_device_decodes_at_most_its_pixel_budget_per_batch_and_the_cpu_the_r
     assert all(outcome.shape == (3, 224, 224) for outcome in outcomes)
     reference = decode_crop(photo, "p.jpg", SPEC, 10**8)
     assert all((outcome.int() - reference.int()).abs().max() <= 1 for outcome in outcomes)
+
+
+def tiled_tiff(width: int, height: int, tile_w: int, tile_h: int, tiles: int = 1) -> bytes:
+    """A deflate-compressed, tiled, 8-bit grey TIFF written by hand: ``tiles`` tile entries of
+    ``tile_w`` x ``tile_h`` zeros (all pointing at the same data), whatever the image's size."""
+    import struct
+    import zlib
+
+    compressor = zlib.compressobj(9)
+    row = b"\0" * tile_w
+    tile = b"".join(compressor.compress(row) for _ in range(tile_h)) + compressor.flush()
+    entries = 10
+    arrays_at = 8 + 2 + entries * 12 + 4
+    arrays = 8 * tiles if tiles > 1 else 0
+    data_at = arrays_at + arrays
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1), (277, 3, 1, 1),
+            (322, 4, 1, tile_w), (323, 4, 1, tile_h)]
+    if tiles > 1:
+        tags += [(324, 4, tiles, arrays_at), (325, 4, tiles, arrays_at + 4 * tiles)]
+    else:
+        tags += [(324, 4, 1, data_at), (325, 4, 1, len(tile))]
+    out = b"II*\x00" + struct.pack("<IH", 8, entries) + b"".join(struct.pack("<HHII", *tag) for tag in tags) + struct.pack("<I", 0)
+    if tiles > 1:
+        out += struct.pack(f"<{tiles}I", *[data_at] * tiles) + struct.pack(f"<{tiles}I", *[len(tile)] * tiles)
+    return out + tile
+
+
+def test_a_tiff_whose_tiles_dwarf_its_image_is_refused_before_libtiff_allocates_them():
+    """libtiff decodes a whole tile in one call, as large as declared: 1 x 8192 pixels in one
+    8192 x 8192 tile would allocate 64 MiB (32,768 x 32,768: 1 GiB from a 1 MB file)."""
+    bomb = tiled_tiff(1, 8192, 8192, 8192)
+    assert len(bomb) < 200_000
+    started = time.perf_counter()
+    for read in (lambda: read_header(bomb, "bomb.jpg", 10**8), lambda: decode_crop(bomb, "bomb.jpg", SPEC, 10**8)):
+        with pytest.raises(ImageDecodeError, match="tiles cover 67108864 pixels for a 1x8192 image") as caught:
+            read()
+        assert caught.value.stage == "decode"
+    assert time.perf_counter() - started < 1.0  # refused from the tags, nothing decoded
+    with pytest.raises(ImageDecodeError, match="a TIFF of 17 tiles where a 1000x1000 image has room for 16"):
+        decode_crop(tiled_tiff(1000, 1000, 256, 256, tiles=17), "many.tif", SPEC, 10**8)
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_deflate", "tiff_lzw", "packbits"])
+def test_ordinary_tiffs_still_decode(compression):
+    assert decode_crop(tiled_tiff(1000, 1000, 256, 256, tiles=16), "tiled.tif", SPEC, 10**8).shape == (3, 224, 224)
+    assert decode_crop(tiled_tiff(100, 100, 256, 256), "small-tiled.tif", SPEC, 10**8).shape == (3, 224, 224)
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (480, 640, 3), dtype=np.uint8))
+    assert decode_crop(encoded(photo, "TIFF", compression=compression), "strips.tif", SPEC, 10**8).shape == (3, 224, 224)
