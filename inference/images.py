@@ -130,16 +130,21 @@ class _EncodedBytes(io.BytesIO):
 
 
 def open_image(
-    data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT_MAX_SCANS, timeout_s: float | None = None
+    data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT_MAX_SCANS, timeout_s: float | None = None,
+    deadline: float | None = None,
 ) -> Image.Image:
     """``Image.open`` (header only, no pixels decoded) of one of ``ALLOWED_FORMATS``, under our
     limits; ImageDecodeError for empty or unrecognised data, another format, more than
     ``max_pixels`` pixels (a decompression bomb), a JPEG of more than ``max_scans`` scans, or
     more scans than ``SCANS_AT_PIXEL_LIMIT`` allow for its size. With ``timeout_s``, the
-    image's ``load()`` raises DecodeOverdue past that many seconds from now."""
+    image's ``load()`` raises DecodeOverdue past that many seconds from now (or at ``deadline``,
+    a ``time.monotonic()`` reading: one deadline for every step of one image), and so does the
+    walk of a JPEG's markers."""
     if not data:
         raise ImageDecodeError(uri, "empty object")
-    encoded = io.BytesIO(data) if timeout_s is None else _EncodedBytes(data, time.monotonic() + timeout_s)
+    if deadline is None and timeout_s is not None:
+        deadline = time.monotonic() + timeout_s
+    encoded = io.BytesIO(data) if deadline is None else _EncodedBytes(data, deadline)
     try:
         image = Image.open(encoded, formats=_OPENERS)
     except Image.DecompressionBombError as exc:  # over Pillow's own ceiling (2 x MAX_IMAGE_PIXELS)
@@ -153,7 +158,11 @@ def open_image(
         image.close()
         raise ImageDecodeError(uri, f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}")
     if image.format in ("JPEG", "MPO"):
-        scans = jpeg_scans(data, max_scans)
+        try:
+            scans = jpeg_scans(data, max_scans, deadline)
+        except ValueError as exc:  # more marker segments than any real JPEG has
+            image.close()
+            raise ImageDecodeError(uri, f"a JPEG of {exc}: too costly to walk") from None
         if scans > max_scans:
             image.close()
             raise ImageDecodeError(uri, f"a JPEG of more than {max_scans} scans (images.max_jpeg_scans): too costly to decode")
@@ -211,16 +220,28 @@ def _as_tuple(value: object) -> tuple[object, ...]:
     return value if isinstance(value, tuple) else (value,)
 
 
-def jpeg_scans(data: bytes, limit: int) -> int:
+MAX_JPEG_SEGMENTS = 65_536  # marker segments outside the scans' data; real encoders write dozens
+MARKER_CHECK_EVERY = 1024  # steps of the marker walk between two looks at the deadline
+
+
+def jpeg_scans(data: bytes, limit: int, deadline: float | None = None) -> int:
     """How many scans (SOS segments) a JPEG holds, counting no further than ``limit`` + 1. Walks
     the marker segments by their lengths (an EXIF thumbnail's scans inside APP1 do not count)
     and skips each scan's entropy-coded data (where 0xFF is always stuffed or a restart marker).
     Between segments, bytes that are not a marker are skipped up to the next 0xFF, as libjpeg
     does (it only warns), so junk cannot hide scans from the count; runs of 0xFF fill are skipped
-    at C speed. Stops quietly where the data ends: the decoder reports what is wrong. Pure."""
+    at C speed. Stops quietly where the data ends: the decoder reports what is wrong. Bounded:
+    ValueError past ``MAX_JPEG_SEGMENTS`` segments, DecodeOverdue past ``deadline`` (megabytes
+    of tiny segments or restart markers would otherwise cost seconds of Python). Pure but for
+    the clock."""
     size = len(data)
-    position, scans = 2, 0  # past SOI
+    position, scans, steps = 2, 0, 0  # past SOI
     while scans <= limit:
+        steps += 1
+        if steps > MAX_JPEG_SEGMENTS:
+            raise ValueError(f"more than {MAX_JPEG_SEGMENTS} marker segments")
+        if deadline is not None and steps % MARKER_CHECK_EVERY == 0 and time.monotonic() > deadline:
+            raise DecodeOverdue
         position = data.find(b"\xff", position)  # libjpeg's next_marker: junk before it is skipped
         if position < 0:
             break
@@ -242,6 +263,9 @@ def jpeg_scans(data: bytes, limit: int) -> int:
         scans += 1
         position = end
         while True:  # the entropy-coded data: up to the next marker that is not stuffing or a restart
+            steps += 1
+            if deadline is not None and steps % MARKER_CHECK_EVERY == 0 and time.monotonic() > deadline:
+                raise DecodeOverdue
             position = data.find(b"\xff", position)
             if position < 0:
                 return scans
@@ -258,14 +282,15 @@ def jpeg_scans(data: bytes, limit: int) -> int:
 
 
 def read_header(
-    data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT_MAX_SCANS, timeout_s: float | None = None
+    data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT_MAX_SCANS, timeout_s: float | None = None,
+    deadline: float | None = None,
 ) -> ImageHeader:
     """Format, mode, size and orientation from the header; ImageDecodeError for empty or
     unrecognised data, or more than ``max_pixels`` pixels (a decompression bomb is refused here).
     ``timeout_s`` bounds the parse too (Pillow reads a JPEG's markers byte by byte: megabytes
     of fill bytes before them would otherwise cost a minute)."""
     try:
-        with open_image(data, uri, max_pixels, max_scans, timeout_s) as image:
+        with open_image(data, uri, max_pixels, max_scans, timeout_s, deadline) as image:
             try:
                 orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image.format in ("JPEG", "MPO") else 1
             except (OSError, SyntaxError, ValueError, TypeError) as exc:
@@ -283,6 +308,7 @@ def decode(
     draft_size: int | None = None,
     max_scans: int = DEFAULT_MAX_SCANS,
     timeout_s: float | None = None,
+    deadline: float | None = None,
 ) -> Image.Image:
     """Decode bytes into an upright RGB Pillow image, or raise ImageDecodeError.
 
@@ -291,7 +317,7 @@ def decode(
     ``timeout_s`` bounds the decode (see ``DECODE_BLOCK_BYTES``).
     """
     try:
-        image = open_image(data, uri, max_pixels, max_scans, timeout_s)
+        image = open_image(data, uri, max_pixels, max_scans, timeout_s, deadline)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if draft_size and image.format in ("JPEG", "MPO"):
@@ -341,9 +367,11 @@ def decode_crop(
     Plain JPEGs decode through torchvision.io (libjpeg-turbo, about twice Pillow's rate with the
     tensor resize), except large ones that Pillow's draft mode decodes at reduced scale; the
     rest, and any JPEG decode_jpeg refuses, through Pillow, whose errors name what is wrong,
-    under the deadline ``timeout_s``.
+    under the deadline ``timeout_s``: one deadline for the header, the marker walk and the
+    decode together, not one each.
     """
-    header = read_header(data, uri, max_pixels, max_scans, timeout_s)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    header = read_header(data, uri, max_pixels, max_scans, timeout_s, deadline)
     if header.plain_jpeg and not (draft and header.draft_scale(spec.resize_size) >= DRAFT_MIN_SCALE):
         try:
             image = decode_jpeg(as_bytes_tensor(data), mode=ImageReadMode.RGB)
@@ -351,7 +379,7 @@ def decode_crop(
             pass  # corrupt, truncated or unusual: Pillow decides, and says why if it fails too
         else:
             return resize_crop(orient(image, header.orientation), spec)
-    image = decode(data, uri, max_pixels, spec.resize_size if draft else None, max_scans, timeout_s)
+    image = decode(data, uri, max_pixels, spec.resize_size if draft else None, max_scans, timeout_s, deadline)
     return resize_crop(F.pil_to_tensor(image), spec)
 
 

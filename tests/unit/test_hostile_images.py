@@ -322,3 +322,28 @@ def test_ordinary_tiffs_still_decode(compression):
     assert decode_crop(tiled_tiff(100, 100, 256, 256), "small-tiled.tif", SPEC, 10**8).shape == (3, 224, 224)
     photo = Image.fromarray(np.random.default_rng(1).integers(0, 255, (480, 640, 3), dtype=np.uint8))
     assert decode_crop(encoded(photo, "TIFF", compression=compression), "strips.tif", SPEC, 10**8).shape == (3, 224, 224)
+
+
+def test_the_marker_walk_is_bounded_in_count_and_in_time(monkeypatch):
+    """Megabytes of tiny marker segments, or of restart markers inside a scan, cost seconds of
+    Python to walk: past MAX_JPEG_SEGMENTS segments the JPEG is refused; past the deadline the
+    walk stops (it used to run before any deadline applied)."""
+    small = encoded(Image.new("RGB", (64, 48), (200, 120, 40)), "JPEG")
+    comments = small[:2] + b"\xff\xfe\x00\x02" * (images.MAX_JPEG_SEGMENTS + 10) + small[2:]
+    with pytest.raises(ImageDecodeError, match=f"more than {images.MAX_JPEG_SEGMENTS} marker segments: too costly to walk"):
+        read_header(comments, "comments.jpg", 10**8)
+    sos = small.index(b"\xff\xda")
+    restarts = small[: sos + 2 + int.from_bytes(small[sos + 2 : sos + 4], "big")] + b"\x00\xff\xd0" * 200_000 + small[-2:]
+    monkeypatch.setattr(images.time, "monotonic", SteppingClock(time.monotonic()))
+    with pytest.raises(images.DecodeOverdue):
+        jpeg_scans(restarts, 100, deadline=images.time.monotonic() + 5)  # five seconds: five looks at the clock
+
+
+def test_one_deadline_covers_the_header_and_the_decode(monkeypatch):
+    data = encoded(Image.fromarray(np.random.default_rng(3).integers(0, 255, (600, 800, 3), dtype=np.uint8)), "PNG")
+    clock = SteppingClock(time.monotonic())
+    monkeypatch.setattr(images.time, "monotonic", clock)
+    started = clock.now
+    with pytest.raises(ImageDecodeError, match="within images.decode_timeout_s"):
+        decode_crop(data, "x.png", SPEC, 10**8, timeout_s=20.0)
+    assert clock.now - started <= 22  # header and decode together: not 20 s each
