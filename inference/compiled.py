@@ -550,7 +550,7 @@ class BackgroundCompile:
 
     def start(self) -> BackgroundCompile:
         self.thread.start()
-        atexit.register(self.stop)  # a process that exits kills its build rather than wait for it
+        atexit.register(self._stop_at_exit)  # a process that exits kills its build rather than wait for it
         return self
 
     def is_alive(self) -> bool:
@@ -560,11 +560,16 @@ class BackgroundCompile:
         self.thread.join(timeout_s)
 
     def stop(self) -> None:
-        """Kill a build in progress; nothing more is loaded or used. Waits briefly for a package
-        load in progress (a process that exits under one aborts in C++ teardown)."""
+        """Kill a build in progress; nothing more is loaded or used. Returns at once (a plugin's
+        teardown may run on the worker's event loop)."""
         self.stopping.set()
         self.builder.stop()
-        atexit.unregister(self.stop)
+        atexit.unregister(self._stop_at_exit)
+
+    def _stop_at_exit(self) -> None:
+        """``stop``, then a brief wait for a package load in progress: a process that exits
+        under one aborts in C++ teardown (exit status 134)."""
+        self.stop()
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(STOP_WAIT_S)
 
