@@ -27,6 +27,20 @@ COMMIT_TIMEOUT_S = 10.0
 REVOKE_COMMIT_MARGIN_S = 3 * COMMIT_TIMEOUT_S  # beyond worker.shutdown_grace_s, in the group's rebalance timeout
 
 
+async def commit_acked(consumer: Any, attempts: int = 3) -> bool:
+    """Commit what has been acknowledged. Faust's ``commit()``, called while its periodic commit
+    is in flight, waits for that one and returns False without committing: the offsets acked
+    since would be forgotten at the revoke, and the next owner would process them again. So
+    while a commit was in flight, commit again. True if this call committed anything."""
+    committed = False
+    for _ in range(attempts):
+        in_flight = getattr(consumer, "_commit_fut", None) is not None
+        committed = bool(await consumer.commit()) or committed
+        if not in_flight:
+            return committed
+    return committed
+
+
 def commit_before_revoke(consumer: Any, finish_in_flight: Callable[[], Awaitable[int]]) -> None:
     """Wrap ``consumer.on_partitions_revoked`` (Faust's, called on the app's loop for each
     revoke): ``finish_in_flight`` (returns how many batches it left unfinished), then a
@@ -39,7 +53,7 @@ def commit_before_revoke(consumer: Any, finish_in_flight: Callable[[], Awaitable
         if revoked:
             try:
                 unfinished = await finish_in_flight()
-                committed = await asyncio.wait_for(consumer.commit(), timeout=COMMIT_TIMEOUT_S)
+                committed = await asyncio.wait_for(commit_acked(consumer), timeout=COMMIT_TIMEOUT_S)
                 log.info(
                     "partitions revoked: batches in flight finished%s, offsets %s",
                     f" but {unfinished}" if unfinished else "", "committed" if committed else "already committed",
