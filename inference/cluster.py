@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +23,7 @@ from inference.errors import ClusterUnavailable, ConfigError, InferenceError, Mo
 from inference.objects import identity, pins
 from inference.results import ImageResult
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, Settings, StorageSettings
-from inference.worker import EMBEDDED_ENV, STDOUT_TO_STDERR_ENV, ResidentModel, classify_batch, plugin_usage
+from inference.worker import EMBEDDED_ENV, LEGACY_LINEAGE, STDOUT_TO_STDERR_ENV, ResidentModel, classify_batch, plugin_usage
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,10 @@ class InferenceCluster:
         storage: StorageSettings,
         truth_pattern: str,
         batch_size: int = 60,
+        lineage: str | None = None,
     ) -> None:
         self.settings = cluster
-        self.plugin = ResidentModel(model, images, storage, warmup_batch=batch_size)
+        self.plugin = ResidentModel(model, images, storage, warmup_batch=batch_size, lineage=lineage)
         self._worker_env = storage.credentials_env()  # for the embedded cluster's workers only
         self.security: Security | None = None  # a caller's own client's (the Python API); else from ``cluster``
         self.truth_pattern = truth_pattern
@@ -78,8 +79,8 @@ class InferenceCluster:
         self._subscribed_at = 0.0  # monotonic
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> InferenceCluster:
-        return cls(settings.cluster, settings.model, settings.images, settings.storage, settings.truth.pattern, settings.batch.size)
+    def from_settings(cls, settings: Settings, lineage: str | None = None) -> InferenceCluster:
+        return cls(settings.cluster, settings.model, settings.images, settings.storage, settings.truth.pattern, settings.batch.size, lineage)
 
     @property
     def address(self) -> str:
@@ -373,22 +374,14 @@ class InferenceCluster:
             raise ClusterUnavailable(self.address, f"reconnect failed: {exc}") from exc
 
     async def retire_superseded(self, idle_s: float) -> list[str]:
-        """Unregister other visionstream model plugins that no batch used for ``idle_s``
-        on any worker: a new model configuration replaces the one it superseded, and the
-        workers release the old model."""
+        """Unregister the model plugins this one superseded (``superseded``): the workers
+        release the old model. Other configurations' and notebook clients' plugins stay."""
         if self.client is None:
             return []
-        usage: dict[str, dict[str, tuple[int, float]]] = await self.client.run(plugin_usage)
-        busy: set[str] = set()
-        seen: set[str] = set()
-        for per_plugin in usage.values():
-            for name, (active, idle) in per_plugin.items():
-                seen.add(name)
-                if active or idle < idle_s:
-                    busy.add(name)
-        retired = sorted(seen - busy - {self.plugin.name})  # plugin_usage reports only visionstream plugins
+        usage = await self.client.run(plugin_usage)
+        retired = superseded(usage, self.plugin.name, self.plugin.lineage, idle_s)
         for name in retired:
-            log.info("unregistering superseded model plugin %s", name)
+            log.info("unregistering model plugin %s: superseded by %s (line %s)", name, self.plugin.name, self.plugin.lineage)
             await self.client.unregister_worker_plugin(name)
         return retired
 
@@ -409,6 +402,26 @@ class InferenceCluster:
         if self._local is not None:
             await self._local.close()
             self._local = None
+
+
+def superseded(usage: Mapping[str, Mapping[str, Sequence[Any]]], own: str, lineage: str | None, idle_s: float) -> list[str]:
+    """The plugins ``own`` supersedes, given ``plugin_usage`` of every worker: those of the same
+    lineage (an earlier configuration of the same deployment, after a rolling update) and those a
+    release without lineages registered, once no batch used them for ``idle_s`` on any worker.
+    Another lineage's (two configurations sharing a cluster, a notebook client's) never are; a
+    plugin without a lineage of its own (None) supersedes nothing. Workers of an earlier release
+    report no lineage: their plugins count as legacy. Pure."""
+    if lineage is None:
+        return []
+    busy: set[str] = set()
+    lines: dict[str, set[Any]] = {}
+    for per_plugin in usage.values():
+        for name, report in per_plugin.items():
+            active, idle = report[0], report[1]
+            lines.setdefault(name, set()).add(report[2] if len(report) > 2 else LEGACY_LINEAGE)
+            if active or idle < idle_s:
+                busy.add(name)
+    return sorted(name for name, found in lines.items() if name != own and name not in busy and found <= {lineage, LEGACY_LINEAGE})
 
 
 def embedded_cluster(settings: ClusterSettings, *, asynchronous: bool = False, env: Mapping[str, str] | None = None) -> SpecCluster:

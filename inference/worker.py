@@ -45,13 +45,18 @@ class ResidentModel(WorkerPlugin):
 
     idempotent = True  # a second stream worker with the same settings reuses the resident model
 
-    def __init__(self, model: ModelSettings, images: ImageSettings, storage: StorageSettings, warmup_batch: int = 60) -> None:
+    def __init__(
+        self, model: ModelSettings, images: ImageSettings, storage: StorageSettings, warmup_batch: int = 60, lineage: str | None = None
+    ) -> None:
         # The plugin is pickled to the scheduler and kept there: it carries no credentials.
         # Each worker takes them from its own environment, config file or instance role.
         storage = storage.without_credentials()
         self.model_settings, self.image_settings, self.storage_settings = model, images, storage
         self.warmup_batch = warmup_batch  # the batch size a compiled model is specialised for at start-up
         self.name = plugin_name(model, images, storage, warmup_batch)
+        # who registered it, e.g. "stream:<consumer group>": a newer configuration of the same
+        # line supersedes it; another line's (another deployment, a notebook: None) never does
+        self.lineage = lineage
         self.runner: BatchRunner | None = None
         self.loads = 0
         self.active_batches = 0  # batches running or waiting for the model on this worker
@@ -207,18 +212,21 @@ def _said_already(record: logging.LogRecord) -> bool:
     return not failed
 
 
-def plugin_usage(dask_worker: Worker) -> dict[str, tuple[int, float]]:
+LEGACY_LINEAGE = "legacy"  # a plugin pickled by a release that recorded no lineage
+
+
+def plugin_usage(dask_worker: Worker) -> dict[str, tuple[int, float, str | None]]:
     """Run on a worker: for each visionstream plugin, (batches running or waiting, seconds since
-    last used), both by this worker's own clock. A plugin still loading counts as busy."""
+    last used, its lineage), by this worker's own clock. A plugin still loading counts as busy."""
     now = time.monotonic()
-    usage: dict[str, tuple[int, float]] = {}
+    usage: dict[str, tuple[int, float, str | None]] = {}
     for name, plugin in dask_worker.plugins.items():
         if not name.startswith(PLUGIN_PREFIX):
             continue
         ready = getattr(plugin, "ready", None)
         loading = ready is None or not ready.is_set()
         active = getattr(plugin, "active_batches", 0) + int(loading)
-        usage[name] = (active, now - getattr(plugin, "last_used", now))
+        usage[name] = (active, now - getattr(plugin, "last_used", now), getattr(plugin, "lineage", LEGACY_LINEAGE))
     return usage
 
 

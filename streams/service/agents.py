@@ -58,7 +58,8 @@ class StreamService:
         self.settings = settings
         self.app = create_app(settings)
         self.counters = StreamMetrics()
-        self.cluster = InferenceCluster.from_settings(settings)
+        # its line: a later configuration of this deployment (the same consumer group) supersedes it
+        self.cluster = InferenceCluster.from_settings(settings, lineage=f"stream:{settings.kafka.consumer_group}")
         topics = settings.topics
         self.inputs = (topics.uploads, topics.backfill)
         self.uploads = self.app.topic(topics.uploads, partitions=topics.partitions)

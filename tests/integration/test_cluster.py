@@ -27,7 +27,7 @@ def test_rotated_secrets_share_one_model_and_a_new_configuration_retires_the_old
             model = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
             clusters = []
             for secret in ("first-secret-abc", "rotated-secret-xyz"):
-                cluster = InferenceCluster(settings, model, ImageSettings(), StorageSettings(access_key_id="K", secret_access_key=SecretStr(secret)), r"(?P<wnid>n\d{8})")
+                cluster = InferenceCluster(settings, model, ImageSettings(), StorageSettings(access_key_id="K", secret_access_key=SecretStr(secret)), r"(?P<wnid>n\d{8})", lineage="stream:a")
                 await cluster.start()
                 clusters.append(cluster)
             client = clusters[0].client
@@ -38,15 +38,19 @@ def test_rotated_secrets_share_one_model_and_a_new_configuration_retires_the_old
                 assert b"first-secret-abc" not in blob and b"rotated-secret-xyz" not in blob
                 assert b"first-secret-abc" not in pickle.dumps(blob)
 
-            newer = InferenceCluster(settings, model.model_copy(update={"top_k": 3}), ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
-            await newer.start()
+            peer = InferenceCluster(settings, model.model_copy(update={"top_k": 4}), ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})", lineage="stream:b")
+            notebook = InferenceCluster(settings, model.model_copy(update={"top_k": 2}), ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
+            newer = InferenceCluster(settings, model.model_copy(update={"top_k": 3}), ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})", lineage="stream:a")
+            for other in (peer, notebook, newer):
+                await other.start()
             [models] = (await client.run(resident)).values()
-            assert len(models) == 2
+            assert len(models) == 4
+            assert await notebook.retire_superseded(idle_s=0) == []  # a notebook's client supersedes nothing
             retired = await newer.retire_superseded(idle_s=0)
-            assert retired == [clusters[0].plugin.name]
+            assert retired == [clusters[0].plugin.name]  # its own line's older configuration, not the peer's or the notebook's
             [models] = (await client.run(resident)).values()
-            assert list(models) == [newer.plugin.name]  # the old model was released on the worker
-            for cluster in [*clusters, newer]:
+            assert sorted(models) == sorted([newer.plugin.name, peer.plugin.name, notebook.plugin.name])  # the old model was released
+            for cluster in [*clusters, peer, notebook, newer]:
                 await cluster.close()
 
     asyncio.run(run())

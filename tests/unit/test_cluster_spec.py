@@ -56,3 +56,18 @@ def test_tls_to_a_standing_scheduler_needs_all_three_and_a_tls_address_needs_the
     security = client_security(ClusterSettings(scheduler="tls://dask:8786", tls_ca="/ca.pem", tls_cert="/me.pem", tls_key=SecretStr("/me.key")))
     assert security.require_encryption and security.tls_client_key == "/me.key"
     assert "me.key" not in repr(ClusterSettings(tls_key=SecretStr("/me.key")))
+
+
+def test_only_an_idle_plugin_of_the_same_line_or_a_legacy_one_is_superseded():
+    """Retirement follows lineage, never idleness alone: two configurations sharing a cluster, a
+    notebook's client and the newer version during a rolling update keep their models."""
+    from inference.cluster import superseded
+
+    usage = {
+        "tcp://w1": {"own": (1, 0.0, "stream:a"), "old-a": (0, 500.0, "stream:a"), "busy-a": (0, 5.0, "stream:a"),
+                     "peer-b": (0, 500.0, "stream:b"), "notebook": (0, 500.0, None), "legacy": (0, 500.0)},
+        "tcp://w2": {"old-a": (0, 400.0, "stream:a"), "busy-a": (1, 0.0, "stream:a")},
+    }
+    assert superseded(usage, "own", "stream:a", idle_s=120) == ["legacy", "old-a"]
+    assert superseded(usage, "peer-b", "stream:b", idle_s=120) == ["legacy"]
+    assert superseded(usage, "notebook", None, idle_s=120) == []  # a client without a line retires nothing

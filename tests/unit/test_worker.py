@@ -299,8 +299,11 @@ def test_plugin_usage_counts_a_loading_model_and_waiting_batches_as_busy_by_the_
     plugin.last_used = 0.0  # a clock reading from another host would be meaningless; this is the worker's own
     assert plugin_usage(worker)[plugin.name][0] == 1  # still loading
     plugin.ready.set()
-    active, idle = plugin_usage(worker)[plugin.name]
+    active, idle, lineage = plugin_usage(worker)[plugin.name]
     assert active == 0 and idle > 0 and set(plugin_usage(worker)) == {plugin.name} and plugin.name.startswith(PLUGIN_PREFIX)
+    assert lineage is None  # registered by no stream deployment (a notebook's, say)
+    del plugin.lineage  # as a plugin pickled by a release that recorded none
+    assert plugin_usage(worker)[plugin.name][2] == "legacy"
     plugin.active_batches = 2  # running, or waiting for the model
     assert plugin_usage(worker)[plugin.name][0] == 2
 
