@@ -59,9 +59,11 @@ SERVICE_S3_ERRORS = {
 SUPERSEDED = "superseded: the object was overwritten after its event (the newer object's own event gets its prediction)"
 SLOW_OBJECT = "reading the object took longer than images.fetch_timeout_s"
 # Per-object answers that, when every object of a batch gets the same one, say something about
-# the store (a missing KMS permission, a wrong region or endpoint, a store that stalls) rather
-# than about the images: then the batch is retried as a store failure, never 60 dead letters.
-STORE_WIDE_REASONS = {"access denied", "bucket in another region or endpoint", SLOW_OBJECT}
+# the store (a missing KMS permission, a wrong region or endpoint, a store that stalls, a store
+# whose events name other ETags than its objects carry, as some MinIO releases did for encrypted
+# objects) rather than about the images: then the batch is retried as a store failure, never 60
+# dead letters (after batch.retry_timeout_s its objects are tried one by one, each its own record).
+STORE_WIDE_REASONS = {"access denied", "bucket in another region or endpoint", SLOW_OBJECT, SUPERSEDED}
 CHUNK_BYTES = 1 << 20
 _client_lock = threading.Lock()
 log = logging.getLogger(__name__)
