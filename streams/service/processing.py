@@ -39,6 +39,7 @@ from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_excepti
 
 from inference.deaths import DeathTally, convicted
 from inference.errors import BatchTimeout, ClusterUnavailable, StoreWideFailure, WorkerLost
+from inference.fetch import SLOW_OBJECT
 from inference.results import Failure, ImageResult
 from inference.settings import BatchSettings, EventSettings, FilterSettings, TopicSettings
 from streams.errors import BatchRetryExhausted, MalformedEvent
@@ -210,6 +211,19 @@ class NoLedger:
 
 ALONE_POLL_S = 0.5  # how often an isolated attempt checks whether other batches still run
 CANARY_URI = "memory://visionstream-probe/nothing-here.jpg"  # fetched by a probe; never exists
+PROBE_KEY = "visionstream-probe/nothing-here.jpg"  # likewise, in an image's own bucket
+
+
+def probe_uri(like: str) -> str:
+    """What a probe fetches for an image at ``like``: an object that does not exist in the same
+    store (its bucket answers at once, found or not: unless the store itself hangs), else an
+    in-memory one. A probe of memory alone would pass while the store hung, and convict the
+    image whose reads hung with it. Pure."""
+    scheme, sep, rest = str(like).partition("://")
+    if sep and scheme in ("s3", "s3a"):
+        bucket = rest.split("/", 1)[0]
+        return f"{scheme}://{bucket}/{PROBE_KEY}"
+    return CANARY_URI
 
 
 @dataclass
@@ -375,7 +389,7 @@ class BatchHandler:
                     raise BatchRetryExhausted(1, self.batch.retry_timeout_s, str(exc)) from exc
                 self.counters.batch_retried()
                 log.warning("%r did not finish within batch.timeout_s alone; checking that the cluster answers, then trying it again", uris[0])
-                await self._probe_cluster(priority)
+                await self._probe_cluster(priority, uris[0])
                 await asyncio.sleep(self.batch.retry_backoff_s)
             except WorkerLost as exc:
                 if len(uris) > 1:
@@ -389,16 +403,20 @@ class BatchHandler:
                     raise BatchRetryExhausted(1, self.batch.retry_timeout_s, f"workers kept dying beside other work with {uris[0]!r} on them") from exc
                 log.warning("a worker died with %r on it (%d time(s) alone, %d beside other work): not enough to blame it; trying it alone again", uris[0], counted.alone, counted.beside)
 
-    async def _probe_cluster(self, priority: int) -> None:
-        """One tiny batch (an object that does not exist: its record comes back at once): if it
-        completes within the deadline, the cluster works, and an image that keeps timing out
-        alone is the image's fault. Its record is not published."""
+    async def _probe_cluster(self, priority: int, like: str) -> None:
+        """One tiny batch (an object that does not exist in the image's own store, ``probe_uri``:
+        its record comes back at once): if it completes within the deadline and its store
+        answered, the cluster and the store work, and an image that keeps timing out alone is
+        the image's fault. Its record is not published."""
         try:
-            await asyncio.wait_for(self.classify([CANARY_URI], priority), timeout=self.batch.timeout_s)
+            [record] = await asyncio.wait_for(self.classify([probe_uri(like)], priority), timeout=self.batch.timeout_s)
         except Exception as exc:  # noqa: BLE001 - a cluster that does not answer convicts no image
             log.warning("the cluster did not answer a probe (%s: %s)", type(exc).__name__, exc)
-        else:
-            self._last_success = time.monotonic()
+            return
+        if record.error is not None and SLOW_OBJECT in record.error.message:
+            log.warning("the store did not answer a probe within images.fetch_timeout_s: it convicts no image")
+            return
+        self._last_success = time.monotonic()
 
     async def _wait_until_alone(self, uris: list[str]) -> None:
         """Until no other batch of ours runs on the cluster (at most ``batch.timeout_s``): those

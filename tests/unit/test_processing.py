@@ -523,3 +523,13 @@ def test_objects_that_keep_failing_alike_are_tried_one_by_one_instead_of_crash_l
     dead = [event for topic, _, event in recorder.published if topic == TOPICS.dead_letter]
     assert sorted((e["stage"], e["uri"]) for e in dead) == [("fetch", "s3://b/Images/gone-1.jpg"), ("fetch", "s3://b/Images/gone-2.jpg")]
     assert h.counters.batch_retries >= 1  # it was retried as the store's fault first
+
+
+def test_a_probe_asks_the_images_own_store():
+    """An image that times out alone is convicted only once a probe of the same store answered:
+    a probe of memory alone passed while the store hung."""
+    from streams.service.processing import CANARY_URI, probe_uri
+
+    assert probe_uri("s3://images/dogs/a.jpg") == "s3://images/visionstream-probe/nothing-here.jpg"
+    assert probe_uri("s3a://other/x/y.png") == "s3a://other/visionstream-probe/nothing-here.jpg"
+    assert probe_uri("/data/dogs/a.jpg") == probe_uri("memory://x/a.jpg") == CANARY_URI
