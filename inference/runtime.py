@@ -82,7 +82,8 @@ class BatchRunner:
         warmup_batch: int = 60,
     ) -> BatchRunner:
         """Build the model and everything a batch needs, warmed up; blocking (seconds to minutes).
-        On the CPU, a compiled forward (``inference.compiled``) is built in the background."""
+        On the CPU, a compiled forward (``inference.compiled``) is built in a process of its own
+        while batches run eagerly, and switched in between batches."""
         model = load_model(model_settings, storage_settings)
         runner = cls(model, model_settings, image_settings, storage_settings, worker_address, torch_threads, warmup_batch)
         try:
