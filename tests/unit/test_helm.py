@@ -193,6 +193,7 @@ def test_the_stream_worker_is_probed_drained_and_locked_down():
     assert "replicas" not in deployment["spec"]  # KEDA owns the count
     pdb = next(doc for doc in docs if doc["kind"] == "PodDisruptionBudget")
     assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"  # a drain never hangs while Dask is down
 
 
 def test_the_lag_threshold_is_one_workers_work_in_hand_and_both_topics_trigger():
