@@ -275,3 +275,18 @@ def test_dask_workers_size_their_threads_to_the_pods_cpu_request():
     [worker] = cluster["spec"]["worker"]["spec"]["containers"]
     cpus = next(item for item in worker["env"] if item["name"] == "VISIONSTREAM_CPUS")
     assert cpus["valueFrom"]["resourceFieldRef"] == {"containerName": "worker", "resource": "requests.cpu", "divisor": "1"}
+
+
+def test_image_pull_secrets_reach_every_pod_the_chart_makes():
+    """A private registry serves the Dask images too: the scheduler and every worker group get
+    the secrets the stream worker gets."""
+    docs = render({"imagePullSecrets": [{"name": "registry"}], "dask": {"cpu": {"enabled": True}}})
+    pods = [doc["spec"]["template"]["spec"] for doc in docs if doc["kind"] == "Deployment"]
+    for doc in docs:
+        if doc["kind"] == "DaskCluster":
+            pods += [doc["spec"]["scheduler"]["spec"], doc["spec"]["worker"]["spec"]]
+        elif doc["kind"] == "DaskWorkerGroup":
+            pods.append(doc["spec"]["worker"]["spec"])
+    assert len(pods) >= 4  # the stream worker, the scheduler, the GPU and the CPU worker groups
+    assert all(pod.get("imagePullSecrets") == [{"name": "registry"}] for pod in pods), pods
+    assert all("imagePullSecrets" not in str(doc) for doc in render())  # none by default

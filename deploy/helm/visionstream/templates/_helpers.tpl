@@ -81,6 +81,10 @@ app.kubernetes.io/component: stream-worker
 {{- $root := .root -}}
 {{- $group := .group -}}
 spec:
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   automountServiceAccountToken: false
   securityContext: {runAsNonRoot: true, runAsUser: 10001, fsGroup: 10001, seccompProfile: {type: RuntimeDefault}}
   containers:
