@@ -3,11 +3,12 @@
 The forward pass (normalisation, autocast, the model) is exported for fixed batch shapes and
 compiled by inductor with freezing: the weights become constants, batch norms fold into the
 convolutions and oneDNN's prepacked weight layouts are built once, not per call. Two shapes are
-built (``compiled_shapes``): a small chunk sized to the worker's threads and the full batch. A
-full batch runs as one call (the fastest per image); what is left runs as chunks, the last one
-padded, or padded to the full shape where that measured cheaper (rows past the real ones are
-dropped; in eval mode images do not interact). No batch shape ever compiles again, and a partial
-batch of a moderate upload stream pays for a few chunks, not for 60 rows.
+built (``compiled_shapes``): a small chunk sized to the worker's threads and the full batch. Each
+call is planned by the costs measured at load (``CompiledModel.plan``): full batches in one call
+where that is cheapest per image, else chunks, the last one padded (rows past the real ones are
+dropped; in eval mode images do not interact); a full-batch package slower per image than the
+chunks is dropped. No batch shape ever compiles again, and a partial batch of a moderate upload
+stream pays for a few chunks, not for 60 rows.
 
 Each shape is an AOTInductor package (a ``.pt2``: a shared library and the prepacked weights)
 named by everything it depends on (``package_key``): the model, a digest of its weights,
@@ -41,6 +42,7 @@ import inspect
 import logging
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -59,7 +61,7 @@ import torchvision
 from torch import Tensor
 
 import inference.package_build as package_build
-from inference.errors import InferenceError
+from inference.errors import BuildFailed, UnsafeCacheDir
 from inference.images import normalize
 from inference.model import LoadedModel
 from inference.package_build import BuildRequest, save_weights
@@ -83,18 +85,6 @@ BUILD_WAIT_S = 1800.0  # the longest a worker waits for another's build of the s
 RETRY_DELAYS_S = (30.0, 120.0, 600.0)  # after a failed build; then the worker stays eager
 STDERR_TAIL = 4000  # what is kept of a failed build's output to find its reason in
 STOP_WAIT_S = 10.0  # how long stopping waits for a package load in progress
-
-
-class UnsafeCacheDir(InferenceError):
-    """A cache directory or package another user could have written: its code is never loaded."""
-
-
-class BuildFailed(InferenceError):
-    """A package's build process failed, was killed or ran out of memory; ``reason`` says which."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 def compiles(setting: str | bool, device: torch.device) -> bool:
@@ -228,7 +218,8 @@ class PackageBuilder:
         try:
             save_weights(model.module.state_dict(), weights)
             request = BuildRequest(
-                model_name=model.info.name, num_classes=_num_classes(model), precision=model.precision,
+                model_name=model.info.name, num_classes=len(model.classes),  # torchvision builds the head for the weights' categories
+                precision=model.precision,
                 channels_last=model.channels_last, crop_size=model.preprocessing.crop_size,
                 mean=tuple(model.preprocessing.mean), std=tuple(model.preprocessing.std),  # type: ignore[arg-type]
                 weights_path=str(weights), batch_size=batch_size, threads=threads, target=str(partial),
@@ -274,7 +265,7 @@ class PackageBuilder:
             process = self.process
         if process is not None and process.poll() is None:
             try:
-                os.killpg(process.pid, 9)
+                os.killpg(process.pid, signal.SIGKILL)
             except OSError:
                 pass
 
@@ -287,11 +278,6 @@ def build_memory_mb(setting: int | None, model: LoadedModel) -> int:
         return setting
     weights_mb = sum(tensor.numel() * tensor.element_size() for tensor in model.module.state_dict().values()) >> 20
     return max(8192, 4 * weights_mb + 4096)
-
-
-def _num_classes(model: LoadedModel) -> int:
-    """The model's outputs: torchvision builds the head for the weights' categories."""
-    return len(model.classes)
 
 
 ENV_KEPT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "CC", "CXX", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
@@ -544,7 +530,7 @@ class BackgroundCompile:
         self.compile_setting, self.between_batches = compile_setting, between_batches
         self.retry_delays_s = RETRY_DELAYS_S if retry_delays_s is None else retry_delays_s
         self.builder = PackageBuilder(memory_mb=memory_mb, threads=torch_threads)
-        self.stopping = threading.Event()
+        self.stopping = self.builder.stopping  # one event: stopping the compile stops its builds
         self.failures: list[str] = []
         self.thread = threading.Thread(target=self._run, name="visionstream-compile", daemon=True)
 
@@ -562,8 +548,7 @@ class BackgroundCompile:
     def stop(self) -> None:
         """Kill a build in progress; nothing more is loaded or used. Returns at once (a plugin's
         teardown may run on the worker's event loop)."""
-        self.stopping.set()
-        self.builder.stop()
+        self.builder.stop()  # sets ``stopping``, the event both share
         atexit.unregister(self._stop_at_exit)
 
     def _stop_at_exit(self) -> None:

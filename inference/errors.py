@@ -2,6 +2,8 @@
 
     InferenceError
      ├── ConfigError            settings that cannot be used (bad YAML, bad value)
+     ├── UnsafeCacheDir         a compile cache others could write to: its native code is never loaded
+     ├── BuildFailed            a compiled package's build process failed; the worker stays eager, retries
      ├── WeightsUnavailable     the asked-for weights cannot be loaded; fatal at start-up
      ├── ClusterUnavailable     no Dask scheduler at the address, or the cluster would not start
      ├── ModelNotResident       a worker has no model plugin (its scheduler restarted); re-register
@@ -27,6 +29,18 @@ class InferenceError(Exception):
 
 class ConfigError(InferenceError):
     """The settings cannot be used; the message says which key and why."""
+
+
+class UnsafeCacheDir(InferenceError):
+    """A compile cache directory or package another user could have written: its code is never loaded."""
+
+
+class BuildFailed(InferenceError):
+    """A compiled package's build process failed, was killed or ran out of memory; ``reason`` says which."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class WeightsUnavailable(InferenceError):

@@ -312,8 +312,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Highest first: explicit values, the environment, the ``--config`` file, the file
-        ``VISIONSTREAM_CONFIG`` names, the packaged
-        defaults. No ``.env`` file (the repository's is docker-compose's) and no secrets dir.
+        ``VISIONSTREAM_CONFIG`` names, the packaged defaults. No ``.env`` file (the repository's
+        is docker-compose's) and no secrets dir.
 
         The sources of one ``load_settings`` call arrive through ``_LOADING`` (this hook takes
         no arguments of its own); without them only the explicit values count."""
@@ -339,7 +339,7 @@ class Settings(BaseSettings):
             return type(self).model_validate(_merge(self.model_dump(), overrides))  # python mode keeps SecretStr
         except ValidationError as exc:
             # from None: a ValidationError quotes the input values, which may be secrets
-            raise _config_error(exc, lambda loc: source) from None
+            raise _config_error(exc, lambda loc: source, from_files=False) from None
 
 
 def load_settings(
@@ -524,10 +524,7 @@ def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, An
     return merged
 
 
-OVERRIDE_SOURCES = ("overrides", "command-line options", "keyword arguments")  # values given in code, not YAML
-
-
-def _config_error(exc: ValidationError, origin: Callable[[tuple[str, ...]], str]) -> ConfigError:
+def _config_error(exc: ValidationError, origin: Callable[[tuple[str, ...]], str], from_files: bool = True) -> ConfigError:
     """One line, grouped by where the bad values came from:
     ``invalid configuration (SOURCE): section.key: what is wrong; ...``.
 
@@ -543,7 +540,7 @@ def _config_error(exc: ValidationError, origin: Callable[[tuple[str, ...]], str]
         else:
             message = error["msg"]
         source = origin(loc)
-        if loc[:2] in _SECRETS and error["type"] == "string_type" and source not in OVERRIDE_SOURCES:
+        if loc[:2] in _SECRETS and error["type"] == "string_type" and from_files:
             message += " (in YAML, quote it)"  # a file's 0123 is the number 83
         problems.setdefault(source, []).append(f"{'.'.join(loc) or 'settings'}: {message}")
     return ConfigError(

@@ -39,7 +39,7 @@ from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_excepti
 
 from inference.deaths import DeathTally, convicted
 from inference.errors import BatchTimeout, ClusterUnavailable, StoreWideFailure, WorkerLost
-from inference.fetch import SLOW_OBJECT
+from inference.fetch import S3_SCHEMES, SLOW_OBJECT, split_s3_uri
 from inference.results import Failure, ImageResult
 from inference.settings import BatchSettings, EventSettings, FilterSettings, TopicSettings
 from streams.errors import BatchRetryExhausted, MalformedEvent
@@ -219,10 +219,10 @@ def probe_uri(like: str) -> str:
     store (its bucket answers at once, found or not: unless the store itself hangs), else an
     in-memory one. A probe of memory alone would pass while the store hung, and convict the
     image whose reads hung with it. Pure."""
-    scheme, sep, rest = str(like).partition("://")
-    if sep and scheme in ("s3", "s3a"):
-        bucket = rest.split("/", 1)[0]
-        return f"{scheme}://{bucket}/{PROBE_KEY}"
+    like = str(like)
+    if like.startswith(S3_SCHEMES):
+        bucket, _ = split_s3_uri(like)
+        return f"{like.split('://', 1)[0]}://{bucket}/{PROBE_KEY}"
     return CANARY_URI
 
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from inference import compiled
-from inference.compiled import BuildFailed, CompiledModel, PackageBuilder, UnsafeCacheDir, compiled_model, compiles, package_key, private_dir
+from inference.compiled import CompiledModel, PackageBuilder, compiled_model, compiles, package_key, private_dir
+from inference.errors import BuildFailed, UnsafeCacheDir
 from inference.model import load_model
 from inference.settings import ImageSettings, ModelSettings, StorageSettings
 
