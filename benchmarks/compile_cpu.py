@@ -1,4 +1,4 @@
-"""The CPU forward pass eager and compiled (inference.compiled): images/s, the package's cold
+"""The CPU forward pass eager and compiled (inference.worker.compiled): images/s, the package's cold
 build and its load from the cache in a fresh process, and agreement, in one run on this machine.
 
     .venv/bin/python -m benchmarks.compile_cpu [--model resnet50] [--batch 60] [--precision auto]
@@ -24,8 +24,9 @@ import time
 import torch
 
 from benchmarks.machine import cpu_name
-from inference.compiled import PackageBuilder, compiled_batch, compiled_model, compiled_shapes
-from inference.model import cpu_has_native_bf16, load_model
+from inference.worker.compiled import PackageBuilder, compiled_batch, compiled_model, compiled_shapes
+from inference.worker.cpu import cpu_has_native_bf16
+from inference.worker.model import load_model
 from inference.settings import ModelSettings
 
 
@@ -44,7 +45,7 @@ def _timed(predict, batch: torch.Tensor) -> float:
 def warm_load_s(args: argparse.Namespace, cache: str) -> float:
     """Load the package the first build wrote, in a fresh process, up to its warm-up batch done."""
     code = (
-        "import time, torch; from inference.compiled import PackageBuilder, compiled_batch, compiled_model, compiled_shapes; from inference.model import load_model; "
+        "import time, torch; from inference.worker.compiled import PackageBuilder, compiled_batch, compiled_model, compiled_shapes; from inference.worker.model import load_model; "
         "from inference.settings import ModelSettings; torch.set_num_threads(%d); "
         "m = load_model(ModelSettings(name=%r, weights='none', device='cpu', precision=%r, compile=False)); "
         "t = time.perf_counter(); compiled_model(m, %r, %r); print(time.perf_counter() - t)"
@@ -58,7 +59,7 @@ def weights_cast_rate(model, batch: torch.Tensor, runs: int) -> float:
     """Eager bf16 with the module's weights cast to bf16 (no autocast): the other eager option."""
     import copy
 
-    from inference.images import normalize
+    from inference.worker.images import normalize
 
     module = copy.deepcopy(model.module).to(torch.bfloat16)
     mean, std = model.mean_std

@@ -9,7 +9,7 @@
    a thread pool (what a Dask worker's decode pool is) and a process pool (bytes out, crops
    back, as a separate pool would have to do). Pools are started and warmed before timing.
 3. **On the GPU** where there is one: batches of 60 through nvJPEG + resize/crop on the device
-   (``inference.gpu``), from 1 and from several task threads at once.
+   (``inference.worker.gpu``), from 1 and from several task threads at once.
 
 Each figure is the median of ``--repeats`` timed passes (min and max in the JSON). Writes
 decode.json and decode.md under --output and prints the tables.
@@ -37,7 +37,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
 from benchmarks.machine import cpu_name
-from inference.images import Preprocessing, as_bytes_tensor, decode, decode_crop, preprocess, read_header, resize_crop
+from inference.worker.images import Preprocessing, as_bytes_tensor, decode, decode_crop, preprocess, read_header, resize_crop
 from streams.embedded.samples import image_size, synthetic_photo
 
 SPEC = Preprocessing(resize_size=232, crop_size=224)  # ResNet50's IMAGENET1K_V2 transforms
@@ -178,7 +178,7 @@ def _in_chunks(pool: Executor, data: list[bytes], size: int) -> list[Any]:
 
 
 def on_gpu(data: list[bytes], repeats: int) -> dict[str, Any]:
-    from inference.gpu import batch_on, device_crops, jpeg_decoder
+    from inference.worker.gpu import batch_on, device_crops, jpeg_decoder
 
     device = torch.device("cuda")
     decoder = jpeg_decoder(device)

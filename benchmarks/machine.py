@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import platform
 
+from inference.worker.cpu import cpu_field
+
 
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo), else what the platform says."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+    return cpu_field("model name") or platform.processor() or "unknown CPU"

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from inference.images import decode, preprocess
-from inference.model import load_model
+from inference.worker.images import decode, preprocess
+from inference.worker.model import load_model
 from inference.settings import ModelSettings
 from streams.embedded.samples import generate_dataset
 

@@ -8,7 +8,7 @@ each figure is the median of the R runs, with their min and max. The ceiling (th
 is measured R times before the methods and R times after, and is the median of all 2R. The tutorial's method runs on
 a Dask cluster shaped like the tutorial's (one worker per GPU, or one on a CPU machine, with all
 the host's cores as threads, and OpenMP given those cores); visionstream on the cluster its
-embedded default starts (``inference.cluster.embedded_cluster``: on a GPU host up to 4 worker
+embedded default starts (``inference.client.embedded.embedded_cluster``: on a GPU host up to 4 worker
 processes per GPU, ``cluster.threads_per_worker`` task threads each).
 
 Writes benchmarks/results/<cpu|cuda>.{md,json} (one table per device, labelled with its
@@ -37,15 +37,17 @@ import torch
 import torchvision
 
 from benchmarks.machine import cpu_name
-from inference.cluster import InferenceCluster, embedded_cluster, reaching
-from inference.compiled import compiled_model, compiled_shapes, compiles
-from inference.evaluation import percentile
-from inference.images import decode_crop
-from inference.job import batches_in_flight, classify_all
-from inference.model import GraphedModel, load_model, resolve_device, resolve_precision
-from inference.results import ImageResult, is_prediction
+from inference.worker.cpu import cpu_field
+from inference.client.cluster import InferenceCluster
+from inference.client.embedded import embedded_cluster, reaching
+from inference.worker.compiled import compiled_model, compiled_shapes, compiles
+from inference.records.evaluation import percentile
+from inference.worker.images import decode_crop
+from inference.client.job import batches_in_flight, classify_all
+from inference.worker.model import GraphedModel, load_model, resolve_device, resolve_precision
+from inference.records.results import ImageResult, is_prediction
 from inference.settings import ClusterSettings, Settings
-from inference.sources import iter_sources
+from inference.client.sources import iter_sources
 from streams.embedded.stack import S3_TEST_CREDENTIALS
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -138,10 +140,7 @@ def say(text: str) -> None:
 
 def machine(device: torch.device, precision: str) -> dict[str, Any]:
     cpu = cpu_name()
-    flags = ""
-    if Path("/proc/cpuinfo").exists():
-        info = Path("/proc/cpuinfo").read_text()
-        flags = next((line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags")), "")
+    flags = cpu_field("flags")
     vector = "AMX" if "amx_bf16" in flags else "AVX-512 bf16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return {
         "cpu": cpu,
@@ -291,7 +290,7 @@ async def classify_runs(settings: Settings, paths: list[str], runs: int) -> tupl
 async def compiled_everywhere(cluster: InferenceCluster, timeout_s: float = 900) -> None:
     """Wait until no worker's forward pass is still compiling (part of the warm-up: the package is
     loaded from the cache the ceiling filled, or built)."""
-    from inference.worker import model_health
+    from inference.worker.plugin import model_health
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

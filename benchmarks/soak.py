@@ -40,10 +40,10 @@ from typing import Any
 import boto3
 
 from benchmarks.machine import cpu_name
-from inference.results import is_dead_letter, is_prediction
+from inference.records.results import is_dead_letter, is_prediction
 from inference.settings import Settings
 from streams.embedded.samples import generate_dataset
-from inference.runtime import KILL_SWITCH_ENV
+from inference.worker.decoding import KILL_SWITCH_ENV
 from streams.embedded.stack import (
     EMBEDDED_BROKER_KAFKA,
     S3_TEST_CREDENTIALS,

@@ -1,6 +1,6 @@
 """visionstream's inference side: the model, images, the Dask cluster, records and reports.
 
-The stable Python API (``inference.notebook``); everything else is internal:
+The stable Python API (``inference.client.notebook``); everything else is internal:
 
     classify(sources, *, client=None, model=None, weights=None, batch_size=None,
              precision=None, progress=True, config=None) -> pandas.DataFrame
@@ -23,7 +23,7 @@ __all__ = ["COLUMNS", "AccuracyReport", "accuracy_report", "classify", "iter_cla
 def __getattr__(name: str) -> Any:
     """Imported when first used: ``import inference`` stays light for the Dask workers."""
     if name in __all__:
-        from inference import notebook
+        from inference.client import notebook
 
         return getattr(notebook, name)
     raise AttributeError(f"module 'inference' has no attribute {name!r}")

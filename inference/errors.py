@@ -18,6 +18,12 @@
           └── ImageDecodeError  the bytes are not a readable image, or too many pixels
 
 Per-image errors carry ``stage`` so the records can say where an image failed.
+
+Two signals stay inside a Dask worker and are never raised to a caller (plain ``Exception``,
+outside the tree: nothing that catches ``InferenceError`` may stop them on their way):
+
+    DecodeOverdue              a read past the image's decode deadline, inside Pillow's loops
+    ObjectTooSlow              an object's body did not arrive within images.fetch_timeout_s
 """
 
 from __future__ import annotations
@@ -156,3 +162,13 @@ class ImageDecodeError(ImageError):
     """An object was fetched but is not a readable image (or exceeds the pixel limit)."""
 
     stage = "decode"
+
+
+class DecodeOverdue(Exception):  # noqa: N818 - a signal, not an error a caller sees
+    """Raised by a read past the deadline, inside Pillow's parse or decode loop; ``read_header``
+    and ``decode`` turn it into that image's ImageDecodeError."""
+
+
+class ObjectTooSlow(Exception):  # noqa: N818 - a signal, not an error a caller sees
+    """An object's body did not arrive within ``images.fetch_timeout_s``; the fetch turns it
+    into that image's FetchError."""

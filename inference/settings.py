@@ -116,7 +116,7 @@ class ModelSettings(Section):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
-    # CPU: compiled ahead of time once per model, weights, precision and batch size (inference.compiled);
+    # CPU: compiled ahead of time once per model, weights, precision and batch size (inference.worker.compiled);
     # auto stays eager, quietly, where no package is cached and no C++ compiler can build one.
     # CUDA: a captured CUDA graph unless true (torch.compile instead)
     compile: Annotated[Literal["auto", True, False], BeforeValidator(_auto_or_bool)] = "auto"
@@ -167,7 +167,7 @@ class StorageSettings(Section):
 
     def credentials_env(self) -> dict[str, str]:
         """The credentials that are set, as the VISIONSTREAM_STORAGE__* variables a worker
-        process reads (``inference.worker.with_local_credentials``): how the embedded cluster's
+        process reads (``inference.worker.plugin.with_local_credentials``): how the embedded cluster's
         workers get what the client's configuration says, from any source."""
         env: dict[str, str] = {}
         if self.access_key_id:
@@ -546,3 +546,20 @@ def _config_error(exc: ValidationError, origin: Callable[[tuple[str, ...]], str]
     return ConfigError(
         "invalid configuration " + "; ".join(f"({source}): {'; '.join(lines)}" for source, lines in problems.items())
     )
+
+
+@dataclass(frozen=True, slots=True)
+class WeightsSpec:
+    """What ``model.weights`` names: torchvision weights, a checkpoint, or random init."""
+
+    kind: str  # "torchvision" | "checkpoint" | "none"
+    value: str
+
+    @classmethod
+    def parse(cls, spec: str) -> WeightsSpec:
+        text = spec.strip()
+        if text.lower() in ("none", "random", ""):
+            return cls("none", "none")
+        if "://" in text or "/" in text or text.endswith((".pt", ".pth", ".bin", ".ckpt")):
+            return cls("checkpoint", text)
+        return cls("torchvision", text)

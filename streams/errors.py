@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from inference.report import plural
+from inference.records.report import plural
 
 
 class StreamError(Exception):

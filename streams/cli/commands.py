@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TextIO
 
-from inference.report import plural
+from inference.records.report import plural
 from inference.settings import Settings
 from streams.cli.console import describe, progress_bar, render
 from streams.service.logs import escape
@@ -318,8 +318,8 @@ def _without_start_after(argv: list[str]) -> list[str]:
 
 
 def run_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    from inference.evaluation import latest_per_uri, summarize
-    from inference.report import headline, write_report
+    from inference.records.evaluation import latest_per_uri, summarize
+    from inference.records.report import headline, write_report
 
     if args.input:
         records = _read_jsonl(args.input)
@@ -367,27 +367,28 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
 
 async def _read_topic(settings: Settings, from_beginning: bool, idle_s: float, limit: int | None) -> list[dict[str, Any]]:
-    from streams.service.kafka import start_consumer
+    """The predictions and dead letters, as records (``kafka.read_topics``); values that are not JSON skipped."""
+    from streams.service.kafka import read_topics
 
-    consumer = await start_consumer(settings.kafka, settings.topics.predictions, settings.topics.dead_letter, from_beginning=from_beginning)
     records: list[dict[str, Any]] = []
     progress = progress_bar("evaluate: reading", unit="ev")
+
+    def take(topic: str, values: list[bytes | None]) -> None:
+        for value in values:
+            try:
+                records.append(json.loads(value or b""))
+            except (ValueError, UnicodeDecodeError):
+                continue  # not ours; the topic is shared with no one, but be safe
+
+    def on_read(count: int) -> None:
+        progress.n = len(records)
+        progress.refresh()
+
+    topics = [settings.topics.predictions, settings.topics.dead_letter]
     try:
-        while limit is None or len(records) < limit:
-            batch = await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=1000)
-            if not batch:
-                break
-            for messages in batch.values():
-                for message in messages:
-                    try:
-                        records.append(json.loads(message.value))
-                    except (ValueError, UnicodeDecodeError):
-                        continue  # not ours; the topic is shared with no one, but be safe
-            progress.n = len(records)
-            progress.refresh()
+        await read_topics(settings.kafka, topics, idle_s, take, on_read, from_beginning=from_beginning, limit=limit)
     finally:
         progress.close()
-        await consumer.stop()
     return records[:limit] if limit is not None else records
 
 
@@ -402,9 +403,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run_classify(args: argparse.Namespace, settings: Settings) -> int:
-    from inference.cluster import InferenceCluster
-    from inference.job import batches_in_flight, classify_all
-    from inference.sources import iter_sources
+    from inference.client.cluster import InferenceCluster
+    from inference.client.job import batches_in_flight, classify_all
+    from inference.client.sources import iter_sources
 
     uris = iter_sources(args.sources, settings.storage, settings.filter.suffixes)
     first = next(uris, None)  # fail fast on a source that names nothing

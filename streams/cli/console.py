@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from streams.service.logs import escape
-from inference.results import is_dead_letter
+from inference.records.results import is_dead_letter
 
 
 def progress_bar(description: str, **kwargs: Any) -> Any:

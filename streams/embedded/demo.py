@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from inference.cluster import embedded_cluster, reaching
-from inference.evaluation import percentile, accuracy
-from inference.model import WeightsSpec
-from inference.results import is_prediction
+from inference.client.embedded import embedded_cluster, reaching
+from inference.records.evaluation import percentile, accuracy
+from inference.settings import WeightsSpec
+from inference.records.results import is_prediction
 from inference.settings import Settings
 from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port, start_stream_worker
 from streams.errors import EmbeddedStackError

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from inference.model import WeightsSpec
+from inference.settings import WeightsSpec
 from inference.settings import Settings, StorageSettings
 from streams.embedded.demo import pretrained_cached
 from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, EmbeddedStack

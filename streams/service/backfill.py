@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from inference.settings import KafkaSettings, Settings, StorageSettings, TopicSettings
-from inference.sources import iter_s3_pages
+from inference.client.sources import iter_s3_pages
 from streams.service.events import BACKFILL_HEADER, encode
 from streams.service.kafka import ensure_topics, start_producer
 from streams.service.s3events import ObjectRef, object_created_event

@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from inference.results import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA, ImageResult  # named there for readers on both sides
+from inference.records.results import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA, ImageResult  # named there for readers on both sides
 from streams.service.s3events import ObjectRef
 
 BACKFILL_HEADER = "visionstream-backfill"

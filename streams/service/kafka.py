@@ -104,23 +104,28 @@ ENDS_GRACE_S = 30.0  # without a record while the end offsets say more are there
 POSITION_WAIT_S = 10.0
 
 
-async def read_from_start(
+async def read_topics(
     kafka: KafkaSettings,
     topics: list[str],
     idle_s: float,
     take: Callable[[str, list[bytes | None]], None],
     on_read: Callable[[int], None] | None = None,
+    *,
+    from_beginning: bool = True,
+    limit: int | None = None,
 ) -> int:
     """Read ``topics`` from their start up to the end offsets the broker gives when reading
     begins, handing each fetched batch's values to ``take`` (topic, values); where the broker
     gives none, until ``idle_s`` passes without a record. Records that arrive meanwhile may be
-    read too. Returns how many were read; ``on_read`` sees the count as it grows."""
-    consumer = await start_consumer(kafka, *topics, from_beginning=True)
+    read too. Not ``from_beginning``: only records that arrive from now on, until ``idle_s``
+    passes without one. Stops once ``limit`` records (or a few more, one fetch's worth) were
+    read. Returns how many were read; ``on_read`` sees the count as it grows."""
+    consumer = await start_consumer(kafka, *topics, from_beginning=from_beginning)
     read = 0
     try:
-        ends = await _end_offsets(consumer)
+        ends = await _end_offsets(consumer) if from_beginning else {}
         quiet_since = time.monotonic()
-        while True:
+        while limit is None or read < limit:
             batch = await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=READ_BATCH)
             if not batch:
                 if not ends:

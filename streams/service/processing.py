@@ -13,7 +13,7 @@ Failures, and what becomes of them:
     ``decode``); the rest of its batch is classified;
   - an image whose batch keeps killing Dask workers: the batch is split until the image
     is alone, and only it is dead-lettered (``worker``), once workers died with it alone on
-    them twice (the scheduler's record, ``inference.deaths``: the same for every stream
+    them twice (the scheduler's record, ``inference.client.deaths``: the same for every stream
     worker, and kept across their restarts); while one stream worker isolates, the others
     hold their new batches (a cluster-wide lease), so that a suspect really runs alone;
   - a batch past ``batch.timeout_s``: split like a batch that kills workers, so that an image
@@ -30,29 +30,23 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, RetryError, retry_if_exception, stop_before_delay, wait_exponential
-
-from inference.deaths import DeathTally, convicted
-from inference.errors import BatchTimeout, ClusterUnavailable, StoreWideFailure, WorkerLost
-from inference.fetch import S3_SCHEMES, SLOW_OBJECT, split_s3_uri
-from inference.results import Failure, ImageResult
+from inference.records.results import Failure, ImageResult
 from inference.settings import BatchSettings, EventSettings, FilterSettings, TopicSettings
-from streams.errors import BatchRetryExhausted, MalformedEvent
+from streams.errors import MalformedEvent
+from streams.service.attempts import BatchAttempts, Classify
 from streams.service.events import dead_letter_event, encode, encode_dead_letter, prediction_event
+from streams.service.isolation import Isolation, NoLedger, PoisonIsolation
 from streams.service.metrics import StreamMetrics
 from streams.service.s3events import ObjectRef, parse_notification
 
 log = logging.getLogger(__name__)
 
-Classify = Callable[[list[str], int], Awaitable[list[ImageResult]]]
 Publish = Callable[[str, bytes, bytes], Awaitable[Any]]  # topic, key, value; awaits the broker's ack
 
-WORKER_STAGE = "worker"
 MAX_WARNED_BUCKETS = 1000
 
 
@@ -182,50 +176,6 @@ class AckTracker(Generic[Item]):
         return {partition: self._offset_of(queue[0][0]) for partition, queue in self._pending.items() if queue}
 
 
-class Isolation(Protocol):
-    """What isolating a worker-killer needs of the cluster (``InferenceCluster`` has it)."""
-
-    def tally_deaths(self, uris: list[str]) -> DeathTally: ...
-    def isolation(self) -> AbstractAsyncContextManager[None]: ...
-    async def wait_while_isolating(self, deadline_s: float) -> None: ...
-    async def others_processing(self, uris: list[str]) -> int: ...
-
-
-class NoLedger:
-    """No record of deaths (a cluster that keeps none): one WorkerLost of an image alone
-    convicts it, as Dask's KilledWorker says it died on every worker that tried it."""
-
-    def tally_deaths(self, uris: list[str]) -> DeathTally | None:  # type: ignore[override]
-        return None
-
-    @asynccontextmanager
-    async def isolation(self) -> AsyncIterator[None]:
-        yield
-
-    async def wait_while_isolating(self, deadline_s: float) -> None:
-        return None
-
-    async def others_processing(self, uris: list[str]) -> int:
-        return 0
-
-
-ALONE_POLL_S = 0.5  # how often an isolated attempt checks whether other batches still run
-CANARY_URI = "memory://visionstream-probe/nothing-here.jpg"  # fetched by a probe; never exists
-PROBE_KEY = "visionstream-probe/nothing-here.jpg"  # likewise, in an image's own bucket
-
-
-def probe_uri(like: str) -> str:
-    """What a probe fetches for an image at ``like``: an object that does not exist in the same
-    store (its bucket answers at once, found or not: unless the store itself hangs), else an
-    in-memory one. A probe of memory alone would pass while the store hung, and convict the
-    image whose reads hung with it. Pure."""
-    like = str(like)
-    if like.startswith(S3_SCHEMES):
-        bucket, _ = split_s3_uri(like)
-        return f"{like.split('://', 1)[0]}://{bucket}/{PROBE_KEY}"
-    return CANARY_URI
-
-
 @dataclass
 class BatchHandler:
     classify: Classify
@@ -237,12 +187,11 @@ class BatchHandler:
     counters: StreamMetrics = field(default_factory=StreamMetrics)
     cluster: Isolation = field(default_factory=NoLedger)
     _warned_buckets: set[str] = field(default_factory=set, init=False, repr=False)
-    _last_success: float = field(default=0.0, init=False, repr=False)  # monotonic: an attempt of ours completed
-    _isolating: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
-    _not_isolating: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+    isolation: PoisonIsolation = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._not_isolating.set()
+        attempts = BatchAttempts(self.classify, self.batch, self.counters, self.cluster)
+        self.isolation = PoisonIsolation(attempts, self.batch, self.counters, self.cluster)
 
     async def handle(self, messages: list[InputMessage], priority: int = 0) -> None:
         """Classify and publish everything in ``messages``; raise rather than lose anything."""
@@ -302,7 +251,7 @@ class BatchHandler:
     async def _run_batch(self, work: list[tuple[ObjectRef, InputMessage]], priority: int) -> list[Awaitable[Any]]:
         batch_id = uuid.uuid4().hex[:16]
         started = time.perf_counter()
-        outcomes = await self._classify_isolating([ref.target for ref, _ in work], priority)
+        outcomes = await self.isolation.classify([ref.target for ref, _ in work], priority)
         classified = [outcome for outcome in outcomes if isinstance(outcome, ImageResult)]
         self.counters.batch_classified(len(work), time.perf_counter() - started, classified[0].timings if classified else None)
         if classified:
@@ -331,148 +280,3 @@ class BatchHandler:
         })
         return sends
 
-    async def _classify_isolating(self, uris: list[str], priority: int) -> list[ImageResult | Failure]:
-        """Classify; where the batch keeps killing workers, split it until the image that does is alone.
-
-        Dask counts a worker's death against every task on it, so a batch beside the culprit
-        dies with it. The split therefore runs alone: one suspect at a time under the
-        cluster-wide isolation lease, each attempt only once no other batch of ours runs, and
-        no new batch of this handler is submitted until it is over."""
-        try:
-            return list(await self._classify_with_retry(uris, priority))
-        except BatchRetryExhausted as exc:
-            if len(uris) < 2 or not isinstance(exc.__cause__, StoreWideFailure):
-                raise
-            # every object refused alike for all of batch.retry_timeout_s: deleted objects under a
-            # GetObject-only policy answer 403 too. One by one, each gets its own record (a lone
-            # object's failure is never store-wide), rather than the worker crash-looping on them.
-            log.warning("every object of a batch of %d kept failing alike (%s); trying them one by one", len(uris), exc.__cause__)
-            return [result for uri in uris for result in await self._classify_with_retry([uri], priority)]
-        except (WorkerLost, BatchTimeout) as exc:
-            self.counters.batch_retried()  # its images are tried again, in smaller batches
-            log.warning("batch of %d failed (%s); trying its images again in isolation", len(uris), exc)
-            async with self._isolating, self.cluster.isolation():
-                self._not_isolating.clear()
-                try:
-                    if len(uris) == 1:
-                        return await self._alone(uris, priority)  # it may have died beside another batch
-                    return await self._halves(uris, priority)
-                finally:
-                    self._not_isolating.set()
-
-    async def _halves(self, uris: list[str], priority: int, why: str = "killed its workers") -> list[ImageResult | Failure]:
-        middle = len(uris) // 2
-        log.warning("a batch of %d %s; splitting it to find the image", len(uris), why)
-        return [*await self._alone(uris[:middle], priority), *await self._alone(uris[middle:], priority)]
-
-    async def _alone(self, uris: list[str], priority: int) -> list[ImageResult | Failure]:
-        """Classify with nothing else of ours on the cluster; split further if the workers die.
-
-        One image is dead-lettered only once workers died with it alone on them twice (the
-        scheduler's record); a death beside other work, or a single one, says nothing about
-        it, and it is tried again, within ``batch.retry_timeout_s`` of isolation."""
-        give_up = time.monotonic() + self.batch.retry_timeout_s
-        timeouts: list[float] = []  # when each attempt of this one image began, that then timed out
-        while True:
-            await self._wait_until_alone(uris)
-            began = time.monotonic()
-            try:
-                return list(await self._classify_with_retry(uris, priority, isolated=True))
-            except BatchTimeout as exc:
-                if len(uris) > 1:
-                    return await self._halves(uris, priority, f"did not finish within {self.batch.timeout_s:g} s")
-                timeouts.append(began)
-                if len(timeouts) >= 2 and self._last_success > timeouts[-2]:
-                    log.error("dead-lettering %r: it did not finish within batch.timeout_s alone, %d times, while other images were classified", uris[0], len(timeouts))
-                    return [Failure("decode", f"classifying this image alone did not finish within batch.timeout_s ({self.batch.timeout_s:g} s), {len(timeouts)} times, while other images were")]
-                if time.monotonic() > give_up:
-                    raise BatchRetryExhausted(1, self.batch.retry_timeout_s, str(exc)) from exc
-                self.counters.batch_retried()
-                log.warning("%r did not finish within batch.timeout_s alone; checking that the cluster answers, then trying it again", uris[0])
-                await self._probe_cluster(priority, uris[0])
-                await asyncio.sleep(self.batch.retry_backoff_s)
-            except WorkerLost as exc:
-                if len(uris) > 1:
-                    return await self._halves(uris, priority)
-                counted = self.cluster.tally_deaths(uris)
-                if counted is None or convicted(uris, counted):
-                    alone = "" if counted is None else f" ({counted.alone} time(s) alone on the worker)"
-                    log.error("dead-lettering %r: the Dask workers classifying it died%s: %s", uris[0], alone, exc.reason)
-                    return [Failure(WORKER_STAGE, f"the Dask workers classifying this image died{alone}: {exc.reason}")]
-                if time.monotonic() > give_up:
-                    raise BatchRetryExhausted(1, self.batch.retry_timeout_s, f"workers kept dying beside other work with {uris[0]!r} on them") from exc
-                log.warning("a worker died with %r on it (%d time(s) alone, %d beside other work): not enough to blame it; trying it alone again", uris[0], counted.alone, counted.beside)
-
-    async def _probe_cluster(self, priority: int, like: str) -> None:
-        """One tiny batch (an object that does not exist in the image's own store, ``probe_uri``:
-        its record comes back at once): if it completes within the deadline and its store
-        answered, the cluster and the store work, and an image that keeps timing out alone is
-        the image's fault. Its record is not published."""
-        try:
-            [record] = await asyncio.wait_for(self.classify([probe_uri(like)], priority), timeout=self.batch.timeout_s)
-        except Exception as exc:  # noqa: BLE001 - a cluster that does not answer convicts no image
-            log.warning("the cluster did not answer a probe (%s: %s)", type(exc).__name__, exc)
-            return
-        if record.error is not None and SLOW_OBJECT in record.error.message:
-            log.warning("the store did not answer a probe within images.fetch_timeout_s: it convicts no image")
-            return
-        self._last_success = time.monotonic()
-
-    async def _wait_until_alone(self, uris: list[str]) -> None:
-        """Until no other batch of ours runs on the cluster (at most ``batch.timeout_s``): those
-        of other stream workers already submitted finish, and new ones wait for the lease."""
-        give_up = time.monotonic() + self.batch.timeout_s
-        while time.monotonic() < give_up:
-            try:
-                if not await self.cluster.others_processing(uris):
-                    return
-            except Exception as exc:  # noqa: BLE001 - the attempt itself reports a lost cluster
-                log.debug("could not list the batches processing: %s", exc)
-                return
-            await asyncio.sleep(ALONE_POLL_S)
-
-    async def _classify_with_retry(self, uris: list[str], priority: int, isolated: bool = False) -> list[ImageResult]:
-        """Attempts with exponential backoff (``batch.retry_backoff_s``, doubling to 30 s) until
-        one succeeds, or until the next pause would pass ``batch.retry_timeout_s``: then
-        BatchRetryExhausted. WorkerLost and BatchTimeout are not retried here (the caller splits
-        the batch)."""
-        retrying = AsyncRetrying(
-            # errors only: WorkerLost and BatchTimeout (the caller splits), cancellation, SystemExit... go straight out
-            retry=retry_if_exception(lambda exc: isinstance(exc, Exception) and not isinstance(exc, WorkerLost | BatchTimeout)),
-            stop=stop_before_delay(self.batch.retry_timeout_s),
-            wait=wait_exponential(multiplier=self.batch.retry_backoff_s, exp_base=2, max=30.0),
-            before_sleep=self._retrying,
-        )
-        self.counters.batch_started()
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    if not isolated:
-                        await self._not_isolating.wait()
-                        await self.cluster.wait_while_isolating(self.batch.timeout_s)
-                    results = await self._attempt(uris, priority)
-                    if len(results) != len(uris):
-                        raise ClusterUnavailable("cluster", f"returned {len(results)} results for {len(uris)} images")
-            self._last_success = time.monotonic()
-            return results
-        except RetryError as exc:
-            cause = exc.last_attempt.exception()
-            raise BatchRetryExhausted(len(uris), self.batch.retry_timeout_s, f"{type(cause).__name__}: {cause}") from cause
-        finally:
-            self.counters.batch_ended()
-
-    def _retrying(self, state: RetryCallState) -> None:
-        """tenacity's hook before each pause: count the retry and say why."""
-        self.counters.batch_retried()
-        error = state.outcome.exception() if state.outcome else None
-        pause = state.next_action.sleep if state.next_action else 0.0
-        log.warning("batch failed (%s: %s); retrying in %.1f s", type(error).__name__, error, pause)
-
-    async def _attempt(self, uris: list[str], priority: int) -> list[ImageResult]:
-        try:
-            return await asyncio.wait_for(self.classify(uris, priority), timeout=self.batch.timeout_s)
-        except TimeoutError as exc:
-            counted = self.cluster.tally_deaths(uris)
-            if counted is not None and counted.total:  # restarts and model loads ate the deadline
-                raise WorkerLost("cluster", f"past batch.timeout_s after {counted.total} worker death(s) with these images") from exc
-            raise BatchTimeout(len(uris), self.batch.timeout_s) from exc

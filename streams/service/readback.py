@@ -6,7 +6,7 @@
 
 The latest event per URI, as ``visionstream evaluate`` keeps them (a replay or a retry makes
 duplicates); a dead letter is a row with ``error_stage`` set. Reads from the topics' start up to
-their end offsets when reading began (``kafka.read_from_start``), on an event loop of its own in
+their end offsets when reading began (``kafka.read_topics``), on an event loop of its own in
 a thread, so it works inside Jupyter's running loop.
 """
 
@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inference.notebook import COLUMNS, to_frame
-from inference.results import is_dead_letter, is_prediction
+from inference.client.notebook import COLUMNS, to_frame
+from inference.records.results import is_dead_letter, is_prediction
 from inference.settings import load_settings
 from streams.service.events import parse_time
-from streams.service.kafka import read_from_start
+from streams.service.kafka import read_topics
 
 if TYPE_CHECKING:
     import pandas
@@ -122,7 +122,7 @@ def read_predictions(
                 latest[event["uri"]] = event
 
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="visionstream-read") as thread:
-        thread.submit(asyncio.run, read_from_start(settings.kafka, topics, idle_s, take)).result()
+        thread.submit(asyncio.run, read_topics(settings.kafka, topics, idle_s, take)).result()
     return to_frame((event_row(event) for event in latest.values()), EVENT_COLUMNS)
 
 

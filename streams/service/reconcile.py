@@ -21,7 +21,7 @@ its digest equals one of n known ones: about m·n/2⁶⁴ for m objects listed (
 against a million); that object would not be announced.
 Reconcile can only know what the topics still hold: an object whose prediction passed the
 predictions topic's retention is announced again (``--modified-after`` bounds the listing),
-and a read that stops short of the end offsets seen at its start (``kafka.read_from_start``)
+and a read that stops short of the end offsets seen at its start (``kafka.read_topics``)
 is said so.
 It errs towards announcing: a duplicate prediction, never a missing one.
 """
@@ -40,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from inference.objects import plain_etag
-from inference.results import is_dead_letter, is_prediction
+from inference.records.objects import plain_etag
+from inference.records.results import is_dead_letter, is_prediction
 from inference.settings import EventSettings, FilterSettings, Settings
 from streams.errors import MalformedEvent
 from streams.service.backfill import BackfillPlan, listing, object_ref, parse_s3_uri, publisher
-from streams.service.kafka import read_from_start
+from streams.service.kafka import read_topics
 from streams.service.s3events import ObjectRef, allowed_filter, key_problem, parse_notification
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ async def read_accounted(
         for value in values:
             account(accounted, value, output, uploads, settings.events)
 
-    await read_from_start(settings.kafka, [*sorted(outputs), *inputs], idle_s, take, on_read)
+    await read_topics(settings.kafka, [*sorted(outputs), *inputs], idle_s, take, on_read)
     return accounted.freeze()
 
 

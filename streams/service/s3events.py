@@ -18,7 +18,7 @@ from urllib.parse import quote_plus, unquote_plus
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from inference.objects import PinnedUri
+from inference.records.objects import PinnedUri
 from inference.settings import EventSettings, FilterSettings
 from streams.errors import MalformedEvent
 

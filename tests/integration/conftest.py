@@ -27,7 +27,7 @@ import boto3
 import pytest
 import yaml
 
-from inference.cluster import embedded_cluster, reaching
+from inference.client.embedded import embedded_cluster, reaching
 from inference.settings import ClusterSettings, Settings
 from streams.embedded.stack import EMBEDDED_BROKER_KAFKA, S3_TEST_CREDENTIALS, EmbeddedStack, free_port, start_stream_worker
 from streams.service.kafka import ensure_topics, start_consumer

@@ -13,12 +13,12 @@ import torch
 from distributed import Client
 from PIL import Image
 
-from inference.cluster import InferenceCluster
-from inference.images import decode, preprocess
-from inference.model import load_model, top_k
-from inference.results import ImageResult
+from inference.client.cluster import InferenceCluster
+from inference.worker.images import decode, preprocess
+from inference.worker.model import load_model, top_k
+from inference.records.results import ImageResult
 from inference.settings import ModelSettings
-from inference.worker import PLUGIN_PREFIX
+from inference.worker.plugin import PLUGIN_PREFIX
 from streams.embedded.samples import generate_dataset
 
 from .conftest import visionstream
@@ -201,7 +201,7 @@ def test_the_embedded_clusters_workers_never_write_to_the_clients_stdout(tmp_pat
 
     script = (
         "import asyncio\n"
-        "from inference.cluster import InferenceCluster\n"
+        "from inference.client.cluster import InferenceCluster\n"
         "from inference.settings import Settings\n"
         "async def main():\n"
         "    settings = Settings().with_overrides({'model': {'name': 'resnet18', 'weights': 'none'}, 'cluster': {'n_workers': 1}})\n"
@@ -221,7 +221,7 @@ def test_an_image_slow_to_decode_is_its_own_dead_letter_and_the_rest_are_predict
     decode time here, at most 0.3 s): it alone fails, at its deadline, on the worker."""
     import time
 
-    from inference.images import Preprocessing, decode_crop
+    from inference.worker.images import Preprocessing, decode_crop
 
     paths = generate_dataset(tmp_path / "dogs", 12)
     slow = tmp_path / "dogs" / "Images" / "n02085620-Chihuahua" / "n02085620_slow.png"
@@ -252,7 +252,7 @@ def test_an_image_slow_to_decode_is_its_own_dead_letter_and_the_rest_are_predict
 def _decode_seconds(path: Path) -> float:
     import time
 
-    from inference.images import Preprocessing, decode_crop
+    from inference.worker.images import Preprocessing, decode_crop
 
     data = path.read_bytes()
     began = time.perf_counter()
@@ -266,7 +266,7 @@ def test_the_shipped_defaults_from_a_cold_cache_serve_while_the_bf16_package_bui
     or emulated, whatever the CPU): a classify runs while the worker builds its package beside the
     batches, the worker then runs compiled, and a second classify through the package predicts
     the same classes. (Built inside the worker, this failed every cold run.)"""
-    from inference.worker import model_health
+    from inference.worker.plugin import model_health
 
     paths = generate_dataset(tmp_path / "dogs", 24)
     args = ["classify", str(tmp_path / "dogs"), "--weights", "none", "--model", "resnet18", "--precision", "bf16",

@@ -13,7 +13,7 @@ from confluent_kafka import Consumer, Producer
 from streams.embedded.samples import generate_dataset
 from streams.service.events import now_iso
 from streams.service.s3events import ObjectRef, object_created_event
-from inference.results import PREDICTION_SCHEMA
+from inference.records.results import PREDICTION_SCHEMA
 
 from .conftest import create_topics
 

@@ -10,9 +10,10 @@ import pytest
 
 from pydantic import SecretStr
 
-from inference.cluster import InferenceCluster, embedded_cluster, reaching
+from inference.client.cluster import InferenceCluster
+from inference.client.embedded import embedded_cluster, reaching
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, StorageSettings
-from inference.worker import PLUGIN_PREFIX
+from inference.worker.plugin import PLUGIN_PREFIX
 
 
 def resident(dask_worker) -> dict[str, bool]:
@@ -65,7 +66,7 @@ def test_a_model_that_failed_to_load_is_loaded_again_once_its_checkpoint_exists(
     import torch
 
     from inference.errors import ModelLoadFailed, WeightsUnavailable
-    from inference.model import load_model
+    from inference.worker.model import load_model
     from streams.embedded.samples import generate_dataset
 
     checkpoint = tmp_path / "resnet18-late.pt"

@@ -19,7 +19,7 @@ from streams.embedded.stack import S3_TEST_CREDENTIALS, start_dask_scheduler, st
 from streams.service.events import now_iso
 from streams.service.kafka import start_consumer
 from streams.service.s3events import ObjectRef, object_created_event
-from inference.results import PREDICTION_SCHEMA
+from inference.records.results import PREDICTION_SCHEMA
 
 from .conftest import collect_events, create_topics, drain_topic, plain_scheduler, wait_until
 from .test_stream import put_images, send_raw

@@ -67,7 +67,7 @@ def test_a_worker_holding_no_partition_asks_for_a_rebalance_then_fails_livez_whe
     that commits nothing, this worker holding no partition. The group's offsets are read as
     `visionstream lag` reads them; the rebalance request itself (Faust's consumer thread) is the
     one thing replaced here, since no member runs."""
-    from streams.service import agents
+    from streams.service import liveness
     from streams.service.agents import StreamService
 
     create_topics(settings)
@@ -85,14 +85,14 @@ def test_a_worker_holding_no_partition_asks_for_a_rebalance_then_fails_livez_whe
         async def rejoin(consumer: object) -> None:
             asked.append(consumer)
 
-        monkeypatch.setattr(agents, "_request_rejoin", rejoin)
-        await service.watch_group()  # first sight: the window starts
+        monkeypatch.setattr(liveness, "_request_rejoin", rejoin)
+        await service.liveness.watch_group(service.app, service.assigned)  # first sight: the window starts
         assert not asked and service.live()[0]
         await asyncio.sleep(0.6)
-        await service.watch_group()  # still for a window: ask the group
+        await service.liveness.watch_group(service.app, service.assigned)  # still for a window: ask the group
         assert len(asked) == 1 and service.live()[0]
         await asyncio.sleep(0.6)
-        await service.watch_group()  # still, a window after asking
+        await service.liveness.watch_group(service.app, service.assigned)  # still, a window after asking
         return asked, service.live()
 
     asked, (alive, why) = asyncio.run(run())

@@ -39,7 +39,7 @@ def test_classify_on_the_callers_client_inside_a_running_loop_and_an_interruptio
     from distributed import Client
 
     from inference import COLUMNS, accuracy_report, classify, iter_classify
-    from inference.cluster import client_security
+    from inference.client.connection import client_security
     from inference.settings import ClusterSettings
 
     generate_dataset(tmp_path / "dogs", 5, bad_files=1)
@@ -68,7 +68,7 @@ def test_classify_on_the_callers_client_inside_a_running_loop_and_an_interruptio
 
 
 def _model_loads(dask_worker) -> dict[str, int]:
-    from inference.worker import PLUGIN_PREFIX
+    from inference.worker.plugin import PLUGIN_PREFIX
 
     return {name: plugin.loads for name, plugin in dask_worker.plugins.items() if name.startswith(PLUGIN_PREFIX)}
 
@@ -106,7 +106,7 @@ def test_an_api_weights_error_names_the_keyword_not_the_command_option(tmp_path:
     from distributed import Client
 
     from inference import classify
-    from inference.cluster import client_security
+    from inference.client.connection import client_security
     from inference.errors import WeightsUnavailable
     from inference.settings import ClusterSettings
 

@@ -19,10 +19,10 @@ import boto3
 import pytest
 from distributed import Client
 
-from inference.cluster import embedded_cluster, reaching
-from inference.results import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA
+from inference.client.embedded import embedded_cluster, reaching
+from inference.records.results import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA
 from inference.settings import ClusterSettings
-from inference.runtime import KILL_SWITCH_ENV
+from inference.worker.decoding import KILL_SWITCH_ENV
 from streams.embedded.samples import generate_dataset
 from streams.embedded.stack import S3_TEST_CREDENTIALS, free_port
 from streams.service.events import now_iso

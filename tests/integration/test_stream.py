@@ -12,14 +12,14 @@ from pathlib import Path
 import boto3
 import pytest
 
-from inference.cluster import embedded_cluster, reaching
+from inference.client.embedded import embedded_cluster, reaching
 from streams.embedded.samples import generate_dataset
 from streams.embedded.stack import S3_TEST_CREDENTIALS
 from streams.service.events import now_iso
 from streams.service.kafka import start_producer
 from streams.service.s3events import ObjectRef, object_created_event
 from streams.service.uploads import upload_paths
-from inference.results import PREDICTION_SCHEMA
+from inference.records.results import PREDICTION_SCHEMA
 
 from .conftest import collect_events, create_topics, drain_topic, plain_scheduler, wait_until
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from inference.fetch import SUPERSEDED
+from inference.records.results import SUPERSEDED
 from streams.embedded.samples import generate_dataset
 from streams.service.events import now_iso
 from streams.service.s3events import ObjectRef, object_created_event

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-from inference.results import ImageResult, ModelInfo, Prediction
+from inference.records.results import ImageResult, ModelInfo, Prediction
 from inference.settings import FilterSettings, Settings
-from streams.service.agents import BACKFILL_PRIORITY, LIVE_PRIORITY, StreamService
+from streams.service.agents import StreamService
+from streams.service.capacity import BACKFILL_PRIORITY, LIVE_PRIORITY
 from streams.service.processing import BatchHandler
 from streams.service.s3events import ObjectRef, object_created_event
 
@@ -63,19 +64,19 @@ class Seams:
 def service(tmp_path: Path, seams: Seams) -> StreamService:
     settings = Settings().with_overrides({"worker": {"data_dir": str(tmp_path)}, "batch": {"retry_timeout_s": 0.05, "retry_backoff_s": 0.01}})
     built = StreamService(settings)  # connects to nothing until started
-    built.handler = BatchHandler(seams.classify, seams.publish, settings.batch, settings.topics, FilterSettings())
-    built.acks.assigned(1)  # what on_partitions_assigned does, generation 1
+    built.intake.handler = BatchHandler(seams.classify, seams.publish, settings.batch, settings.topics, FilterSettings())
+    built.intake.acks.assigned(1)  # what on_partitions_assigned does, generation 1
     return built
 
 
 async def start(built: StreamService, seams: Seams, batch: list[SimpleNamespace], slots: asyncio.Semaphore) -> asyncio.Task | None:
     """What ``run_agent`` does for one taken batch; None where nothing of it was admitted."""
     await slots.acquire()
-    admitted = built.admit(batch)
+    admitted = built.intake.admit(batch)
     if not admitted:
         slots.release()
         return None
-    task = asyncio.create_task(built._process(seams, admitted, slots, 0))
+    task = asyncio.create_task(built.intake.process(seams, admitted, slots, 0))
     await asyncio.sleep(0)
     return task
 
@@ -99,7 +100,7 @@ def test_acks_follow_publishing_in_offset_order_and_never_pass_an_unfinished_bat
         seams.finish(first)
         await tasks[0]
         assert seams.acked[2:] == [(0, offset) for offset in range(6)]  # in offset order, once each
-        assert built.acks.waiting() == 0 and not slots.locked()
+        assert built.intake.acks.waiting() == 0 and not slots.locked()
 
     asyncio.run(run())
 
@@ -121,34 +122,24 @@ def test_a_batch_that_could_not_be_published_acks_nothing_and_stops_the_worker(t
         seams.finish(batch)
         await task
         assert seams.acked == [] and [type(reason) for reason in crashed] == [ConnectionError]
-        assert built.acks.waiting() == 3 and not slots.locked()  # held back: consumed again after the restart
+        assert built.intake.acks.waiting() == 3 and not slots.locked()  # held back: consumed again after the restart
 
     asyncio.run(run())
 
 
 def test_batches_in_flight_follow_the_cluster_as_workers_join(tmp_path: Path):
-    class Cluster:
-        def __init__(self) -> None:
-            self.workers = {"tcp://a": 2}
-
-        async def threads(self) -> dict[str, int]:
-            return dict(self.workers)
-
     async def run() -> list[tuple[int, int]]:
         built = service(tmp_path, Seams())
-        built.cluster = Cluster()
-        built.slots = {LIVE_PRIORITY: asyncio.Semaphore(0), BACKFILL_PRIORITY: asyncio.Semaphore(0)}
-        built.in_flight = {LIVE_PRIORITY: 0, BACKFILL_PRIORITY: 0}
+        built.slots.open()
         seen = []
-        for workers in ({"tcp://a": 2}, {"tcp://a": 2, "tcp://b": 2, "tcp://c": 2}, {"tcp://a": 2}):
-            built.cluster.workers = workers
-            await built.grow_in_flight()
-            seen.append((built.in_flight[LIVE_PRIORITY], built.in_flight[BACKFILL_PRIORITY]))
+        for threads in (2, 6, 2):  # one worker of 2 threads, three, one again
+            built.slots.grow(threads)
+            seen.append((built.slots.in_flight[LIVE_PRIORITY], built.slots.in_flight[BACKFILL_PRIORITY]))
         free = 0
-        while not built.slots[LIVE_PRIORITY].locked():  # the semaphore really allows what in_flight says
-            await built.slots[LIVE_PRIORITY].acquire()
+        while not built.slots.slots[LIVE_PRIORITY].locked():  # the semaphore really allows what in_flight says
+            await built.slots.slots[LIVE_PRIORITY].acquire()
             free += 1
-        assert free == built.in_flight[LIVE_PRIORITY]
+        assert free == built.slots.in_flight[LIVE_PRIORITY]
         return seen
 
     # 2 threads: 3 in flight (1 backfill); 6 threads: 7 (3); a worker leaving never shrinks it
@@ -169,8 +160,8 @@ def test_a_rebalance_never_lets_a_batch_taken_before_it_acknowledge_past_unproce
         slots = asyncio.Semaphore(4)
         batch_a = [upload_event(0, offset) for offset in range(0, 3)]
         task_a = await start(built, seams, batch_a, slots)
-        built.acks.revoked({("image-uploads", 0)})  # on_partitions_revoked
-        built.acks.assigned(2)  # on_partitions_assigned: the same partition, generation 2
+        built.intake.acks.revoked({("image-uploads", 0)})  # on_partitions_revoked
+        built.intake.acks.assigned(2)  # on_partitions_assigned: the same partition, generation 2
         stale = [upload_event(0, offset) for offset in range(3, 6)]  # fetched under generation 1
         assert await start(built, seams, stale, slots) is None  # never started
         seams.finish(batch_a)
@@ -187,7 +178,7 @@ def test_a_rebalance_never_lets_a_batch_taken_before_it_acknowledge_past_unproce
         seams.finish(refetched_head)
         await task_head
         assert seams.acked == [(0, offset) for offset in range(6)]  # once each, in order, by generation 2
-        assert built.counters.fenced == 3 and built.acks.waiting() == 0
+        assert built.counters.fenced == 3 and built.intake.acks.waiting() == 0
 
     asyncio.run(run())
 
@@ -195,7 +186,7 @@ def test_a_rebalance_never_lets_a_batch_taken_before_it_acknowledge_past_unproce
 def test_an_offset_behind_what_a_partition_already_took_is_refused(tmp_path: Path):
     built = service(tmp_path, Seams())
     first = [upload_event(0, offset) for offset in range(5, 8)]
-    assert built.admit(first) == first
+    assert built.intake.admit(first) == first
     behind = [upload_event(0, offset) for offset in (3, 6, 8)]
-    assert [e.message.offset for e in built.admit(behind)] == [8]  # 3 and 6 are behind 7
+    assert [e.message.offset for e in built.intake.admit(behind)] == [8]  # 3 and 6 are behind 7
     assert built.counters.fenced == 2

@@ -191,7 +191,7 @@ def test_evaluate_that_matches_nothing_leaves_the_last_report_alone(tmp_path):
 
 def test_counts_read_in_the_singular_and_plural():
     from inference.errors import BatchTimeout
-    from inference.report import plural
+    from inference.records.report import plural
 
     assert (plural(1, "image"), plural(0, "image"), plural(2, "object")) == ("1 image", "0 images", "2 objects")
     assert "batch of 1 image did" in str(BatchTimeout(1, 5.0))
@@ -229,7 +229,7 @@ def test_a_failed_connection_attempt_is_not_a_second_line_before_the_error():
 def test_a_cpu_host_is_not_told_that_no_cuda_runtime_is_found():
     import logging
 
-    import inference.compiled  # noqa: F401 - installs the filter, as every process that loads a package imports it
+    import inference.worker.compiled  # noqa: F401 - installs the filter, as every process that loads a package imports it
 
     records = []
     handler = logging.Handler()

@@ -1,8 +1,8 @@
-"""The embedded cluster's shape (``inference.cluster.worker_specs``): pure, no cluster started."""
+"""The embedded cluster's shape (``inference.client.embedded.worker_specs``): pure, no cluster started."""
 
 import pytest
 
-from inference.cluster import worker_processes, worker_specs
+from inference.client.embedded import worker_processes, worker_specs
 from inference.settings import ClusterSettings
 
 
@@ -35,7 +35,7 @@ def test_each_worker_sees_one_gpu_round_robin_by_its_visible_name():
 
 @pytest.mark.parametrize(("configured", "threads", "expected"), [(0, 8, 9), (0, 2, 3), (0, 0, 2), (3, 8, 3), (1, 8, 1)])
 def test_batches_in_flight_default_to_one_per_task_thread_and_one_more(configured, threads, expected):
-    from inference.job import batches_in_flight
+    from inference.client.job import batches_in_flight
 
     assert batches_in_flight(configured, threads) == expected
 
@@ -44,7 +44,7 @@ def test_tls_to_a_standing_scheduler_needs_all_three_and_a_tls_address_needs_the
     import pytest
     from pydantic import SecretStr
 
-    from inference.cluster import client_security
+    from inference.client.connection import client_security
     from inference.errors import ConfigError
     from inference.settings import ClusterSettings
 
@@ -61,7 +61,7 @@ def test_tls_to_a_standing_scheduler_needs_all_three_and_a_tls_address_needs_the
 def test_only_an_idle_plugin_of_the_same_line_or_a_legacy_one_is_superseded():
     """Retirement follows lineage, never idleness alone: two configurations sharing a cluster, a
     notebook's client and the newer version during a rolling update keep their models."""
-    from inference.cluster import superseded
+    from inference.client.retirement import superseded
 
     usage = {
         "tcp://w1": {"own": (1, 0.0, "stream:a"), "old-a": (0, 500.0, "stream:a"), "busy-a": (0, 5.0, "stream:a"),

@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from inference import compiled
-from inference.compiled import CompiledModel, PackageBuilder, compiled_model, compiles, package_key, private_dir
+from inference.worker import compiled
+from inference.worker.compiled import CompiledModel, PackageBuilder, compiled_model, compiles, package_key, private_dir
 from inference.errors import BuildFailed, UnsafeCacheDir
-from inference.model import load_model
+from inference.worker.model import load_model
 from inference.settings import ImageSettings, ModelSettings, StorageSettings
 
 SETTINGS = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
@@ -49,7 +49,7 @@ def test_a_package_is_named_by_the_weights_precision_batch_threads_and_cpu_it_wa
     assert package_key(model, 60) == key  # stable: a restarted worker finds its package
     assert package_key(model, 30) != key
     assert package_key(model, 60, torch.get_num_threads() + 1) != key  # inductor writes the thread count into its kernels
-    monkeypatch.setattr(compiled, "_cpu_identity", lambda: "model name : another CPU")
+    monkeypatch.setattr(compiled, "cpu_identity", lambda: "model name : another CPU")
     assert package_key(model, 60) != key
     monkeypatch.undo()
     monkeypatch.setattr(compiled.torchvision, "__version__", "0.0.1")
@@ -110,7 +110,7 @@ def test_a_package_others_could_have_written_is_not_loaded(monkeypatch, tmp_path
 
 
 def test_auto_without_a_cached_package_or_a_compiler_stays_eager(monkeypatch, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="inference.compiled")
+    caplog.set_level(logging.INFO, logger="inference.worker.compiled")
     monkeypatch.setattr(compiled, "_cpp_compiler", lambda: None)
     monkeypatch.setattr(PackageBuilder, "build", _must_not_build)
     assert compiled_model(load_model(SETTINGS), 4, str(tmp_path), "auto") is None
@@ -200,7 +200,7 @@ def test_the_build_process_gets_no_credentials(monkeypatch, tmp_path):
 
 
 def test_a_failed_build_is_retried_with_backoff_and_says_why_once(monkeypatch, caplog, tmp_path):
-    from inference.runtime import BatchRunner
+    from inference.worker.runtime import BatchRunner, RunnerSettings
 
     attempts = []
 
@@ -214,9 +214,9 @@ def test_a_failed_build_is_retried_with_backoff_and_says_why_once(monkeypatch, c
     _fake_load(monkeypatch)
     monkeypatch.setattr(compiled, "RETRY_DELAYS_S", (0.01, 0.01, 0.01))
     settings = SETTINGS.model_copy(update={"compile": True, "compile_cache_dir": str(tmp_path)})
-    runner = BatchRunner.start(settings, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=8)
+    runner = BatchRunner.start(RunnerSettings(settings, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=8))
     try:
-        runner.compiling.join(30)
+        runner.forward.compiling.join(30)
         assert attempts == [4, 4, 4, 8]  # the chunk failed twice, then both shapes were built
         assert runner.forward_path == "compiled"
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "compiling model resnet18 failed" in r.message]
@@ -226,15 +226,15 @@ def test_a_failed_build_is_retried_with_backoff_and_says_why_once(monkeypatch, c
 
 
 def test_a_build_that_always_fails_leaves_the_worker_eager_and_says_so(monkeypatch, caplog, tmp_path):
-    from inference.runtime import BatchRunner
+    from inference.worker.runtime import BatchRunner, RunnerSettings
 
     monkeypatch.setattr(PackageBuilder, "build", lambda *args: (_ for _ in ()).throw(BuildFailed("RuntimeError: no C++ compiler")))
     monkeypatch.setattr(compiled, "RETRY_DELAYS_S", (0.01,))
     settings = SETTINGS.model_copy(update={"compile": True, "compile_cache_dir": str(tmp_path)})
-    runner = BatchRunner.start(settings, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=2)
+    runner = BatchRunner.start(RunnerSettings(settings, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=2))
     try:
-        runner.compiling.join(30)
-        assert runner.predict == runner.loaded.predict and runner.forward_path == "eager"
+        runner.forward.compiling.join(30)
+        assert runner.forward.predict == runner.loaded.predict and runner.forward_path == "eager"
         assert "failed (shape 2, attempt 2; giving up: it keeps running eagerly): RuntimeError: no C++ compiler" in caplog.text
     finally:
         runner.close()
@@ -250,11 +250,11 @@ def test_eager_batches_run_while_the_package_builds_and_the_worker_then_runs_com
     the same model; every batch is right, and the worker then runs compiled and agrees with eager.
     (Built in a thread of the worker, torch.export swapped the model's weights for fake tensors
     under the eager batches: both failed.)"""
-    from inference.runtime import BatchRunner
+    from inference.worker.runtime import BatchRunner, RunnerSettings
 
     caplog.set_level(logging.INFO, logger="inference")
     settings = SETTINGS.model_copy(update={"compile": "auto", "compile_cache_dir": cache})
-    runner = BatchRunner.start(settings, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 2, warmup_batch=8)
+    runner = BatchRunner.start(RunnerSettings(settings, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 2, warmup_batch=8))
     torch.manual_seed(5)
     crops = torch.randint(0, 255, (9, 3, 224, 224), dtype=torch.uint8)
     expected = runner.loaded.predict(crops)
@@ -262,17 +262,17 @@ def test_eager_batches_run_while_the_package_builds_and_the_worker_then_runs_com
         assert runner.forward_path == "compiling"
         served = 0
         while runner.forward_path == "compiling":
-            with runner.model_lock:
-                got = runner.predict(crops)
+            with runner.forward.model_lock:
+                got = runner.forward.predict(crops)
             torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-3)
             served += 1
         assert served > 1 and runner.forward_path == "compiled", caplog.text[-3000:]
-        runner.compiling.join(300)  # the full-batch shape too: kept where one call of 8 is cheaper than two of 4
-        package = runner.predict.__self__
+        runner.forward.compiling.join(300)  # the full-batch shape too: kept where one call of 8 is cheaper than two of 4
+        package = runner.forward.predict.__self__
         assert isinstance(package, CompiledModel) and sorted(package.runners) in ([4], [4, 8])
         assert ("now runs compiled (shapes 4+8" in caplog.text) != ("one call of 8" in caplog.text and "costs more than the chunks" in caplog.text)
         for rows in (1, 4, 8, 9):  # short, a chunk, a full batch, and longer
-            got = runner.predict(crops[:rows])
+            got = runner.forward.predict(crops[:rows])
             torch.testing.assert_close(got, expected[:rows], atol=1e-3, rtol=1e-3)
             assert torch.equal(got.argmax(1), expected[:rows].argmax(1))
         assert "model resnet18 now runs compiled (shapes 4, fp32, package" in caplog.text
@@ -302,12 +302,12 @@ def test_the_bf16_package_agrees_with_fp32_on_the_best_class(cache):
 
 
 def test_a_closed_worker_kills_its_build_and_does_not_switch(cache, tmp_path):
-    from inference.runtime import BatchRunner
+    from inference.worker.runtime import BatchRunner, RunnerSettings
 
     settings = SETTINGS.model_copy(update={"compile": True, "compile_cache_dir": str(tmp_path)})
-    runner = BatchRunner.start(settings, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=2)
-    eager = runner.predict
-    builder = runner.compiling.builder
+    runner = BatchRunner.start(RunnerSettings(settings, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=2))
+    eager = runner.forward.predict
+    builder = runner.forward.compiling.builder
     process = None
     deadline = time.monotonic() + 60
     while process is None and time.monotonic() < deadline:
@@ -320,19 +320,19 @@ def test_a_closed_worker_kills_its_build_and_does_not_switch(cache, tmp_path):
     assert os.getpriority(os.PRIO_PROCESS, process.pid) >= compiled.COMPILE_NICE
     runner.close()
     assert process.wait(10) != 0  # killed, not left to finish
-    runner.compiling.join(10)
-    assert not runner.compiling.is_alive() and runner.predict is eager
-    runner.use(lambda batch: batch)
-    assert runner.predict is eager
+    runner.forward.compiling.join(10)
+    assert not runner.forward.compiling.is_alive() and runner.forward.predict is eager
+    runner.forward.use(lambda batch: batch)
+    assert runner.forward.predict is eager
 
 
 def test_a_worker_that_does_not_compile_says_how_it_runs(caplog):
-    from inference.runtime import BatchRunner
+    from inference.worker.runtime import BatchRunner, RunnerSettings
 
-    caplog.set_level(logging.INFO, logger="inference.runtime")
-    runner = BatchRunner.start(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=2)
+    caplog.set_level(logging.INFO, logger="inference.worker.runtime")
+    runner = BatchRunner.start(RunnerSettings(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=2))
     try:
-        assert runner.compiling is None and runner.forward_path == "eager"
+        assert runner.forward.compiling is None and runner.forward_path == "eager"
         assert "model resnet18 runs eagerly on cpu at fp32" in caplog.text
     finally:
         runner.close()

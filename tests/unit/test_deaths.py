@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inference.deaths import (
+from inference.client.deaths import (
     POISON_DEATHS,
     batch_digest,
     batch_key,
@@ -50,7 +50,7 @@ def test_deaths_count_against_the_images_alone_or_beside_other_work():
 
 
 def test_two_versions_of_one_key_are_different_images_to_the_death_record():
-    from inference.objects import PinnedUri
+    from inference.records.objects import PinnedUri
 
     uri = "s3://b/dogs/a.jpg"
     assert batch_digest([PinnedUri(uri, "v1")]) != batch_digest([PinnedUri(uri, "v2")])

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from inference.evaluation import latest_per_uri, summarize
-from inference.report import write_report
-from inference.results import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA
+from inference.records.evaluation import latest_per_uri, summarize
+from inference.records.report import write_report
+from inference.records.results import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA
 
 CHI, GOLD, PUG = ("n02085620", "Chihuahua"), ("n02099601", "golden_retriever"), ("n02110958", "pug")
 
@@ -82,9 +82,9 @@ def test_report_folder_has_markdown_json_and_valid_pngs(tmp_path: Path):
 
 
 def test_accuracy_is_none_when_nothing_was_judged_and_the_classify_tally_uses_it():
-    from inference.evaluation import accuracy
-    from inference.job import Tally
-    from inference.results import Failure, ImageResult, ModelInfo, Prediction
+    from inference.records.evaluation import accuracy
+    from inference.client.job import Tally
+    from inference.records.results import Failure, ImageResult, ModelInfo, Prediction
 
     assert accuracy(3, 5) == pytest.approx(0.6) and accuracy(0, 0) is None
     model, best = ModelInfo("resnet18", "none", "fp32", "cpu"), Prediction(0, CHI[0], CHI[1], 0.9)

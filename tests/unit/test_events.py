@@ -1,7 +1,7 @@
 import json
 from datetime import UTC, datetime
 
-from inference.results import GroundTruth, ImageResult, ModelInfo, Prediction, Timings
+from inference.records.results import GroundTruth, ImageResult, ModelInfo, Prediction, Timings
 from streams.service.events import DEAD_LETTER_SCHEMA, PREDICTION_SCHEMA, dead_letter_event, encode, latency_ms, prediction_event
 from streams.service.s3events import ObjectRef
 
@@ -37,7 +37,7 @@ def test_dead_letter_keeps_the_original_in_readable_form():
 
 
 def test_events_are_recognised_by_their_schema_name_of_any_version():
-    from inference.results import is_dead_letter, is_prediction
+    from inference.records.results import is_dead_letter, is_prediction
 
     assert is_prediction({"schema": PREDICTION_SCHEMA}) and not is_dead_letter({"schema": PREDICTION_SCHEMA})
     assert is_dead_letter({"schema": DEAD_LETTER_SCHEMA}) and not is_prediction({"schema": DEAD_LETTER_SCHEMA})

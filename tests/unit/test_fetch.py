@@ -7,14 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from inference.errors import FetchError
-from inference.fetch import SUPERSEDED, fetch_many
+from inference.worker.fetch import SUPERSEDED, fetch_many
 from inference.settings import ImageSettings, StorageSettings
 
 
 def test_a_batch_whose_every_object_is_superseded_is_the_stores_problem():
     """Events that name other ETags than their objects carry, every one of them (some MinIO
     releases, for encrypted objects): retried as the store's failure, not 60 dead letters."""
-    from inference.fetch import _store_wide_failure
+    from inference.worker.fetch import _store_wide_failure
 
     uris = [f"s3://b/{i}.jpg" for i in range(3)]
     assert _store_wide_failure(uris, [FetchError(uri, SUPERSEDED) for uri in uris]) == SUPERSEDED
@@ -74,7 +74,7 @@ def test_object_errors_are_records_and_service_errors_are_retried(code, status, 
     from botocore.stub import Stubber
 
     from inference.errors import StorageUnavailable
-    from inference.fetch import s3_client
+    from inference.worker.fetch import s3_client
 
     storage = StorageSettings(endpoint_url="http://127.0.0.1:9", region="us-east-1", access_key_id="k", secret_access_key="s")
     client = s3_client(storage)
@@ -91,7 +91,7 @@ def test_object_errors_are_records_and_service_errors_are_retried(code, status, 
 def test_an_s3_key_is_fetched_verbatim_never_globbed():
     from botocore.stub import Stubber
 
-    from inference.fetch import s3_client
+    from inference.worker.fetch import s3_client
 
     storage = StorageSettings(endpoint_url="http://127.0.0.1:9", region="us-east-1", access_key_id="k", secret_access_key="s")
     client = s3_client(storage)
@@ -117,7 +117,7 @@ def test_a_batch_whose_every_object_fails_alike_is_a_store_failure_not_dead_lett
     from botocore.stub import Stubber
 
     from inference.errors import StorageUnavailable
-    from inference.fetch import s3_client
+    from inference.worker.fetch import s3_client
 
     storage = stubbed_storage()
     with Stubber(s3_client(storage)) as stub:
@@ -154,7 +154,7 @@ def test_one_slow_object_is_its_own_dead_letter_and_a_slow_store_is_retried():
     from botocore.stub import Stubber
 
     from inference.errors import StorageUnavailable
-    from inference.fetch import SLOW_OBJECT, s3_client
+    from inference.worker.fetch import SLOW_OBJECT, s3_client
 
     storage = stubbed_storage()
     images = ImageSettings(fetch_concurrency=1, fetch_timeout_s=0.2)
@@ -172,7 +172,7 @@ def test_one_slow_object_is_its_own_dead_letter_and_a_slow_store_is_retried():
 
 @given(st.lists(st.sampled_from(["access denied", "object not found", "bucket in another region or endpoint", SUPERSEDED, None]), min_size=1, max_size=8))
 def test_only_a_shared_store_wide_reason_makes_a_store_failure(reasons):
-    from inference.fetch import STORE_WIDE_REASONS, _store_wide_failure
+    from inference.worker.fetch import STORE_WIDE_REASONS, _store_wide_failure
 
     uris = [f"s3://b/{i}.jpg" for i in range(len(reasons))]
     results = [b"ok" if reason is None else FetchError(uri, reason) for uri, reason in zip(uris, reasons)]
@@ -188,7 +188,7 @@ def s3_store():
     moto = pytest.importorskip("moto")
     import boto3
 
-    from inference.fetch import s3_client
+    from inference.worker.fetch import s3_client
 
     s3_client.cache_clear()
     with moto.mock_aws():
@@ -204,8 +204,8 @@ def two_uploads(client, bucket: str, versioned: bool) -> tuple[dict, dict]:
 
 
 def test_an_overwritten_object_is_superseded_never_read_under_the_first_event(s3_store):
-    from inference.fetch import SUPERSEDED
-    from inference.objects import PinnedUri
+    from inference.worker.fetch import SUPERSEDED
+    from inference.records.objects import PinnedUri
 
     client, storage = s3_store
     first, second = two_uploads(client, "plain-bucket", versioned=False)
@@ -218,7 +218,7 @@ def test_an_overwritten_object_is_superseded_never_read_under_the_first_event(s3
 
 
 def test_each_version_of_a_versioned_object_is_read_as_its_event_names_it(s3_store):
-    from inference.objects import PinnedUri
+    from inference.records.objects import PinnedUri
 
     client, storage = s3_store
     first, second = two_uploads(client, "versioned-bucket", versioned=True)
@@ -236,8 +236,8 @@ def test_a_store_that_denies_reads_by_version_id_is_read_pinned_by_etag():
     from botocore.response import StreamingBody
     from botocore.stub import Stubber
 
-    from inference.fetch import _VERSION_READS_DENIED, s3_client
-    from inference.objects import PinnedUri
+    from inference.worker.fetch import _VERSION_READS_DENIED, s3_client
+    from inference.records.objects import PinnedUri
 
     storage = stubbed_storage().model_copy(update={"region": "eu-west-1"})  # a store of its own: the flag is per store
     uri = PinnedUri("s3://bucket/dogs/a.jpg", "v1", "e1")

@@ -15,7 +15,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from inference.results import Failure, ImageResult, ModelInfo, Prediction
+from inference.records.results import Failure, ImageResult, ModelInfo, Prediction
 from inference.settings import BatchSettings, EventSettings, FilterSettings, TopicSettings
 from streams.service.events import MAX_EVENT_BYTES
 from streams.service.processing import BatchHandler, InputMessage

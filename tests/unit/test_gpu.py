@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from inference.gpu import batch_on, decode_each, device_crops, device_decodable, jpeg_decoder
-from inference.images import Preprocessing, as_bytes_tensor, decode_crop, read_header
-from inference.model import GraphedModel, load_model
+from inference.worker.gpu import batch_on, decode_each, device_crops, device_decodable, jpeg_decoder
+from inference.worker.images import Preprocessing, as_bytes_tensor, decode_crop, read_header
+from inference.worker.model import GraphedModel, load_model
 from inference.settings import ImageSettings, ModelSettings, StorageSettings
 from streams.embedded.samples import synthetic_photo
 
@@ -153,13 +153,13 @@ def test_cuda_graph_equals_eager_and_pads_partial_batches():
 
 @pytest.mark.gpu
 def test_the_worker_decodes_on_the_gpu_and_falls_back_per_image(tmp_path):
-    from inference.worker import ResidentModel
+    from inference.worker.plugin import ResidentModel
 
     settings = ModelSettings(name="resnet18", weights="none", device="cuda", precision="auto")
     plugin = ResidentModel(settings, ImageSettings(decode="auto"), StorageSettings(), warmup_batch=8)
     plugin.load(SimpleNamespace(address="tcp://127.0.0.1:1"))
     try:
-        assert plugin.runner.device_decoder is not None and isinstance(plugin.runner.predict.__self__, GraphedModel)
+        assert plugin.runner.decoder.device_decoder is not None and isinstance(plugin.runner.forward.predict.__self__, GraphedModel)
         files = {"a.jpg": jpeg(1), "b.jpg": jpeg(2, mode="CMYK"), "c.jpg": jpeg(3)[:-300], "d.jpg": b"text", "e.jpg": jpeg(5, orientation=6), "f.jpg": corrupt(jpeg(6))}
         for name, content in files.items():
             (tmp_path / name).write_bytes(content)

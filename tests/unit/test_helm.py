@@ -23,7 +23,7 @@ CHART = REPO / "deploy" / "helm" / "visionstream"
 CRDS = REPO / "deploy" / "crds"
 VALUES_FILES = sorted((CHART / "ci").glob("*.yaml"))
 KUBERNETES_VERSIONS = ("1.27.0", "1.37.0")  # Chart.yaml's kubeVersion floor, and the newest schemas we have
-SERVED = set(re.findall(r'@app\.page\("([^"]+)"\)', (REPO / "streams" / "service" / "agents.py").read_text()))
+SERVED = set(re.findall(r'@app\.page\("([^"]+)"\)', (REPO / "streams" / "service" / "routes.py").read_text()))
 
 
 def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:

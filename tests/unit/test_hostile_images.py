@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from inference.errors import ImageDecodeError
-from inference import images
-from inference.images import ALLOWED_FORMATS, DEFAULT_MAX_SCANS, Preprocessing, decode_crop, jpeg_scans, read_header
+from inference.errors import DecodeOverdue, ImageDecodeError
+from inference.worker import images
+from inference.worker.images import ALLOWED_FORMATS, DEFAULT_MAX_SCANS, Preprocessing, decode_crop, jpeg_scans, read_header
 
 SPEC = Preprocessing()
 
@@ -98,7 +98,7 @@ def test_a_decode_past_its_deadline_ends_there_as_that_images_failure(fmt, optio
     started = time.monotonic()
     clock = SteppingClock(started)
     monkeypatch.setattr(images.time, "monotonic", clock)  # from here on, a second passes at every read
-    with pytest.raises(images.DecodeOverdue):
+    with pytest.raises(DecodeOverdue):
         image.load()
     reads = clock.now - started
     assert reads <= 21 < blocks  # stopped at the first read past the deadline, long before the last block
@@ -110,17 +110,17 @@ def test_a_decode_past_its_deadline_ends_there_as_that_images_failure(fmt, optio
 
 
 def test_the_worker_decodes_under_images_decode_timeout_s():
-    from inference.results import Failure
+    from inference.records.results import Failure
     from inference.settings import ImageSettings
 
     plugin = device_path_plugin()
-    plugin.device_decoder = None  # the CPU path
+    plugin.decoder.device_decoder = None  # the CPU path
     big = encoded(Image.fromarray(np.random.default_rng(4).integers(0, 255, (600, 800, 3), dtype=np.uint8)), "PNG")
-    plugin.image_settings = ImageSettings(decode_timeout_s=1e-9)
-    late = plugin._prepare("big.png", big)
+    plugin.decoder.settings = ImageSettings(decode_timeout_s=1e-9)
+    late = plugin.decoder.decode_one("big.png", big)
     assert isinstance(late, Failure) and late.stage == "decode" and "images.decode_timeout_s" in late.message
-    plugin.image_settings = ImageSettings()
-    assert plugin._prepare("big.png", big).shape == (3, 224, 224)
+    plugin.decoder.settings = ImageSettings()
+    assert plugin.decoder.decode_one("big.png", big).shape == (3, 224, 224)
 
 
 def test_junk_between_segments_hides_no_scan():
@@ -216,15 +216,15 @@ def test_random_bytes_under_an_image_name_are_a_decode_failure(data):
 def device_path_plugin():
     """A CPU model's runner that takes the device-decode path, the device decoder stubbed at its
     seam by libjpeg-turbo on the CPU (what nvJPEG does on a GPU, less the speed)."""
-    from inference.gpu import jpeg_decoder
-    from inference.model import load_model
-    from inference.runtime import BatchRunner
+    from inference.worker.gpu import jpeg_decoder
+    from inference.worker.model import load_model
+    from inference.worker.runtime import BatchRunner, RunnerSettings
     from inference.settings import ImageSettings, ModelSettings, StorageSettings
 
     # compile off: a short-lived in-process runner about decoding
     settings = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
-    runner = BatchRunner(load_model(settings), settings, ImageSettings(), StorageSettings(), "tcp://127.0.0.1:1", torch_threads=1)
-    runner.device_decoder = jpeg_decoder("cpu")
+    runner = BatchRunner.around(load_model(settings), RunnerSettings(settings, ImageSettings(), StorageSettings(), "tcp://127.0.0.1:1", torch_threads=1))
+    runner.decoder.device_decoder = jpeg_decoder("cpu")
     return runner
 
 
@@ -239,7 +239,7 @@ DEVICE_PLUGIN = device_path_plugin()
     noise_bytes=st.binary(max_size=300),
 )
 def test_the_device_decode_path_gives_each_image_a_crop_or_its_own_failure(fmt, edits, cut, noise_bytes):
-    from inference.results import Failure
+    from inference.records.results import Failure
 
     data = bytearray(SEEDS[fmt])
     for position, value in edits:
@@ -248,7 +248,7 @@ def test_the_device_decode_path_gives_each_image_a_crop_or_its_own_failure(fmt, 
     mutated = bytes(data[:cut] if cut is not None else data)
     good = SEEDS["JPEG"]
     uris = ["a.jpg", "m.jpg", "r.jpg", "b.jpg"]
-    outcomes = DEVICE_PLUGIN._prepare_all(uris, [good, mutated, b"\xff\xd8" + noise_bytes, good])
+    outcomes = DEVICE_PLUGIN.decoder.decode_all(uris, [good, mutated, b"\xff\xd8" + noise_bytes, good])
     assert len(outcomes) == 4
     for outcome in outcomes:
         assert isinstance(outcome, Failure) and outcome.stage == "decode" or outcome.shape == (3, 224, 224)
@@ -260,16 +260,16 @@ def test_the_device_decodes_at_most_its_pixel_budget_per_batch_and_the_cpu_the_r
 
     plugin = device_path_plugin()
     on_device: list[int] = []
-    cpu_decoder = plugin.device_decoder
+    cpu_decoder = plugin.decoder.device_decoder
 
     def counting(encoded_images):
         on_device.append(len(encoded_images))
         return cpu_decoder(encoded_images)
 
-    plugin.device_decoder = counting
+    plugin.decoder.device_decoder = counting
     photo = encoded(Image.fromarray(np.random.default_rng(5).integers(0, 255, (300, 400, 3), dtype=np.uint8)), "JPEG")
-    plugin.image_settings = ImageSettings(device_batch_max_pixels=3 * 300 * 400)  # three such pictures
-    outcomes = plugin._prepare_all([f"p{i}.jpg" for i in range(7)], [photo] * 7)
+    plugin.decoder.settings = ImageSettings(device_batch_max_pixels=3 * 300 * 400)  # three such pictures
+    outcomes = plugin.decoder.decode_all([f"p{i}.jpg" for i in range(7)], [photo] * 7)
     assert on_device == [3]
     assert all(outcome.shape == (3, 224, 224) for outcome in outcomes)
     reference = decode_crop(photo, "p.jpg", SPEC, 10**8)
@@ -335,7 +335,7 @@ def test_the_marker_walk_is_bounded_in_count_and_in_time(monkeypatch):
     sos = small.index(b"\xff\xda")
     restarts = small[: sos + 2 + int.from_bytes(small[sos + 2 : sos + 4], "big")] + b"\x00\xff\xd0" * 200_000 + small[-2:]
     monkeypatch.setattr(images.time, "monotonic", SteppingClock(time.monotonic()))
-    with pytest.raises(images.DecodeOverdue):
+    with pytest.raises(DecodeOverdue):
         jpeg_scans(restarts, 100, deadline=images.time.monotonic() + 5)  # five seconds: five looks at the clock
 
 

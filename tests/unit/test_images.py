@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms import functional as F
 
 from inference.errors import ImageDecodeError
-from inference.images import (
+from inference.worker.images import (
     Preprocessing,
     decode,
     decode_crop,
@@ -130,7 +130,7 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def test_importing_images_leaves_pillows_process_wide_guard_alone():
-    assert Image.MAX_IMAGE_PIXELS == PILLOW_MAX_IMAGE_PIXELS  # this module imported inference.images above
+    assert Image.MAX_IMAGE_PIXELS == PILLOW_MAX_IMAGE_PIXELS  # this module imported inference.worker.images above
 
 
 def test_our_pixel_limit_decides_below_and_above_pillows_own():

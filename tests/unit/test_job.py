@@ -1,11 +1,11 @@
-"""The classify job (``inference.job.classify_all``) against a recording cluster seam."""
+"""The classify job (``inference.client.job.classify_all``) against a recording cluster seam."""
 
 import asyncio
 import threading
 
 import pytest
 
-from inference.job import classify_all
+from inference.client.job import classify_all
 
 from .test_processing import fake_result
 

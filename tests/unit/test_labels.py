@@ -1,6 +1,6 @@
 import torchvision
 
-from inference.labels import ClassTable, Truth, imagenet_wnids, match_truth, parse_truth
+from inference.records.labels import ClassTable, Truth, imagenet_wnids, match_truth, parse_truth
 from inference.settings import TruthSettings
 
 PATTERN = TruthSettings().pattern

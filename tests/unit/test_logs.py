@@ -5,7 +5,7 @@ import logging
 
 from streams.cli.console import render
 from streams.service.logs import JsonFormatter, TextFormatter, escape
-from inference.results import DEAD_LETTER_SCHEMA
+from inference.records.results import DEAD_LETTER_SCHEMA
 
 
 def record(message: str, **extra) -> logging.LogRecord:

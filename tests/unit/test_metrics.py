@@ -1,7 +1,7 @@
 """The stream worker's metrics: the published name list is what the registry exports, and the
 counters move with the facts."""
 
-from inference.results import ModelInfo, Timings
+from inference.records.results import ModelInfo, Timings
 from streams.service.metrics import METRIC_NAMES, StreamMetrics
 
 

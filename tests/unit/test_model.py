@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from inference.errors import ConfigError, WeightsUnavailable
-from inference.model import WeightsSpec, load_model, resolve_precision, top_k
+from inference.settings import WeightsSpec
+from inference.worker.model import load_model, resolve_precision, top_k
 from inference.settings import ModelSettings
 
 # compile off: in-process models of the model module's own tests (load_model alone never compiles)
@@ -110,9 +111,9 @@ def test_unknown_model_and_weights_names():
 
 @pytest.mark.parametrize(("native_bf16", "expected"), [(True, "bf16"), (False, "fp32")])
 def test_auto_precision(monkeypatch: pytest.MonkeyPatch, native_bf16: bool, expected: str):
-    import inference.model
+    import inference.worker.model
 
-    monkeypatch.setattr(inference.model, "cpu_has_native_bf16", lambda: native_bf16)  # the CPU-flag seam
+    monkeypatch.setattr(inference.worker.model, "cpu_has_native_bf16", lambda: native_bf16)  # the CPU-flag seam
     assert resolve_precision("auto", torch.device("cpu")) == expected
     assert resolve_precision("auto", torch.device("cuda")) == "fp16"  # whatever the CPU has
     assert resolve_precision("fp32", torch.device("cuda")) == "fp32"
@@ -120,7 +121,7 @@ def test_auto_precision(monkeypatch: pytest.MonkeyPatch, native_bf16: bool, expe
 
 
 def test_a_uint8_batch_is_normalised_on_the_device_like_the_float_path():
-    from inference.images import normalization, normalize
+    from inference.worker.images import normalization, normalize
 
     model = load_model(SMALL)
     crops = torch.randint(0, 256, (2, 3, 224, 224), dtype=torch.uint8)
@@ -129,7 +130,7 @@ def test_a_uint8_batch_is_normalised_on_the_device_like_the_float_path():
 
 
 def test_cuda_graphs_need_a_cuda_device():
-    from inference.model import GraphedModel
+    from inference.worker.model import GraphedModel
 
     with pytest.raises(ValueError, match="CUDA device"):
         GraphedModel.capture(load_model(SMALL), 4)
@@ -163,7 +164,7 @@ def test_pretrained_weights_are_loaded_without_unpickling_and_checked_against_th
 
     # a file that does match its name's digest (made here, as no network is at hand) loads
     # through weights_only: a pickle that would run code is refused, a plain state_dict loads
-    from inference.model import _load_pretrained
+    from inference.worker.model import _load_pretrained
 
     class Named:
         def __init__(self, url: str) -> None:
@@ -196,7 +197,7 @@ def test_pretrained_weights_are_loaded_without_unpickling_and_checked_against_th
     ],
 )
 def test_a_checkpoint_uri_is_described_without_credentials(uri, shown):
-    from inference.model import redact_uri
+    from inference.worker.model import redact_uri
 
     assert redact_uri(uri) == shown
 

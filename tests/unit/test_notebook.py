@@ -5,8 +5,8 @@ import pytest
 pytest.importorskip("pandas")
 
 from inference import COLUMNS, accuracy_report  # noqa: E402
-from inference.notebook import _settings, row, to_frame  # noqa: E402
-from inference.results import Failure, GroundTruth, ImageResult, ModelInfo, Prediction, Timings  # noqa: E402
+from inference.client.notebook import _settings, row, to_frame  # noqa: E402
+from inference.records.results import Failure, GroundTruth, ImageResult, ModelInfo, Prediction, Timings  # noqa: E402
 from streams.service.readback import EVENT_COLUMNS, event_row  # noqa: E402
 
 MODEL = ModelInfo("resnet18", "none", "fp32", "cpu")

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from inference.objects import PinnedUri, identity, pinned, pins
+from inference.records.objects import PinnedUri, identity, pinned, pins
 
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
 maybe = st.one_of(st.none(), text)

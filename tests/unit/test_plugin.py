@@ -6,7 +6,7 @@ import cloudpickle
 from pydantic import SecretStr
 
 from inference.settings import ImageSettings, ModelSettings, StorageSettings
-from inference.worker import ResidentModel
+from inference.worker.plugin import ResidentModel
 
 SECRET = "s3cr3t-that-must-not-travel"
 # compile off: many short-lived in-process plugins; the compiled path has tests of its own

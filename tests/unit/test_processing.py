@@ -1,11 +1,12 @@
 import asyncio
 import time
 import json
+from typing import Any
 
 import pytest
 
 from inference.errors import WorkerLost
-from inference.results import Failure, ImageResult, ModelInfo, Prediction
+from inference.records.results import Failure, ImageResult, ModelInfo, Prediction
 from inference.settings import BatchSettings, FilterSettings, TopicSettings
 from streams.errors import BatchRetryExhausted
 from streams.service.events import MAX_EVENT_BYTES
@@ -47,9 +48,9 @@ class Recorder:
         self.published.append((topic, key, json.loads(value)))
 
 
-def handler(recorder: Recorder, **batch) -> BatchHandler:
+def handler(recorder: Recorder, cluster: Any = None, **batch) -> BatchHandler:
     settings = BatchSettings(**({"size": 60, "retry_timeout_s": 5, "retry_backoff_s": 0.01} | batch))
-    return BatchHandler(recorder.classify, recorder.publish, settings, TOPICS, FilterSettings())
+    return BatchHandler(recorder.classify, recorder.publish, settings, TOPICS, FilterSettings(), **({"cluster": cluster} if cluster else {}))
 
 
 def test_every_image_gets_one_prediction_in_batches_of_at_most_the_batch_size():
@@ -372,19 +373,19 @@ class Ledger:
     """The scheduler's record of deaths, as the handler sees it: per image set, alone or beside."""
 
     def __init__(self) -> None:
-        from inference.deaths import DeathTally
+        from inference.client.deaths import DeathTally
 
         self.tallies: dict[tuple[str, ...], DeathTally] = {}
         self.isolations = 0
 
     def died(self, uris: list[str], alone: bool) -> None:
-        from inference.deaths import DeathTally
+        from inference.client.deaths import DeathTally
 
         old = self.tallies.get(tuple(sorted(uris)), DeathTally(0, 0))
         self.tallies[tuple(sorted(uris))] = DeathTally(old.beside + (not alone), old.alone + alone)
 
     def tally_deaths(self, uris):
-        from inference.deaths import DeathTally
+        from inference.client.deaths import DeathTally
 
         return self.tallies.get(tuple(sorted(uris)), DeathTally(0, 0))
 
@@ -421,8 +422,7 @@ def test_a_worker_killer_is_dead_lettered_only_after_dying_alone_twice():
     recorder = Killing()
     keys = [f"Images/{i}.jpg" for i in range(60)]
     keys[37] = "Images/poison.jpg"
-    h = handler(recorder)
-    h.cluster = ledger
+    h = handler(recorder, cluster=ledger)
     asyncio.run(h.handle([upload(key, i) for i, key in enumerate(keys)]))
     dead = [event for topic, _, event in recorder.published if topic == TOPICS.dead_letter]
     assert [(event["stage"], event["uri"]) for event in dead] == [("worker", "s3://b/Images/poison.jpg")]
@@ -448,8 +448,7 @@ def test_a_death_that_no_image_explains_never_dead_letters_one():
             return await super().classify(uris, priority)
 
     recorder = UnluckyOnce()
-    h = handler(recorder)
-    h.cluster = ledger
+    h = handler(recorder, cluster=ledger)
     asyncio.run(h.handle([upload("Images/innocent.jpg")]))
     assert [topic for topic, _, _ in recorder.published] == [TOPICS.predictions]
 
@@ -528,7 +527,7 @@ def test_objects_that_keep_failing_alike_are_tried_one_by_one_instead_of_crash_l
 def test_a_probe_asks_the_images_own_store():
     """An image that times out alone is convicted only once a probe of the same store answered:
     a probe of memory alone passed while the store hung."""
-    from streams.service.processing import CANARY_URI, probe_uri
+    from streams.service.isolation import CANARY_URI, probe_uri
 
     assert probe_uri("s3://images/dogs/a.jpg") == "s3://images/visionstream-probe/nothing-here.jpg"
     assert probe_uri("s3a://other/x/y.png") == "s3a://other/visionstream-probe/nothing-here.jpg"

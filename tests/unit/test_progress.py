@@ -95,19 +95,19 @@ def test_a_stalled_partition_is_recovered_once_then_fails_livez(tmp_path: Path, 
     consumer = Consumer({P0: 10, P1: 4}, {P0: 2, P1: 4})
     monkeypatch.setattr(type(service.app), "consumer", property(lambda app: consumer))
     clock = SimpleNamespace(now=1000.0)
-    monkeypatch.setattr("streams.service.agents.time.monotonic", lambda: clock.now)
+    monkeypatch.setattr("streams.service.liveness.time.monotonic", lambda: clock.now)
     service.assigned = {P0, P1}
-    service.progress.assigned(service.assigned, clock.now)
+    service.liveness.assigned(service.assigned)
     clock.now += 31
-    asyncio.run(service.watch_partitions())
+    asyncio.run(service.liveness.watch_partitions(service.app, service.waits_for_a_slot))
     assert consumer.resumed == [P0] and consumer.seeks == 1 and consumer.sought == (P0, 2)  # recovered in place first
     assert service.live()[0]  # not reported yet
     clock.now += 31
-    asyncio.run(service.watch_partitions())
+    asyncio.run(service.liveness.watch_partitions(service.app, service.waits_for_a_slot))
     alive, why = service.live()
     assert not alive and "uploads" in why and "8 event(s) waiting" in why
     assert consumer.seeks == 1  # tried once; now the supervisor's turn
     assert b"visionstream_stalled_partitions 1.0" in service.counters.exposition()
-    service.progress.taken(P0, 9, clock.now)  # events flow again
-    asyncio.run(service.watch_partitions())
+    service.liveness.taken(P0, 9, clock.now)  # events flow again
+    asyncio.run(service.liveness.watch_partitions(service.app, service.waits_for_a_slot))
     assert service.live()[0] and b"visionstream_stalled_partitions 0.0" in service.counters.exposition()

@@ -4,7 +4,7 @@ import pytest
 
 from inference.errors import SourceError
 from inference.settings import FilterSettings, StorageSettings
-from inference.sources import iter_sources
+from inference.client.sources import iter_sources
 
 SUFFIXES = FilterSettings().suffixes
 

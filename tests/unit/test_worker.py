@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from inference.errors import ConfigError, FetchError
-from inference.gpu import jpeg_decoder
-from inference.model import load_model
-from inference.results import Failure, ImageResult, Timings
+from inference.worker.gpu import jpeg_decoder
+from inference.worker.model import load_model
+from inference.records.results import Failure, ImageResult, Timings
 from inference.settings import ImageSettings, ModelSettings, StorageSettings, TruthSettings
-from inference.runtime import build_result
-from inference.worker import ResidentModel
+from inference.worker.runtime import build_result
+from inference.worker.plugin import ResidentModel
 from streams.embedded.samples import synthetic_photo
 
 MODEL = load_model(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False))
@@ -78,7 +78,7 @@ def test_a_failed_forward_pass_raises_instead_of_failing_every_image(resident: R
     def out_of_memory(batch: torch.Tensor) -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    resident.runner.predict = out_of_memory
+    resident.runner.forward.predict = out_of_memory
     with pytest.raises(torch.OutOfMemoryError):
         resident.runner.classify([str(good)], PATTERN)
 
@@ -105,19 +105,19 @@ def test_the_device_path_falls_back_per_image_to_the_cpu_path(resident: Resident
         calls.append(len(encoded))
         return decode(encoded)
 
-    resident.runner.device_decoder = recording
+    resident.runner.decoder.device_decoder = recording
     data: list[bytes | FetchError] = [
         jpeg(1), _png(), jpeg(2, "L"), corrupt(jpeg(3)), jpeg(4, "CMYK"), FetchError("s3://b/k", "object not found"), jpeg(5), jpeg(6)[:-300],
     ]
     uris = [f"u{i}" for i in range(len(data))]
-    outcomes = resident.runner._prepare_all(uris, data)
+    outcomes = resident.runner.decoder.decode_all(uris, data)
     assert calls == [4, 1, 1, 1, 1]  # the plain, complete JPEGs in one call, then one at a time
     assert [type(o).__name__ for o in outcomes] == ["Tensor", "Tensor", "Tensor", "Failure", "Tensor", "Failure", "Tensor", "Failure"]
     assert outcomes[3].stage == "decode" and "corrupt or truncated" in outcomes[3].message
     assert outcomes[5].stage == "fetch"
     assert outcomes[7].stage == "decode"  # truncated: straight to the CPU path, which says so
-    resident.runner.device_decoder = None
-    cpu_only = resident.runner._prepare_all(uris, data)
+    resident.runner.decoder.device_decoder = None
+    cpu_only = resident.runner.decoder.decode_all(uris, data)
     for device_path, cpu_path in zip(outcomes, cpu_only, strict=True):
         if isinstance(device_path, torch.Tensor):
             assert torch.equal(device_path, cpu_path)  # same decoder here, same crops
@@ -199,8 +199,8 @@ def test_a_batch_that_arrives_while_the_model_loads_waits_for_it(monkeypatch: py
     import threading
     import time
 
-    from inference import worker as worker_module
-    from inference.worker import classify_batch
+    from inference.worker import plugin as worker_module
+    from inference.worker.plugin import classify_batch
 
     plugin = ResidentModel(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), warmup_batch=4)
     real_load = ResidentModel.load
@@ -228,14 +228,14 @@ def test_a_batch_that_arrives_while_the_model_loads_waits_for_it(monkeypatch: py
 def test_a_failed_setup_leaves_no_half_built_model(monkeypatch: pytest.MonkeyPatch):
     import asyncio
 
-    from inference import worker as worker_module
+    from inference.worker import plugin as worker_module
     from inference.errors import ModelNotResident
-    from inference.worker import classify_batch
+    from inference.worker.plugin import classify_batch
 
     plugin = ResidentModel(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), warmup_batch=4)
-    from inference import runtime
+    from inference.worker import decoding
 
-    monkeypatch.setattr(runtime, "_device_decoder", lambda mode, device: (_ for _ in ()).throw(RuntimeError("decoder set-up failed")))
+    monkeypatch.setattr(decoding, "_device_decoder", lambda mode, device: (_ for _ in ()).throw(RuntimeError("decoder set-up failed")))
     with pytest.raises(RuntimeError, match="decoder set-up failed"):
         asyncio.run(plugin.setup(SimpleNamespace(address="tcp://127.0.0.1:1")))
     monkeypatch.setattr(worker_module, "get_worker", lambda: SimpleNamespace(plugins={"p": plugin}, address="tcp://127.0.0.1:1"))
@@ -250,9 +250,9 @@ def test_a_model_that_failed_to_load_is_loaded_again_by_a_later_batch(monkeypatc
     on the worker, after a backoff, or the worker answers every batch with an error forever."""
     import asyncio
 
-    from inference import worker as worker_module
+    from inference.worker import plugin as worker_module
     from inference.errors import ModelLoadFailed
-    from inference.worker import classify_batch
+    from inference.worker.plugin import classify_batch
 
     plugin = ResidentModel(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), warmup_batch=4)
     real_load = ResidentModel.load
@@ -290,7 +290,7 @@ def test_a_model_that_failed_to_load_is_loaded_again_by_a_later_batch(monkeypatc
 def test_plugin_usage_counts_a_loading_model_and_waiting_batches_as_busy_by_the_workers_clock():
     import threading
 
-    from inference.worker import PLUGIN_PREFIX, plugin_usage
+    from inference.worker.plugin import PLUGIN_PREFIX, plugin_usage
 
     plugin = ResidentModel(SETTINGS, ImageSettings(), StorageSettings())
     worker = SimpleNamespace(plugins={plugin.name: plugin, "other": object()})
@@ -315,23 +315,23 @@ def test_whatever_a_decoder_raises_for_one_image_is_that_images_dead_letter(tmp_
 
     from PIL import Image
 
-    from inference import runtime
-    from inference.runtime import BatchRunner
+    from inference.worker import decoding
+    from inference.worker.runtime import BatchRunner, RunnerSettings
     from inference.settings import ImageSettings, StorageSettings
 
     paths = []
     for name in ("n02085620_1.jpg", "n02085620_bad.jpg", "n02085620_2.jpg"):
         Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / name, "JPEG")
         paths.append(str(tmp_path / name))
-    real = runtime.decode_crop
+    real = decoding.decode_crop
 
     def decode_crop(data, uri, *args, **kwargs):
         if "bad" in uri:
             raise struct.error("unpack requires a buffer of 4 bytes")
         return real(data, uri, *args, **kwargs)
 
-    monkeypatch.setattr(runtime, "decode_crop", decode_crop)
-    runner = BatchRunner.start(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=3)
+    monkeypatch.setattr(decoding, "decode_crop", decode_crop)
+    runner = BatchRunner.start(RunnerSettings(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=3))
     try:
         results = runner.classify(paths, r"(?P<wnid>n\d{8})")
     finally:

@@ -1,7 +1,7 @@
 """Dask worker side: the plugin that keeps the model resident, and the batch task.
 
 Each worker builds the model once, in ``ResidentModel.setup`` (in a thread); ``classify_batch``
-tasks use it and never rebuild it. The model and what runs it (``inference.runtime``: torch,
+tasks use it and never rebuild it. The model and what runs it (``inference.worker.runtime``: torch,
 torchvision, the decoders) are imported only when a worker loads it: the stream worker and the
 other clients import this module for the plugin and the task, and never pay for torch.
 """
@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 from distributed import Worker, WorkerPlugin, get_worker
 
 from inference.errors import InferenceError, ModelLoadFailed, ModelNotResident
-from inference.objects import pinned
+from inference.records.objects import pinned
 from inference.settings import ImageSettings, ModelSettings, StorageSettings, load_settings
 
 if TYPE_CHECKING:
-    from inference.model import LoadedModel
-    from inference.runtime import BatchRunner
+    from inference.worker.model import LoadedModel
+    from inference.worker.runtime import BatchRunner
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +138,11 @@ class ResidentModel(WorkerPlugin):
     def load(self, worker: Worker) -> None:
         """Build the model and everything a batch needs, once; blocking. ``runner`` is set last,
         and only when all of it (the warm-up too) succeeded."""
-        from inference.runtime import BatchRunner  # torch and the decoders: only where a model runs
+        from inference.worker.runtime import BatchRunner, RunnerSettings  # torch and the decoders: only where a model runs
 
         self.storage_settings = with_local_credentials(self.storage_settings)
         cores = max(1, host_cores() // max(1, _local_workers(worker)))  # this worker's share
-        runner = BatchRunner.start(self.model_settings, self.image_settings, self.storage_settings, worker.address, cores, self.warmup_batch)
+        runner = BatchRunner.start(RunnerSettings(self.model_settings, self.image_settings, self.storage_settings, worker.address, cores, self.warmup_batch))
         self.loads += 1
         self.runner = runner
 
@@ -178,7 +178,7 @@ def classify_batch(
     plugin: str, uris: list[str], truth_pattern: str, pins: list[list[str | None] | None] | None = None
 ) -> list[dict[str, Any]]:
     """The Dask task: classify ``uris`` with this worker's resident model ``plugin``; ``pins``
-    (``inference.objects.pins``) names the object version each event announced.
+    (``inference.records.objects.pins``) names the object version each event announced.
 
     Returns plain JSON-ready dicts (no tensors, nothing pickled beyond Dask's own transport).
     Raises ModelNotResident where the plugin is missing (the scheduler restarted and the

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+S3_SCHEMES = ("s3://", "s3a://")
 NO_VERSION = ("", "null")  # what unversioned buckets send, or S3's name for the unversioned copy
 
 
@@ -68,3 +69,10 @@ def pinned(uris: Sequence[str], pins: Sequence[Sequence[str | None] | None] | No
     if len(pins) != len(uris):
         raise ValueError(f"{len(pins)} pins for {len(uris)} URIs")
     return [PinnedUri(uri, *pin) if pin else uri for uri, pin in zip(uris, pins, strict=True)]
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key), the key taken verbatim."""
+    rest = uri.split("://", 1)[1]
+    bucket, _, key = rest.partition("/")
+    return bucket, key

@@ -10,7 +10,6 @@ import re
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -21,31 +20,15 @@ import torchvision
 from torch import Tensor, nn
 
 from inference.errors import ConfigError, WeightsUnavailable
-from inference.images import Preprocessing, normalization, normalize
-from inference.labels import ClassTable
-from inference.results import ModelInfo
-from inference.settings import ModelSettings, StorageSettings
+from inference.worker.images import Preprocessing, normalization, normalize
+from inference.records.labels import ClassTable
+from inference.records.results import ModelInfo
+from inference.settings import ModelSettings, StorageSettings, WeightsSpec
+from inference.worker.cpu import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass(frozen=True, slots=True)
-class WeightsSpec:
-    """What ``model.weights`` names: torchvision weights, a checkpoint, or random init."""
-
-    kind: str  # "torchvision" | "checkpoint" | "none"
-    value: str
-
-    @classmethod
-    def parse(cls, spec: str) -> WeightsSpec:
-        text = spec.strip()
-        if text.lower() in ("none", "random", ""):
-            return cls("none", "none")
-        if "://" in text or "/" in text or text.endswith((".pt", ".pth", ".bin", ".ckpt")):
-            return cls("checkpoint", text)
-        return cls("torchvision", text)
 
 
 @dataclass(frozen=True)
@@ -173,7 +156,7 @@ def load_model(settings: ModelSettings, storage: StorageSettings | None = None) 
     module = module.to(device, memory_format=memory_format)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if settings.compile is True and device.type == "cuda":  # the CPU compiles in the background (inference.compiled)
+    if settings.compile is True and device.type == "cuda":  # the CPU compiles in the background (inference.worker.compiled)
         module = torch.compile(module)
     categories = reference.meta.get("categories") or []
     classes = ClassTable.imagenet(categories) if len(categories) == 1000 else ClassTable(
@@ -215,15 +198,6 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-@lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def _weights_enum(name: str) -> Any:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from inference.results import is_dead_letter
+from inference.records.results import is_dead_letter
 
 TUTORIAL_TOP1 = 0.67085  # the dask.delayed tutorial's figure on Stanford Dogs (20,580 images)
 SCORE_BINS = 10

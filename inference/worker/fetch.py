@@ -2,13 +2,13 @@
 
 An ``s3://bucket/key`` URI is split once, at the first ``/`` after the bucket, and read with
 one ranged GetObject: no glob (``*``, ``?``, ``[``), no ``::`` chaining, no ``?versionId=``;
-a key is only ever the key. A ``PinnedUri`` (``inference.objects``) is read at the version its
+a key is only ever the key. A ``PinnedUri`` (``inference.records.objects``) is read at the version its
 event announced: ``VersionId``, else ``If-Match`` on the ETag; an object overwritten since is
 ``SUPERSEDED``, that image's record, never another object's bytes under its event. Local paths (and ``file://``) are read with a plain ``open``;
 other protocols (``memory://``, ``gs://``) one file at a time with fsspec's ``cat_file``,
 which never expands patterns either.
 Patterns are expanded only where a user asks for them: ``classify``'s command line
-(``inference.sources``).
+(``inference.client.sources``).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import botocore.config
 import botocore.exceptions
 import fsspec
 
-from inference.errors import FetchError, StorageUnavailable, StoreWideFailure
-from inference.objects import PinnedUri
+from inference.errors import FetchError, ObjectTooSlow, StorageUnavailable, StoreWideFailure
+from inference.records.objects import S3_SCHEMES, PinnedUri, split_s3_uri
+from inference.records.results import SLOW_OBJECT, STORE_WIDE_REASONS, SUPERSEDED
 from inference.settings import ImageSettings, StorageSettings
 
-S3_SCHEMES = ("s3://", "s3a://")
 # S3 error codes that are about the object, not the service: the image's own failure.
 PERMANENT_S3_ERRORS = {
     "NoSuchKey": "object not found",
@@ -56,24 +56,9 @@ SERVICE_S3_ERRORS = {
     "RequestTimeout", "RequestTimeoutException", "SlowDown", "Throttling", "ThrottlingException",
     "RequestLimitExceeded", "InternalError", "ServiceUnavailable",
 }
-SUPERSEDED = "superseded: the object was overwritten after its event (the newer object's own event gets its prediction)"
-SLOW_OBJECT = "reading the object took longer than images.fetch_timeout_s"
-# Per-object answers that, when every object of a batch gets the same one, say something about
-# the store (a missing KMS permission, a wrong region or endpoint, a store that stalls, a store
-# whose events name other ETags than its objects carry, as some MinIO releases did for encrypted
-# objects) rather than about the images: then the batch is retried as a store failure, never 60
-# dead letters (after batch.retry_timeout_s its objects are tried one by one, each its own record).
-STORE_WIDE_REASONS = {"access denied", "bucket in another region or endpoint", SLOW_OBJECT, SUPERSEDED}
 CHUNK_BYTES = 1 << 20
 _client_lock = threading.Lock()
 log = logging.getLogger(__name__)
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key), the key taken verbatim."""
-    rest = uri.split("://", 1)[1]
-    bucket, _, key = rest.partition("/")
-    return bucket, key
 
 
 def fetch_many(uris: list[str], storage: StorageSettings, images: ImageSettings) -> list[bytes | FetchError]:
@@ -166,7 +151,7 @@ def _get_s3_as(uri: str, storage: StorageSettings, max_bytes: int, timeout_s: fl
         if 400 <= status < 500 and status not in (408, 429):
             return FetchError(uri, f"refused by the store: {code or status}")
         raise StorageUnavailable(storage.endpoint_url or "s3", f"{code or status} reading {uri}") from exc
-    except _TooSlow:
+    except ObjectTooSlow:
         return FetchError(uri, SLOW_OBJECT)  # this object alone; every object of a batch slow is the store's
     except (botocore.exceptions.ParamValidationError, botocore.exceptions.UnsupportedS3AccesspointConfigurationError) as exc:
         return FetchError(uri, f"invalid bucket or key: {type(exc).__name__}"[:300])
@@ -203,10 +188,6 @@ def _version_reads_denied(storage: StorageSettings) -> None:
     )
 
 
-class _TooSlow(Exception):
-    """An object's body did not arrive within ``images.fetch_timeout_s``."""
-
-
 def _read_within(body: Any, limit: int, deadline: float, uri: str) -> bytes:
     """Read at most ``limit`` bytes, and give up at ``deadline`` however slowly the store sends them:
     a batch's deadline cancels its Dask future, but only this frees the worker's thread."""
@@ -214,7 +195,7 @@ def _read_within(body: Any, limit: int, deadline: float, uri: str) -> bytes:
     size = 0
     while size < limit:
         if time.monotonic() > deadline:
-            raise _TooSlow(uri)
+            raise ObjectTooSlow(uri)
         chunk = body.read(min(CHUNK_BYTES, limit - size))
         if not chunk:
             break

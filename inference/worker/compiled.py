@@ -20,7 +20,7 @@ rename, so workers sharing ``model.compile_cache_dir`` never read half a file; o
 the others wait on a lock beside the package, then load it. A package is native code loaded into
 the worker, so only a directory that no other user can write to is used (``private_dir``).
 
-A package is built apart from serving: in a process of its own (``inference.package_build``:
+A package is built apart from serving: in a process of its own (``inference.worker.package_build``:
 its own interpreter and copy of the weights, at a lower CPU priority, its data segment bounded by
 ``model.compile_memory_mb``), never in a thread of the worker, whose model ``torch.export``
 would otherwise rewrite under the batches running on it. Meanwhile the worker serves eagerly
@@ -60,11 +60,12 @@ import torch
 import torchvision
 from torch import Tensor
 
-import inference.package_build as package_build
+import inference.worker.package_build as package_build
 from inference.errors import BuildFailed, UnsafeCacheDir
-from inference.images import normalize
-from inference.model import LoadedModel
-from inference.package_build import BuildRequest, save_weights
+from inference.worker.images import normalize
+from inference.worker.model import LoadedModel
+from inference.worker.cpu import cpu_identity
+from inference.worker.package_build import BuildRequest, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def package_key(model: LoadedModel, batch_size: int, threads: int | None = None)
         model.preprocessing.crop_size, model.channels_last, mean.flatten().tolist(), std.flatten().tolist(),
         torch.__version__, torchvision.__version__, torch.backends.cpu.get_cpu_capability(),
         threads or torch.get_num_threads(),  # inductor writes the OpenMP thread count into its kernels
-        _cpu_identity(),  # and builds with -march=native: another CPU model may lack an instruction
+        cpu_identity(),  # and builds with -march=native: another CPU model may lack an instruction
     )
     return hashlib.sha256(repr(fields).encode()).hexdigest()
 
@@ -154,16 +155,6 @@ def _code_of(part: Any) -> bytes:
     except (OSError, TypeError):
         code = getattr(part, "__code__", None)
         return code.co_code if code is not None else Path(inspect.getfile(part)).read_bytes()
-
-
-def _cpu_identity() -> str:
-    """The CPU's model name and feature flags, as /proc/cpuinfo gives them (empty elsewhere)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    wanted = ("model name", "flags", "Features", "CPU part")
-    return "|".join(sorted({line.strip() for line in info.splitlines() if line.split(":", 1)[0].strip() in wanted}))
 
 
 def package_path(model: LoadedModel, batch_size: int, cache_dir: str, threads: int | None = None) -> Path:
@@ -193,7 +184,7 @@ def _check_private(path: Path) -> None:
 
 @dataclass
 class PackageBuilder:
-    """Builds packages in a child process (``inference.package_build``), one at a time;
+    """Builds packages in a child process (``inference.worker.package_build``), one at a time;
     ``stop`` kills the one running (and the compilers it started) and refuses new ones."""
 
     memory_mb: int | None = None  # the build's bound (model.compile_memory_mb): None sizes it to the model, 0 is none
@@ -239,7 +230,7 @@ class PackageBuilder:
                 if self.stopped:
                     raise BuildFailed("stopped")
                 self.process = subprocess.Popen(
-                    [sys.executable, "-m", "inference.package_build"],
+                    [sys.executable, "-m", "inference.worker.package_build"],
                     stdin=subprocess.PIPE, stdout=output, stderr=output, env=_build_env(scratch, threads),
                     cwd=scratch, process_group=0,  # its compilers too are killed with it
                 )
@@ -290,7 +281,7 @@ def _build_env(scratch: Path, threads: int) -> dict[str, str]:
     inductor's scratch in the private cache, and this package importable."""
     env = {name: value for name, value in os.environ.items() if name in ENV_KEPT or name.startswith(ENV_KEPT_PREFIXES)}
     env = {name: value for name, value in env.items() if not any(word in name.upper() for word in ("SECRET", "PASSWORD", "TOKEN"))}
-    source_root = str(Path(__file__).resolve().parents[1])
+    source_root = str(Path(__file__).resolve().parents[2])  # the folder that holds the inference package
     if source_root not in _site_paths():  # an editable install or a source tree: not on a new interpreter's path
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), source_root]))
     env[CACHE_ENV] = str(scratch)
@@ -495,9 +486,9 @@ def _building(path: Path, stopping: threading.Event | None = None, timeout_s: fl
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise BuildFailed(f"another process has held {path.name}.lock for over {wait_s:.0f} s") from None
+                    raise BuildFailed(f"another process has held {path.name}.lock for over {wait_s:.0f} s") from None  # the busy lock is the whole story
                 if stopping.wait(1.0):
-                    raise BuildFailed("stopped") from None
+                    raise BuildFailed("stopped") from None  # asked to stop: no error behind it
         try:
             yield
         finally:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from inference.images import ImageHeader, Preprocessing, as_bytes_tensor, orient, resize_crop
+from inference.worker.images import ImageHeader, Preprocessing, as_bytes_tensor, orient, resize_crop
 
 Decoder = Callable[[list[Tensor]], list[Tensor]]
 

@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from inference.labels import Truth as GroundTruth  # the truth parsed from a key, as records carry it
+from inference.records.labels import Truth as GroundTruth  # the truth parsed from a key, as records carry it
 
 # The ``schema`` of the two events the stream writes (``streams.events`` builds them). Named here,
-# below ``streams``, so that readers on this side (``inference.evaluation``) recognise them too.
+# below ``streams``, so that readers on this side (``inference.records.evaluation``) recognise them too.
 PREDICTION_SCHEMA = "visionstream.prediction/v1"
 DEAD_LETTER_SCHEMA = "visionstream.dead-letter/v1"
 
@@ -97,3 +97,14 @@ class ImageResult:
             timings=Timings(**(data.get("timings") or {})),
             worker=data.get("worker"),
         )
+
+
+# Fetch failure reasons the stream acts on (``inference.worker.fetch`` gives them).
+SUPERSEDED = "superseded: the object was overwritten after its event (the newer object's own event gets its prediction)"
+SLOW_OBJECT = "reading the object took longer than images.fetch_timeout_s"
+# Per-object answers that, when every object of a batch gets the same one, say something about
+# the store (a missing KMS permission, a wrong region or endpoint, a store that stalls, a store
+# whose events name other ETags than its objects carry, as some MinIO releases did for encrypted
+# objects) rather than about the images: then the batch is retried as a store failure, never 60
+# dead letters (after batch.retry_timeout_s its objects are tried one by one, each its own record).
+STORE_WIDE_REASONS = {"access denied", "bucket in another region or endpoint", SLOW_OBJECT, SUPERSEDED}

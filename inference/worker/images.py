@@ -4,7 +4,7 @@ The weights' ``transforms()`` resize a Pillow image (in uint8), center-crop it, 
 normalise. This module stops at the uint8 crop [3, crop, crop]: it is 4x smaller than float32
 to stack, pin and copy, and ``normalize`` finishes the job on the model's device. JPEG goes
 through ``torchvision.io.decode_jpeg`` (libjpeg-turbo here; nvJPEG on a GPU, in
-``inference.gpu``); other formats, odd modes and whatever decode_jpeg refuses go through Pillow.
+``inference.worker.gpu``); other formats, odd modes and whatever decode_jpeg refuses go through Pillow.
 The byte limit is the fetcher's; the pixel limit (``images.max_pixels``) is checked on the
 header, before any decode. Pillow's own process-wide guard (``Image.MAX_IMAGE_PIXELS``) is left
 as Pillow sets it: ours decides below it; above twice it Pillow refuses first, and we report that
@@ -28,7 +28,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 from torchvision.transforms.v2 import functional as F2
 
-from inference.errors import ImageDecodeError
+from inference.errors import DecodeOverdue, ImageDecodeError
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still work,
 # and TorchCodec is not on the GPU hosts. Silence that one notice, not image warnings in general.
@@ -110,11 +110,6 @@ class ImageHeader:
         return min(self.width, self.height) / resize_size
 
 
-class DecodeOverdue(Exception):
-    """Raised by a read past the deadline, inside Pillow's parse or decode loop; ``read_header``
-    and ``decode`` turn it into that image's ImageDecodeError."""
-
-
 class _EncodedBytes(io.BytesIO):
     """The encoded bytes as Pillow reads them, block by block while it decodes: a read after
     ``deadline`` (``time.monotonic``) raises DecodeOverdue, which ends the decode there."""
@@ -162,7 +157,7 @@ def open_image(
             scans = jpeg_scans(data, max_scans, deadline)
         except ValueError as exc:  # more marker segments than any real JPEG has
             image.close()
-            raise ImageDecodeError(uri, f"a JPEG of {exc}: too costly to walk") from None
+            raise ImageDecodeError(uri, f"a JPEG of {exc}: too costly to walk") from None  # the count says it all
         if scans > max_scans:
             image.close()
             raise ImageDecodeError(uri, f"a JPEG of more than {max_scans} scans (images.max_jpeg_scans): too costly to decode")
@@ -298,7 +293,7 @@ def read_header(
             width, height = image.size
             return ImageHeader(image.format, image.mode, width, height, orientation if orientation in range(1, 9) else 1)
     except DecodeOverdue:
-        raise ImageDecodeError(uri, f"header not read within images.decode_timeout_s ({timeout_s:g} s)") from None
+        raise ImageDecodeError(uri, f"header not read within images.decode_timeout_s ({timeout_s:g} s)") from None  # the deadline's signal, no error
 
 
 def decode(
@@ -331,7 +326,7 @@ def decode(
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from exc
     except DecodeOverdue:
-        raise ImageDecodeError(uri, f"not decoded within images.decode_timeout_s ({timeout_s:g} s)") from None
+        raise ImageDecodeError(uri, f"not decoded within images.decode_timeout_s ({timeout_s:g} s)") from None  # the deadline's signal, no error
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -8,10 +8,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
-from inference.cluster import InferenceCluster
-from inference.evaluation import accuracy
-from inference.report import plural
-from inference.results import ImageResult
+from inference.client.cluster import InferenceCluster
+from inference.records.evaluation import accuracy
+from inference.records.report import plural
+from inference.records.results import ImageResult
 
 
 @dataclass(slots=True)

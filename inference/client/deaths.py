@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from inference.objects import identity
+from inference.records.objects import identity
 
 KEY_PREFIX = "visionstream-batch-"
 POISON_DEATHS = 2  # alone, unexpected deaths that convict an image

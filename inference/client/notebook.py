@@ -27,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from inference.cluster import InferenceCluster
+from inference.client.cluster import InferenceCluster
 from inference.errors import WeightsUnavailable
-from inference.evaluation import Outcome, summarize
-from inference.job import batches_in_flight, classify_all
-from inference.report import figures, headline, write_report
-from inference.results import ImageResult
+from inference.records.evaluation import Outcome, summarize
+from inference.client.job import batches_in_flight, classify_all
+from inference.records.report import figures, headline, write_report
+from inference.records.results import ImageResult
 from inference.settings import Settings, load_settings
-from inference.sources import iter_sources
+from inference.client.sources import iter_sources
 
 if TYPE_CHECKING:
     import pandas
@@ -120,7 +120,7 @@ def iter_classify(
         try:
             job.result()  # the job's own error (the cluster gone, retries spent), as the CLI reports it
         except WeightsUnavailable as exc:  # its hint in this interface's words
-            raise WeightsUnavailable(exc.spec, exc.reason, option="weights=") from None
+            raise WeightsUnavailable(exc.spec, exc.reason, option="weights=") from None  # the same error, reworded: once is enough
     finally:
         if bar is not None:
             bar.close()
@@ -239,7 +239,7 @@ def _records(results: Any) -> Iterable[Mapping[str, Any]]:
 
 def _outcome(record: Mapping[str, Any]) -> Outcome | None:
     """A flat row (``COLUMNS``) or any record shape ``evaluate`` reads."""
-    from inference.evaluation import outcome
+    from inference.records.evaluation import outcome
 
     if "prediction" in record or "schema" in record or "ground_truth" in record:
         return outcome(dict(record))

@@ -1,4 +1,4 @@
-"""The process that builds one compiled package: ``python -m inference.package_build``.
+"""The process that builds one compiled package: ``python -m inference.worker.package_build``.
 
 A Dask worker never exports or compiles its model in its own process: ``torch.export`` swaps the
 parameters of the module it traces for fake tensors while it runs, and fake-tensor mode is not
@@ -10,7 +10,7 @@ or runs out of memory ends this process only, never the worker or the batch it r
 The request comes on stdin as one JSON object (``BuildRequest``); the weights come as raw
 tensors behind a JSON index (no pickle), written by the worker into its private cache
 directory. The package is written beside its final name and renamed into place by the caller's
-``inference.compiled.PackageBuilder``. The process ends when its parent does (it polls), and
+``inference.worker.compiled.PackageBuilder``. The process ends when its parent does (it polls), and
 receives no credential: it reads nothing but the weights file. Its compilers end with it.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from inference.model import LoadedModel
+from inference.worker.model import LoadedModel
 
 PARENT_POLL_S = 1.0
 
@@ -157,9 +157,9 @@ def export_and_compile(model: LoadedModel, batch_size: int, target: Path) -> Non
 def build(request: BuildRequest) -> None:
     import torchvision
 
-    from inference.images import Preprocessing, normalization
-    from inference.labels import ClassTable
-    from inference.results import ModelInfo
+    from inference.worker.images import Preprocessing, normalization
+    from inference.records.labels import ClassTable
+    from inference.records.results import ModelInfo
 
     torch.set_num_threads(request.threads)  # inductor writes the thread count into its kernels
     module = torchvision.models.get_model(request.model_name, weights=None, num_classes=request.num_classes)

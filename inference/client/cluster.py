@@ -1,0 +1,196 @@
+"""Submit batches to the persistent Dask cluster, with the model resident on every worker (adapter).
+
+``InferenceCluster`` runs batches over its connection (``connection``: connect or start the
+cluster, register the model, reconnect). What it follows beside it lives in modules of its own:
+the deaths of workers with our batches on them (``death_watch``), the workers whose model failed
+to load (``health``), the cluster-wide isolation lease (``isolation``), retiring superseded
+model plugins (``retirement``) and the embedded cluster it starts when no scheduler is given
+(``embedded``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from distributed import Client, KilledWorker
+
+from inference.client.connection import ClusterConnection
+from inference.client.death_watch import DeathWatch
+from inference.client.deaths import DeathTally, batch_digest, batch_key, key_digest
+from inference.client.health import WorkerHealth
+from inference.client.isolation import IsolationLease
+from inference.client.retirement import retire_superseded
+from inference.errors import ClusterUnavailable, ModelLoadFailed, ModelNotResident, WorkerLost
+from inference.records.objects import pins
+from inference.records.results import ImageResult
+from inference.settings import ClusterSettings, ImageSettings, ModelSettings, Settings, StorageSettings
+from inference.worker.plugin import classify_batch
+
+log = logging.getLogger(__name__)
+
+
+class InferenceCluster(ClusterConnection):
+    """An asynchronous handle on the cluster, with the model resident on every worker.
+
+    Use as ``async with InferenceCluster(...) as cluster: await cluster.classify(uris)``.
+    Workers that join later get the model too (the plugin is registered with the scheduler).
+    """
+
+    def __init__(
+        self,
+        cluster: ClusterSettings,
+        model: ModelSettings,
+        images: ImageSettings,
+        storage: StorageSettings,
+        truth_pattern: str,
+        batch_size: int = 60,
+        lineage: str | None = None,
+    ) -> None:
+        super().__init__(cluster, model, images, storage, batch_size, lineage)
+        self.truth_pattern = truth_pattern
+        self.health = WorkerHealth()
+        self.death_watch = DeathWatch()
+        self.lease = IsolationLease()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, lineage: str | None = None) -> InferenceCluster:
+        return cls(settings.cluster, settings.model, settings.images, settings.storage, settings.truth.pattern, settings.batch.size, lineage)
+
+    async def connected(self) -> None:
+        self.lease.forget()  # a lease of the old scheduler's, after a reconnect
+        await self.death_watch.follow(self.client, self.settings.connect_timeout_s)
+
+    def tally_deaths(self, uris: list[str]) -> DeathTally:
+        """How often Dask workers died with these images on them (any stream worker's attempts)."""
+        return self.death_watch.tally(uris)
+
+    @asynccontextmanager
+    async def isolation(self) -> AsyncIterator[None]:
+        """Hold the cluster-wide isolation lease while one stream worker runs suspects alone;
+        the others hold their new batches meanwhile (``wait_while_isolating``)."""
+        assert self.client is not None
+        async with self.lease.held(self.client):
+            yield
+
+    async def wait_while_isolating(self, deadline_s: float) -> None:
+        """Hold a new batch while another stream worker isolates a worker-killer, for at most ``deadline_s``."""
+        await self.lease.wait_while_others_hold(self.client, deadline_s)
+
+    async def others_processing(self, uris: list[str]) -> int:
+        """Batches of ours, other than attempts at ``uris``, processing on the cluster now."""
+        assert self.client is not None
+        processing = await self.client.processing()
+        digest = batch_digest(uris)
+        return sum(
+            1 for keys in processing.values() for key in keys
+            if (other := key_digest(key)) is not None and other != digest
+        )
+
+    async def classify(self, uris: list[str], priority: int = 0) -> list[ImageResult]:
+        """Run one batch on the cluster; per-image failures are inside the results.
+
+        Raises ClusterUnavailable (scheduler gone), WorkerLost (workers died with the batch on
+        them: a second death for images never seen at one before, the first for images that
+        were; Dask's own limit is four, each a restart and a model load), or the task's own
+        error (a failed forward pass, storage down).
+        Cancelling the caller cancels the batch on the cluster too.
+        """
+        deaths_allowed = 0 if self.death_watch.seen_dying(uris) else 1
+        try:
+            return await self._submit(uris, priority, deaths_allowed)
+        except ModelLoadFailed as exc:
+            self.health.avoid(exc)
+            raise  # retried by the caller, on the other workers while this one backs off
+        except ModelNotResident as exc:
+            # The scheduler restarted and its workers re-registered without the plugin.
+            log.warning("%s; registering it again", exc)
+            await self._register()
+        try:
+            return await self._submit(uris, priority, deaths_allowed)
+        except ModelLoadFailed as exc:
+            self.health.avoid(exc)
+            raise
+        except ModelNotResident as exc:
+            raise ClusterUnavailable(self.address, str(exc)) from exc
+
+    def healthy(self, reported: Mapping[str, Any]) -> list[str]:
+        """The workers of ``reported`` (address -> anything) that batches may go to now."""
+        return self.health.healthy(reported)
+
+    def without_model(self) -> int:
+        """Workers, of those last seen, whose model failed to load and that batches avoid now."""
+        return self.health.without_model(self.workers)
+
+    def model_trouble(self) -> str | None:
+        """Why no worker (of those last seen) can take a batch now, if none can: for readiness."""
+        return self.health.trouble(self.workers)
+
+    async def _submit(self, uris: list[str], priority: int, deaths_allowed: int) -> list[ImageResult]:
+        if self.settings.scheduler and (self.client is None or self.client.status in ("closing", "closed")):
+            await self._reconnect()
+        if self.client is None:
+            raise ClusterUnavailable(self.address, "not started")
+        client = self.client
+        placement = self.health.placement(await self.threads()) if self.health.unhealthy else {}
+        self.death_watch.subscribe(client)
+        key = batch_key(uris)  # names the images: deaths count against them, whoever submits them
+        future = client.submit(
+            classify_batch, self.plugin.name, [str(uri) for uri in uris], self.truth_pattern, pins(uris),
+            key=key, priority=priority, **placement,
+        )
+        with self.death_watch.watching(key, uris) as died:
+            try:
+                records = await self._await_batch(future, died, deaths_allowed)
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    await asyncio.shield(_cancel(client, future))  # a deadline or shutdown: free the worker
+                    raise
+                raise ClusterUnavailable(self.address, "the batch was cancelled (scheduler connection lost)") from exc
+            except KilledWorker as exc:
+                raise WorkerLost(self.address, str(exc)[:300]) from exc
+            except (OSError, TimeoutError) as exc:
+                raise ClusterUnavailable(self.address, f"{type(exc).__name__}: {exc}") from exc
+        self.health.loaded(records[0].get("worker") if records else None)
+        self.death_watch.cleared(uris)  # classified: they did not kill this worker
+        return [ImageResult.from_dict(record) for record in records]
+
+    async def _await_batch(self, future: Any, died: asyncio.Event, deaths_allowed: int) -> Any:
+        """The batch's records; give up (WorkerLost) once more than ``deaths_allowed`` workers
+        died with it, rather than waiting for Dask's own limit (each death costs a restart and a
+        model load)."""
+        waiting = asyncio.ensure_future(future)
+        watching: asyncio.Future[Any] | None = None
+        deaths = 0
+        try:
+            while True:
+                died.clear()
+                watching = asyncio.ensure_future(died.wait())
+                done, _ = await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
+                if waiting in done:
+                    return waiting.result()
+                deaths += 1
+                if deaths > deaths_allowed:
+                    waiting.cancel()
+                    await _cancel(self.client, future)
+                    raise WorkerLost(self.address, f"{deaths} worker(s) died with the batch on them")
+        finally:
+            for task in (waiting, watching):
+                if task is not None and not task.done():
+                    task.cancel()
+
+    async def retire_superseded(self, idle_s: float) -> list[str]:
+        """Unregister the model plugins this one superseded (``retirement``)."""
+        if self.client is None:
+            return []
+        return await retire_superseded(self.client, self.plugin, idle_s)
+
+async def _cancel(client: Client, future: Any) -> None:
+    try:
+        await asyncio.wait_for(client.cancel([future]), timeout=5.0)  # a hung scheduler must not extend the deadline
+    except Exception as exc:  # noqa: BLE001 - best effort: the scheduler may be gone already
+        log.debug("could not cancel a batch: %s", exc)
