@@ -112,6 +112,9 @@ class Section(BaseModel):
 class ModelSettings(Section):
     name: str = "resnet50"
     weights: str = "DEFAULT"
+    # the weights file's whole SHA-256 (64 hex digits), checked on the bytes loaded; None: torchvision's
+    # weights are checked against the 8-digit prefix in their file name, a checkpoint not at all
+    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
     seed: int = 0
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -136,6 +139,8 @@ class ImageSettings(Section):
     fetch_concurrency: int = Field(32, ge=1)
     fetch_timeout_s: float = Field(60.0, gt=0)
     decode: Literal["auto", "cpu", "gpu"] = "auto"
+    decode_processes: bool = True
+    decode_memory_mb: int = Field(2048, ge=0)
 
 
 class StorageSettings(Section):

@@ -43,7 +43,6 @@ import logging
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -64,6 +63,8 @@ import inference.worker.package_build as package_build
 from inference.errors import BuildFailed, UnsafeCacheDir
 from inference.worker.images import normalize
 from inference.worker.model import LoadedModel
+from inference.worker.cachedir import check_private, default_cache_dir, private_dir
+from inference.worker.children import child_env
 from inference.worker.cpu import cpu_identity
 from inference.worker.package_build import BuildRequest, save_weights
 
@@ -116,11 +117,6 @@ def compiled_shapes(batch_size: int, torch_threads: int) -> tuple[int, ...]:
     return (chunk,) if chunk == batch_size else (chunk, batch_size)
 
 
-def default_cache_dir() -> str:
-    """Where packages go when ``model.compile_cache_dir`` is unset: per user, under the temp dir."""
-    return os.path.join(tempfile.gettempdir(), f"visionstream-compiled-{os.getuid()}")
-
-
 def package_key(model: LoadedModel, batch_size: int, threads: int | None = None) -> str:
     """A digest of everything a compiled package depends on. Pure but for reading the weights."""
     weights = hashlib.sha256()
@@ -160,26 +156,6 @@ def _code_of(part: Any) -> bytes:
 def package_path(model: LoadedModel, batch_size: int, cache_dir: str, threads: int | None = None) -> Path:
     key = package_key(model, batch_size, threads)[:24]
     return Path(cache_dir) / f"{model.info.name}-{model.precision}-b{batch_size}-{key}.pt2"
-
-
-def private_dir(path: str) -> Path:
-    """``path``, created 0700 if missing, resolved; raises UnsafeCacheDir unless it is a real
-    directory (not a symlink) owned by this user and writable by nobody else."""
-    folder = Path(path)
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_private(folder)
-    return folder.resolve()
-
-
-def _check_private(path: Path) -> None:
-    info = path.lstat()
-    if stat.S_ISLNK(info.st_mode):
-        raise UnsafeCacheDir(f"{path} is a symbolic link")
-    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise UnsafeCacheDir(
-            f"{path} is owned by uid {info.st_uid} with mode {stat.filemode(info.st_mode)}: it must be this user's "
-            f"(uid {os.getuid()}) and writable by no one else"
-        )
 
 
 @dataclass
@@ -271,30 +247,13 @@ def build_memory_mb(setting: int | None, model: LoadedModel) -> int:
     return max(8192, 4 * weights_mb + 4096)
 
 
-ENV_KEPT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TEMP", "TMP", "CC", "CXX", "LD_LIBRARY_PATH", "VIRTUAL_ENV")
-ENV_KEPT_PREFIXES = ("LC_", "PYTHON", "TORCH", "OMP_", "MKL_", "KMP_", "OPENBLAS_", "GOMP_", "CUDA_", "CONDA_")
-
-
 def _build_env(scratch: Path, threads: int) -> dict[str, str]:
-    """The build's environment: the few variables a compiler and torch need, nothing else (the
-    build reads only the weights file: no credential of the worker's goes along), with
-    inductor's scratch in the private cache, and this package importable."""
-    env = {name: value for name, value in os.environ.items() if name in ENV_KEPT or name.startswith(ENV_KEPT_PREFIXES)}
-    env = {name: value for name, value in env.items() if not any(word in name.upper() for word in ("SECRET", "PASSWORD", "TOKEN"))}
-    source_root = str(Path(__file__).resolve().parents[2])  # the folder that holds the inference package
-    if source_root not in _site_paths():  # an editable install or a source tree: not on a new interpreter's path
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), source_root]))
+    """The build's environment (``child_env``: no credential of the worker's goes along; the
+    build reads only the weights file), with inductor's scratch in the private cache."""
+    env = child_env()
     env[CACHE_ENV] = str(scratch)
     env["OMP_NUM_THREADS"] = str(threads)
-    env["PYTHONUNBUFFERED"] = "1"
     return env
-
-
-def _site_paths() -> set[str]:
-    import site
-
-    paths = [*site.getsitepackages(), site.getusersitepackages()]
-    return {str(Path(path).resolve()) for path in paths}
 
 
 def _reason(returncode: int, output: str, stopped: bool) -> str:
@@ -324,7 +283,7 @@ class CompiledModel:
     @staticmethod
     def load_runner(model: LoadedModel, batch_size: int, path: Path) -> tuple[Callable[..., Any], float]:
         """Load one package and run it twice (warm-up, then timed); raises if either fails."""
-        _check_private(path)
+        check_private(path)
         runner = torch._inductor.aoti_load_package(str(path))
         crop = model.preprocessing.crop_size
         zeros = torch.zeros(batch_size, 3, crop, crop, dtype=torch.uint8)
@@ -442,7 +401,7 @@ def _package(model: LoadedModel, batch_size: int, folder: Path, compile_setting:
     failed: int | None = None  # the inode of a package that does not check out
     if path.exists():
         try:
-            _check_private(path)
+            check_private(path)
             _check_package(path)
             return path
         except (OSError, UnsafeCacheDir, ValueError) as exc:

@@ -1,6 +1,8 @@
 """A batch's images from bytes to uint8 crops: the decode pool, and the device decoder where
-the model is on a GPU. Whatever a decoder raises for one image is that image's Failure; only
-the worker's own memory running out fails the batch.
+the model is on a GPU. On the CPU each decode thread hands its image to a decoder process of its
+own (``inference.worker.decoders``, ``images.decode_processes``), killed at the image's deadline.
+Whatever a decoder raises for one image is that image's Failure; only the worker's own memory
+running out, or no decoder process to be had, fails the batch (which is retried).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -17,6 +20,7 @@ from PIL import Image
 from inference.errors import ConfigError, ImageError
 from inference.records.results import Failure
 from inference.settings import ImageSettings
+from inference.worker.decoders import DecoderProcesses
 from inference.worker.gpu import Decoder, device_crops, device_decodable, jpeg_decoder
 from inference.worker.images import ImageHeader, Preprocessing, decode_crop, read_header
 
@@ -42,6 +46,13 @@ class BatchDecoder:
         self.device = device
         self.device_decoder = _device_decoder(settings.decode, device)
         self.exit_on = os.environ.get(KILL_SWITCH_ENV) or None
+        # untrusted bytes on the CPU: in processes this worker kills at the deadline (``decoders``)
+        self.processes = DecoderProcesses(settings, preprocessing) if settings.decode_processes else None
+
+    def start(self) -> None:
+        """Start the decoder processes' server now, in the background, rather than with the first batch."""
+        if self.processes is not None:
+            threading.Thread(target=self.processes.prestart, name="visionstream-decoders", daemon=True).start()
 
     def warm_up(self) -> None:
         """One decode through the device decoder; where it fails, images decode on the CPU
@@ -108,6 +119,8 @@ class BatchDecoder:
         if self.exit_on is not None and self.exit_on in uri:
             log.critical("fault injection: %s=%r matches %r; exiting", KILL_SWITCH_ENV, self.exit_on, uri)
             os._exit(70)
+        if self.processes is not None:
+            return self.processes.decode(uri, data)  # raises DecoderUnavailable only: the batch is retried
         images = self.settings
         try:
             return decode_crop(data, uri, self.preprocessing, images.max_pixels, images.draft, images.max_jpeg_scans, images.decode_timeout_s)
@@ -116,6 +129,8 @@ class BatchDecoder:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.close()
 
 
 def _failure(exc: Exception, limit: int | None = None) -> Failure:

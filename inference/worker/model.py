@@ -24,6 +24,7 @@ from inference.worker.images import Preprocessing, normalization, normalize
 from inference.records.labels import ClassTable
 from inference.records.results import ModelInfo
 from inference.settings import ModelSettings, StorageSettings, WeightsSpec
+from inference.worker.cachedir import use_private_inductor_caches
 from inference.worker.cpu import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
@@ -145,18 +146,19 @@ def load_model(settings: ModelSettings, storage: StorageSettings | None = None) 
     if spec.kind == "torchvision":
         weights = _torchvision_weights(weights_enum, spec.value)
         reference = weights
-        module = _load_pretrained(settings.name, weights, spec.value)
+        module = _load_pretrained(settings.name, weights, spec.value, settings.weights_sha256)
     else:
         torch.manual_seed(settings.seed)
         module = torchvision.models.get_model(settings.name, weights=None)
         if spec.kind == "checkpoint":
-            _load_checkpoint(module, spec.value, storage or StorageSettings())
+            _load_checkpoint(module, spec.value, storage or StorageSettings(), settings.weights_sha256)
     module.eval().requires_grad_(False)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     module = module.to(device, memory_format=memory_format)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if settings.compile is True and device.type == "cuda":  # the CPU compiles in the background (inference.worker.compiled)
+        use_private_inductor_caches(settings.compile_cache_dir)
         module = torch.compile(module)
     categories = reference.meta.get("categories") or []
     classes = ClassTable.imagenet(categories) if len(categories) == 1000 else ClassTable(
@@ -217,12 +219,13 @@ def _torchvision_weights(weights_enum: Any, name: str) -> Any:
         raise ConfigError(f"model.weights {name!r}: not one of {known}, a checkpoint path, or none") from exc
 
 
-def _load_pretrained(model_name: str, weights: Any, spec: str) -> nn.Module:
+def _load_pretrained(model_name: str, weights: Any, spec: str, sha256: str | None = None) -> nn.Module:
     """torchvision's weights as a plain state_dict: from the torch cache (``$TORCH_HOME``),
     downloaded there first where a network exists; the file's SHA-256 checked against the
     digest prefix torchvision puts in its name on every load, not only at download (a file
     planted in a shared cache is refused); loaded with ``weights_only`` (no code runs, whatever
-    the file holds). torchvision's own loader unpickles the cached file in full."""
+    the file holds). torchvision's own loader unpickles the cached file in full. With
+    ``model.weights_sha256`` the whole digest is checked instead of the published prefix."""
     url = weights.url
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     expected = _digest_prefix(path.name)
@@ -238,6 +241,7 @@ def _load_pretrained(model_name: str, weights: Any, spec: str) -> nn.Module:
     digest = hashlib.sha256(data).hexdigest()
     if expected and not digest.startswith(expected):
         raise WeightsUnavailable(f"{spec} ({weights})", f"{path} does not match its published digest ({expected}...): refused")
+    _check_sha256(digest, sha256, f"{spec} ({weights})")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         module = torchvision.models.get_model(model_name, weights=None, num_classes=len(weights.meta["categories"]))
@@ -253,8 +257,9 @@ def _digest_prefix(filename: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings) -> None:
-    """A state_dict file, local or s3://; loaded with weights_only (no code runs)."""
+def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings, sha256: str | None = None) -> None:
+    """A state_dict file, local or s3://; loaded with weights_only (no code runs); with
+    ``model.weights_sha256``, only if the bytes read have that digest."""
     options = storage.storage_options() if uri.startswith(("s3://", "s3a://")) else {}
     shown = redact_uri(uri)  # what errors say: never a token the URI carries
     try:
@@ -264,6 +269,7 @@ def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings) -> N
         raise WeightsUnavailable(shown, "checkpoint file not found") from exc
     except Exception as exc:  # noqa: BLE001
         raise WeightsUnavailable(shown, f"checkpoint unreadable: {type(exc).__name__}: {exc}") from exc
+    _check_sha256(hashlib.sha256(data).hexdigest(), sha256, shown)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -277,6 +283,12 @@ def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings) -> N
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise WeightsUnavailable(shown, f"does not fit the model: {str(exc).splitlines()[0]}") from exc
+
+
+def _check_sha256(digest: str, expected: str | None, shown: str) -> None:
+    """The whole SHA-256 of the bytes about to be loaded against ``model.weights_sha256``."""
+    if expected is not None and digest != expected.lower():
+        raise WeightsUnavailable(shown, f"its SHA-256 is {digest}, not model.weights_sha256 {expected.lower()}: refused")
 
 
 def _describe(spec: WeightsSpec) -> str:

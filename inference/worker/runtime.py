@@ -64,6 +64,7 @@ class BatchRunner:
         while batches run eagerly, and switched in between batches."""
         model = load_model(settings.model, settings.storage)
         runner = cls.around(model, settings)
+        runner.decoder.start()
         try:
             if model.device.type == "cuda":
                 runner.forward.warm_up()

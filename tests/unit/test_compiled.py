@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from inference.worker import compiled
-from inference.worker.compiled import CompiledModel, PackageBuilder, compiled_model, compiles, package_key, private_dir
+from inference.worker.cachedir import private_dir
+from inference.worker.compiled import CompiledModel, PackageBuilder, compiled_model, compiles, package_key
 from inference.errors import BuildFailed, UnsafeCacheDir
 from inference.worker.model import load_model
 from inference.settings import ImageSettings, ModelSettings, StorageSettings
@@ -336,3 +337,45 @@ def test_a_worker_that_does_not_compile_says_how_it_runs(caplog):
         assert "model resnet18 runs eagerly on cpu at fp32" in caplog.text
     finally:
         runner.close()
+
+
+def test_torch_compile_on_a_gpu_gets_private_caches_not_the_shared_temp_folder(tmp_path, monkeypatch):
+    """torch.compile's default caches are named after the user in the system temp folder, which
+    anyone can create first: on a GPU with ``model.compile: true`` they go under the private
+    ``model.compile_cache_dir``; an operator's own folders are kept, and refused where unsafe."""
+    import os
+    import stat
+
+    from inference.errors import UnsafeCacheDir
+    from inference.worker.cachedir import use_private_inductor_caches
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    use_private_inductor_caches(str(tmp_path / "cache"))
+    for name, folder in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton")):
+        path = os.environ[name]
+        assert path == str((tmp_path / "cache" / folder).resolve())
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(shared))
+    with pytest.raises(UnsafeCacheDir, match="writable by no one else"):
+        use_private_inductor_caches(str(tmp_path / "cache"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_model_compiled_with_torch_compile_writes_its_caches_privately(tmp_path, monkeypatch):
+    import os
+
+    from inference.settings import ModelSettings
+    from inference.worker.model import load_model
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    model = load_model(ModelSettings(name="resnet18", weights="none", device="cuda", precision="fp16", compile=True,
+                                     compile_cache_dir=str(tmp_path / "cache")))
+    model.predict(torch.zeros(2, 3, 224, 224, dtype=torch.uint8))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"].startswith(str(tmp_path.resolve()))
+    assert any((tmp_path / "cache" / "inductor").iterdir())

@@ -116,10 +116,10 @@ def test_the_worker_decodes_under_images_decode_timeout_s():
     plugin = device_path_plugin()
     plugin.decoder.device_decoder = None  # the CPU path
     big = encoded(Image.fromarray(np.random.default_rng(4).integers(0, 255, (600, 800, 3), dtype=np.uint8)), "PNG")
-    plugin.decoder.settings = ImageSettings(decode_timeout_s=1e-9)
+    plugin.decoder.settings = ImageSettings(decode_timeout_s=1e-9, decode_processes=False)
     late = plugin.decoder.decode_one("big.png", big)
     assert isinstance(late, Failure) and late.stage == "decode" and "images.decode_timeout_s" in late.message
-    plugin.decoder.settings = ImageSettings()
+    plugin.decoder.settings = ImageSettings(decode_processes=False)
     assert plugin.decoder.decode_one("big.png", big).shape == (3, 224, 224)
 
 
@@ -221,9 +221,10 @@ def device_path_plugin():
     from inference.worker.runtime import BatchRunner, RunnerSettings
     from inference.settings import ImageSettings, ModelSettings, StorageSettings
 
-    # compile off: a short-lived in-process runner about decoding
+    # compile off: a short-lived in-process runner about decoding; decoding in its threads, where
+    # a test can reach the decoders (the decoder processes: test_decoders)
     settings = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
-    runner = BatchRunner.around(load_model(settings), RunnerSettings(settings, ImageSettings(), StorageSettings(), "tcp://127.0.0.1:1", torch_threads=1))
+    runner = BatchRunner.around(load_model(settings), RunnerSettings(settings, ImageSettings(decode_processes=False), StorageSettings(), "tcp://127.0.0.1:1", torch_threads=1))
     runner.decoder.device_decoder = jpeg_decoder("cpu")
     return runner
 
@@ -268,7 +269,7 @@ def test_the_device_decodes_at_most_its_pixel_budget_per_batch_and_the_cpu_the_r
 
     plugin.decoder.device_decoder = counting
     photo = encoded(Image.fromarray(np.random.default_rng(5).integers(0, 255, (300, 400, 3), dtype=np.uint8)), "JPEG")
-    plugin.decoder.settings = ImageSettings(device_batch_max_pixels=3 * 300 * 400)  # three such pictures
+    plugin.decoder.settings = ImageSettings(device_batch_max_pixels=3 * 300 * 400, decode_processes=False)  # three such pictures
     outcomes = plugin.decoder.decode_all([f"p{i}.jpg" for i in range(7)], [photo] * 7)
     assert on_device == [3]
     assert all(outcome.shape == (3, 224, 224) for outcome in outcomes)

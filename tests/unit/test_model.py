@@ -183,6 +183,25 @@ def test_pretrained_weights_are_loaded_without_unpickling_and_checked_against_th
     torch.save(state, buffer)
     module = _load_pretrained("resnet18", plant(buffer.getvalue()), "IMAGENET1K_V1")
     assert torch.equal(module.state_dict()["fc.weight"], state["fc.weight"])
+    # the whole digest, where the operator pins it: a file that matches the 8-digit prefix alone is refused
+    whole = hashlib.sha256(buffer.getvalue()).hexdigest()
+    assert _load_pretrained("resnet18", plant(buffer.getvalue()), "IMAGENET1K_V1", whole.upper()) is not None
+    with pytest.raises(WeightsUnavailable, match="not model.weights_sha256"):
+        _load_pretrained("resnet18", plant(buffer.getvalue()), "IMAGENET1K_V1", whole[:8] + "0" * 56)
+
+
+def test_a_checkpoint_loads_only_with_the_whole_digest_the_settings_pin(tmp_path: Path):
+    import hashlib
+
+    path = tmp_path / "tuned.pt"
+    torch.save(load_model(SMALL).module.state_dict(), path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert load_model(SMALL.model_copy(update={"weights": str(path), "weights_sha256": digest})).info.weights == str(path)
+    other = digest[:-1] + ("0" if digest[-1] != "0" else "1")
+    with pytest.raises(WeightsUnavailable, match=f"its SHA-256 is {digest}, not model.weights_sha256 {other}: refused"):
+        load_model(SMALL.model_copy(update={"weights": str(path), "weights_sha256": other}))
+    with pytest.raises(ValueError, match="weights_sha256"):
+        ModelSettings(weights_sha256="11ad3fa6")  # a prefix is not a digest
 
 
 @pytest.mark.parametrize(

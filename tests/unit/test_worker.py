@@ -310,7 +310,8 @@ def test_plugin_usage_counts_a_loading_model_and_waiting_batches_as_busy_by_the_
 
 def test_whatever_a_decoder_raises_for_one_image_is_that_images_dead_letter(tmp_path, monkeypatch):
     """A decoder that fails with something other than an image error (EOFError, struct.error: what
-    Pillow's plugins raise on truncated headers) fails its image alone; the batch goes on."""
+    Pillow's plugins raise on truncated headers) fails its image alone; the batch goes on. In the
+    worker's own threads (``images.decode_processes: false``); in a decoder process: below."""
     import struct
 
     from PIL import Image
@@ -331,7 +332,8 @@ def test_whatever_a_decoder_raises_for_one_image_is_that_images_dead_letter(tmp_
         return real(data, uri, *args, **kwargs)
 
     monkeypatch.setattr(decoding, "decode_crop", decode_crop)
-    runner = BatchRunner.start(RunnerSettings(SETTINGS, ImageSettings(decode_threads=1), StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=3))
+    images = ImageSettings(decode_threads=1, decode_processes=False)
+    runner = BatchRunner.start(RunnerSettings(SETTINGS, images, StorageSettings(), "tcp://127.0.0.1:1", 1, warmup_batch=3))
     try:
         results = runner.classify(paths, r"(?P<wnid>n\d{8})")
     finally:
@@ -339,3 +341,45 @@ def test_whatever_a_decoder_raises_for_one_image_is_that_images_dead_letter(tmp_
     bad = results[1]
     assert bad.prediction is None and bad.error.stage == "decode" and "error: unpack requires" in bad.error.message
     assert all(result.prediction is not None and result.error is None for result in (results[0], results[2]))
+
+
+def test_whatever_a_decoder_raises_in_a_decoder_process_is_that_images_failure(monkeypatch):
+    """The decoder process's own loop (``decoders.serve``, run here on a pipe): an exception that
+    is not an image error, e.g. struct.error, is that image's answer; the next image is decoded."""
+    import io
+    import json
+    import struct
+    import threading
+    from multiprocessing import Pipe
+
+    from PIL import Image
+
+    from inference.worker import decoders, images
+
+    real = images.decode_crop
+
+    def decode_crop(data, uri, *args, **kwargs):
+        if "bad" in uri:
+            raise struct.error("unpack requires a buffer of 4 bytes")
+        return real(data, uri, *args, **kwargs)
+
+    monkeypatch.setattr(images, "decode_crop", decode_crop)
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buffer, "JPEG")
+    ours, theirs = Pipe()
+    config = {"preprocessing": {"resize_size": 256, "crop_size": 224, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                "interpolation": "bilinear"}, "max_pixels": 10**8, "draft": True, "max_scans": 100, "memory_mb": 0}
+    serving = threading.Thread(target=decoders.serve, args=(theirs, json.dumps(config)), daemon=True)
+    serving.start()
+    answers = []
+    for uri in ("bad.jpg", "good.jpg"):
+        ours.send_bytes(json.dumps({"uri": uri, "timeout_s": 10.0}).encode())
+        ours.send_bytes(buffer.getvalue())
+        assert ours.poll(30), f"no answer for {uri}: the decoder's loop stopped"
+        answers.append(json.loads(ours.recv_bytes()))
+        if answers[-1]["ok"]:
+            assert len(ours.recv_bytes()) == 3 * 224 * 224
+    ours.close()
+    serving.join(10)
+    assert answers[0] == {"ok": False, "stage": "decode", "reason": "error: unpack requires a buffer of 4 bytes"}
+    assert answers[1] == {"ok": True, "shape": [3, 224, 224]}
