@@ -16,7 +16,7 @@ import tracemalloc
 
 from benchmarks.machine import cpu_name
 from inference.settings import EventSettings, FilterSettings
-from streams.service.reconcile import Accounted, account
+from streams.service.reconcile import Outcomes, account
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     filter, limits = FilterSettings(), EventSettings()
     template = {"schema": "visionstream.prediction/v1", "prediction": {"label": "Chihuahua", "score": 0.9}}
-    accounted = Accounted()
+    accounted = Outcomes()
     tracemalloc.start()
     started = time.perf_counter()
     for index in range(args.versions):
@@ -36,7 +36,7 @@ def main() -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     probe = time.perf_counter()
-    hits = sum(accounted.covers(f"s3://images/dogs/Images/n02085620-Chihuahua/n02085620_{i:08d}.jpg", f"{i:032x}") for i in range(10_000))
+    hits = sum(accounted.missing(f"s3://images/dogs/Images/n02085620-Chihuahua/n02085620_{i:08d}.jpg", f"{i:032x}") is None for i in range(10_000))
     lookup_us = (time.perf_counter() - probe) / 10_000 * 1e6
     assert hits == 10_000
     print(json.dumps({

@@ -55,7 +55,11 @@ def register(command: Command) -> None:
 
     reconcile = command("reconcile", run_reconcile, "announce the image objects of a prefix that no event covers (lost notifications), to the backfill topic")
     reconcile.add_argument("uri", metavar="s3://BUCKET/PREFIX")
-    reconcile.add_argument("--dry-run", action="store_true", help="print the URIs it would announce, one per line; publish nothing")
+    reconcile.add_argument("--dry-run", action="store_true",
+                           help="print the URIs it would announce, one per line, each with why after a tab; publish nothing")
+    reconcile.add_argument("--retry-transient", action=argparse.BooleanOptionalAction, default=True,
+                           help="announce again objects whose last records are dead letters of a passing cause (a slow or "
+                                "refusing store, a decode past its deadline), at most 3 times each (default: on)")
     reconcile.add_argument("--min-age", type=float, default=60.0, metavar="SECONDS",
                            help="leave objects younger than this alone: their notifications may still be on the way (default: 60)")
     reconcile.add_argument("--modified-after", type=_utc_time, metavar="TIME",
@@ -274,7 +278,8 @@ def run_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         plan = ReconcilePlan.parse(args.uri, args.topic or settings.topics.backfill, dry_run=args.dry_run,
-                                   min_age_s=args.min_age, modified_after=args.modified_after, idle_s=args.idle)
+                                   min_age_s=args.min_age, modified_after=args.modified_after, idle_s=args.idle,
+                                   retry_transient=args.retry_transient)
     except ValueError as exc:
         return _usage_error(str(exc))
     buckets = allowed_filter(settings.filter, settings.storage.bucket).buckets
@@ -287,9 +292,9 @@ def run_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         progress.n = count
         progress.refresh()
 
-    def missing(ref: Any) -> None:
+    def missing(ref: Any, why: str) -> None:
         if args.dry_run:
-            print(escape(ref.uri), flush=True)
+            print(f"{escape(ref.uri)}\t{why}", flush=True)
 
     try:
         done = asyncio.run(reconcile(plan, settings, on_missing=missing, on_read=read))
@@ -301,7 +306,8 @@ def run_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         f", {done.refused} whose keys no event may name" if done.refused else "")
     print(f"reconcile: {done.listed} image objects under {args.uri}, {done.accounted} accounted for "
           f"(topics name {done.versions_known} object versions, {done.index_bytes / 1e6:.1f} MB); "
-          f"{verb} {done.announced} to {plan.topic}{skipped}", file=sys.stderr)
+          f"{verb} {done.announced} to {plan.topic} ({done.never_announced} never announced, {done.unprocessed} announced "
+          f"without a result, {done.transient} after a transient dead letter){skipped}", file=sys.stderr)
     return 0
 
 
@@ -373,8 +379,8 @@ async def _read_topic(settings: Settings, from_beginning: bool, idle_s: float, l
     records: list[dict[str, Any]] = []
     progress = progress_bar("evaluate: reading", unit="ev")
 
-    def take(topic: str, values: list[bytes | None]) -> None:
-        for value in values:
+    def take(topic: str, records: list[Any]) -> None:
+        for value in (record.value for record in records):
             try:
                 records.append(json.loads(value or b""))
             except (ValueError, UnicodeDecodeError):

@@ -108,14 +108,15 @@ async def read_topics(
     kafka: KafkaSettings,
     topics: list[str],
     idle_s: float,
-    take: Callable[[str, list[bytes | None]], None],
+    take: Callable[[str, list[Any]], None],
     on_read: Callable[[int], None] | None = None,
     *,
     from_beginning: bool = True,
     limit: int | None = None,
 ) -> int:
     """Read ``topics`` from their start up to the end offsets the broker gives when reading
-    begins, handing each fetched batch's values to ``take`` (topic, values); where the broker
+    begins, handing each fetched batch to ``take`` (topic, its records: ``partition``, ``offset``,
+    ``value``); where the broker
     gives none, until ``idle_s`` passes without a record. Records that arrive meanwhile may be
     read too. Not ``from_beginning``: only records that arrive from now on, until ``idle_s``
     passes without one. Stops once ``limit`` records (or a few more, one fetch's worth) were
@@ -138,7 +139,7 @@ async def read_topics(
                 continue
             quiet_since = time.monotonic()
             for partition, records in batch.items():
-                take(partition.topic, [record.value for record in records])
+                take(partition.topic, records)
                 read += len(records)
             if on_read is not None:
                 on_read(read)

@@ -111,9 +111,9 @@ def read_predictions(
     latest: dict[str, dict[str, Any]] = {}
     read = 0
 
-    def take(_: str, values: list[bytes | None]) -> None:
+    def take(_: str, records: list[Any]) -> None:
         nonlocal read
-        for value in values:
+        for value in (record.value for record in records):
             if limit is not None and read >= limit:
                 return
             read += 1

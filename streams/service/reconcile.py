@@ -6,10 +6,22 @@ can notice an object that was never announced. Reconcile lists the prefix and an
 backfill events through the same path as ``backfill``, every image object whose current
 version nothing accounts for.
 
-What accounts for an object version, read from the service's own topics from their start:
-  - a prediction or a dead letter for it (``uri`` and ``etag``), superseded ones included;
-  - an announcement still on its way: its event on the uploads or backfill topic (the
-    worker consumes it; acknowledged only once its result is published).
+What accounts for an object version is its outcome, read from the service's own topics from
+their start:
+  - a prediction for it (``uri`` and ``etag``), or a dead letter of a lasting cause (not an
+    image, corrupt, too large, superseded, a worker-killer...);
+  - an announcement still on its way: its event on an input topic at or past the consumer
+    group's committed offset (the worker will consume it; acknowledged only once its result is
+    published).
+Announced again, each with its reason (``--dry-run`` prints it after a tab):
+  - ``never announced``: no event names the version;
+  - ``announced, no result``: its event is behind the group's committed offset, yet no
+    prediction or dead letter names it (the worker skipped it: its bucket was added to
+    ``filter.buckets`` later; or an operator's offset reset passed over it);
+  - ``transient dead letter``: its only records are dead letters of a passing cause (the store
+    slow, refusing or redirecting; a decode or a batch past its deadline; a decoder process
+    lost), at most ``MAX_TRANSIENT`` of them: the one after that is final, so a cause that is
+    not passing after all never loops (``--no-retry-transient``: every dead letter is final).
 Object versions are matched by URI and ETag (the listing's ETag is the current version's); a
 record that names no ETag accounts for no version (the object is announced again, with its
 ETag, once). Keys that no event may name (control characters, ``::``: the parser refuses them)
@@ -41,11 +53,12 @@ from typing import Any
 import numpy as np
 
 from inference.records.objects import plain_etag
-from inference.records.results import is_dead_letter, is_prediction
+from inference.records.results import SLOW_OBJECT, is_dead_letter, is_prediction
 from inference.settings import EventSettings, FilterSettings, Settings
 from streams.errors import MalformedEvent
 from streams.service.backfill import BackfillPlan, listing, object_ref, parse_s3_uri, publisher
 from streams.service.kafka import read_topics
+from streams.service.lag import read_lag
 from streams.service.s3events import ObjectRef, allowed_filter, key_problem, parse_notification
 
 log = logging.getLogger(__name__)
@@ -57,6 +70,21 @@ def version_digest(uri: str, etag: str) -> int:
     """One object version as a 64-bit number."""
     material = f"{uri}\x00{etag}".encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "little")
+
+
+# what the reason of a dead letter says when its cause may pass (a later attempt may well succeed)
+TRANSIENT_SIGNS = (
+    SLOW_OBJECT, "access denied", "bucket in another region or endpoint", "within images.decode_timeout_s",
+    "within batch.timeout_s", "decoder process died", "past images.decode_memory_mb",
+)
+MAX_TRANSIENT = 3  # transient dead letters of one version after which the next is taken as final
+NEVER_ANNOUNCED, UNPROCESSED, TRANSIENT = "never announced", "announced, no result", "transient dead letter"
+
+
+def transient(record: dict[str, Any]) -> bool:
+    """A dead letter whose cause may pass: a fetch or decode failure whose reason says so. Pure."""
+    reason = record.get("reason")
+    return record.get("stage") in ("fetch", "decode") and isinstance(reason, str) and any(sign in reason for sign in TRANSIENT_SIGNS)
 
 
 class Accounted:
@@ -100,10 +128,44 @@ class Accounted:
         return at < len(self._sorted) and int(self._sorted[at]) == digest
 
 
-def account(accounted: Accounted, value: bytes | None, output: bool, filter: FilterSettings, limits: EventSettings) -> int:
-    """Add what one record of the topics accounts for; returns how many versions. ``output``:
-    a record of the predictions or dead-letter topic, else an S3 notification. Whatever the
-    bytes, a record that names no object adds nothing. Pure but for ``accounted``."""
+class Outcomes:
+    """What the topics say of each object version: a result that settles it (``settled``), an
+    announcement still on its way (``pending``), an announcement the worker passed (``announced``),
+    and how many transient dead letters it had (``transient``). ``freeze`` once read."""
+
+    def __init__(self, retry_transient: bool = True) -> None:
+        self.settled, self.pending, self.announced = Accounted(), Accounted(), Accounted()
+        self.retry_transient = retry_transient
+        self.transient: dict[int, int] = {}  # version digest -> transient dead letters (few)
+
+    def freeze(self) -> Outcomes:
+        for part in (self.settled, self.pending, self.announced):
+            part.freeze()
+        return self
+
+    def __len__(self) -> int:
+        return len(self.settled) + len(self.pending)
+
+    @property
+    def nbytes(self) -> int:
+        return self.settled.nbytes + self.pending.nbytes + self.announced.nbytes + 16 * len(self.transient)
+
+    def missing(self, uri: str, etag: str | None) -> str | None:
+        """Why this version is announced again, or None where it is accounted for."""
+        if self.settled.covers(uri, etag) or self.pending.covers(uri, etag):
+            return None
+        bare = plain_etag(etag)
+        seen = self.transient.get(version_digest(uri, bare), 0) if bare is not None else 0
+        if seen:
+            return None if seen > MAX_TRANSIENT else f"{TRANSIENT} ({seen})"
+        return UNPROCESSED if self.announced.covers(uri, etag) else NEVER_ANNOUNCED
+
+
+def account(outcomes: Outcomes, value: bytes | None, output: bool, filter: FilterSettings, limits: EventSettings, pending: bool = False) -> int:
+    """Add what one record of the topics says; returns how many versions it named. ``output``: a
+    record of the predictions or dead-letter topic, else an S3 notification, ``pending`` where it
+    is at or past its group's committed offset. Whatever the bytes, a record that names no object
+    adds nothing. Pure but for ``outcomes``."""
     if value is None:
         return 0
     if output:
@@ -116,12 +178,18 @@ def account(accounted: Accounted, value: bytes | None, output: bool, filter: Fil
         uri, etag = record.get("uri"), record.get("etag")
         if not isinstance(uri, str) or not uri:
             return 0  # a message that was never a notification (stage parse)
-        return int(accounted.add(uri, etag if isinstance(etag, str) else None))
+        bare = plain_etag(etag if isinstance(etag, str) else None)
+        if bare is not None and outcomes.retry_transient and is_dead_letter(record) and transient(record):
+            digest = version_digest(uri, bare)
+            outcomes.transient[digest] = outcomes.transient.get(digest, 0) + 1
+            return 1
+        return int(outcomes.settled.add(uri, bare))
     try:
         notification = parse_notification(value, filter, limits)
     except MalformedEvent:
         return 0
-    return sum(accounted.add(ref.uri, ref.etag) for ref in notification.objects)
+    into = outcomes.pending if pending else outcomes.announced
+    return sum(into.add(ref.uri, ref.etag) for ref in notification.objects)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +203,7 @@ class ReconcilePlan:
     min_age_s: float = 60.0  # younger objects' notifications may still be on their way
     modified_after: datetime | None = None  # only objects written after this (older ones' records may have expired)
     idle_s: float = 5.0  # stop reading a topic after this long without a record
+    retry_transient: bool = True  # announce versions whose dead letters were of a passing cause again
 
     @classmethod
     def parse(cls, uri: str, topic: str, **options: Any) -> ReconcilePlan:
@@ -162,6 +231,9 @@ class ReconcileResult:
     out_of_range: int = 0  # not modified after modified_after
     accounted: int = 0  # listed objects the topics account for
     announced: int = 0  # published (a dry run: would be)
+    never_announced: int = 0  # of those announced: no event named them
+    unprocessed: int = 0  # ... announced, behind the group's committed offset, with no result
+    transient: int = 0  # ... whose dead letters were of a passing cause
     versions_known: int = 0  # distinct object versions the topics account for
     index_bytes: int = 0
     read_s: float = 0.0
@@ -169,40 +241,47 @@ class ReconcileResult:
     refused: int = 0  # keys no event may name, left alone
 
 
-async def read_accounted(
-    settings: Settings, idle_s: float, on_read: Callable[[int], None] | None = None, extra_inputs: tuple[str, ...] = ()
-) -> Accounted:
-    """Every object version the service's topics (and ``extra_inputs``, where announcements
-    went elsewhere) account for, read from their start up to the end offsets seen when reading
-    began; where the broker gave none, until ``idle_s`` passes without a record."""
+async def read_outcomes(
+    settings: Settings, idle_s: float, on_read: Callable[[int], None] | None = None, extra_inputs: tuple[str, ...] = (),
+    retry_transient: bool = True,
+) -> Outcomes:
+    """What the service's topics (and ``extra_inputs``, where announcements went elsewhere) say
+    of every object version, read from their start up to the end offsets seen when reading began
+    (where the broker gave none, until ``idle_s`` passes without a record). The consumer group's
+    committed offsets are read first: an announcement at or past them is on its way."""
     topics = settings.topics
     outputs = {topics.predictions, topics.dead_letter}
     inputs = sorted({topics.uploads, topics.backfill, *extra_inputs} - outputs)
     uploads = allowed_filter(settings.filter, settings.storage.bucket)  # what the worker would classify
-    accounted = Accounted()
+    group = await read_lag(settings.kafka, settings.kafka.consumer_group, inputs)
+    committed = {(p.topic, p.partition): p.start if p.committed is None else p.committed for p in group.partitions}
+    outcomes = Outcomes(retry_transient)
 
-    def take(topic: str, values: list[bytes | None]) -> None:
+    def take(topic: str, records: list[Any]) -> None:
         output = topic in outputs
-        for value in values:
-            account(accounted, value, output, uploads, settings.events)
+        for record in records:
+            # a partition the group never saw: all of it is still to come
+            pending = not output and record.offset >= committed.get((topic, record.partition), 0)
+            account(outcomes, record.value, output, uploads, settings.events, pending)
 
     await read_topics(settings.kafka, [*sorted(outputs), *inputs], idle_s, take, on_read)
-    return accounted.freeze()
+    return outcomes.freeze()
 
 
 async def run_reconcile(
     plan: ReconcilePlan,
     settings: Settings,
-    on_missing: Callable[[ObjectRef], None] | None = None,
+    on_missing: Callable[[ObjectRef, str], None] | None = None,
     on_read: Callable[[int], None] | None = None,
 ) -> ReconcileResult:
     """Announce every image object of the plan's prefix that the topics do not account for;
-    ``on_missing`` sees each one (what a dry run prints)."""
+    ``on_missing`` sees each one, with why (what a dry run prints)."""
     started, now = time.monotonic(), datetime.now(UTC)  # before reading: uploads made meanwhile are too new
-    accounted = await read_accounted(settings, plan.idle_s, on_read, extra_inputs=(plan.topic,))
+    outcomes = await read_outcomes(settings, plan.idle_s, on_read, extra_inputs=(plan.topic,), retry_transient=plan.retry_transient)
     read_s = time.monotonic() - started
     listed = covered = 0
     excluded = {"too_new": 0, "out_of_range": 0}
+    why_counts = {NEVER_ANNOUNCED: 0, UNPROCESSED: 0, TRANSIENT: 0}
     refused: list[str] = []
     replay = BackfillPlan(plan.bucket, plan.prefix, plan.topic, dry_run=plan.dry_run)
     async with publisher(replay, settings.kafka, settings.topics) as out:
@@ -214,14 +293,15 @@ async def run_reconcile(
                 ref = object_ref(plan.bucket, key, summary)
                 if key_problem(key) is not None:
                     refused.append(key)  # an event naming it would be refused: never announced
-                elif accounted.covers(ref.uri, ref.etag):
+                elif (why := outcomes.missing(ref.uri, ref.etag)) is None:
                     covered += 1
                 elif (reason := plan.excludes(summary, now)) is not None:
                     excluded[reason] += 1
                 else:
                     await out.send(ref)
+                    why_counts[why.split(" (")[0]] += 1
                     if on_missing is not None:
-                        on_missing(ref)
+                        on_missing(ref, why)
         await out.flush()
         announced = out.confirmed
     if refused:
@@ -229,5 +309,6 @@ async def run_reconcile(
                     "rename them to classify them), e.g. %s", len(refused), ", ".join(repr(key) for key in refused[:MAX_REFUSED_SHOWN]))
     return ReconcileResult(
         listed, excluded["too_new"], excluded["out_of_range"], covered, announced,
-        len(accounted), accounted.nbytes, read_s, time.monotonic() - started, len(refused),
+        why_counts[NEVER_ANNOUNCED], why_counts[UNPROCESSED], why_counts[TRANSIENT],
+        len(outcomes), outcomes.nbytes, read_s, time.monotonic() - started, len(refused),
     )

@@ -88,10 +88,11 @@ def test_reconcile_announces_exactly_the_objects_whose_notifications_were_lost(s
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout.splitlines(), done.stderr
 
-    found, _ = reconcile("--dry-run")
-    assert sorted(found) == sorted(missing)
+    found, _ = reconcile("--dry-run")  # URI <tab> why
+    assert sorted(line.split("\t")[0] for line in found) == sorted(missing)
+    assert {line.split("\t")[1] for line in found} == {"never announced"}
     _, summary = reconcile()
-    assert "announced 37 to" in summary and "301 image objects" in summary and "1 whose keys no event may name" in summary, summary
+    assert "announced 37 to" in summary and "(37 never announced, 0 announced without a result" in summary and "301 image objects" in summary and "1 whose keys no event may name" in summary, summary
     again, summary = reconcile("--dry-run")  # announced, not yet classified: nothing to announce
     assert again == [] and "would announce 0" in summary, summary
     everything = announced | missing
