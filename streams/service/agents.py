@@ -153,10 +153,20 @@ class StreamService:
 
     async def finish_in_flight(self) -> int:
         """Before a revoke: start no batch, and wait up to ``worker.shutdown_grace_s`` for those
-        in flight to publish and acknowledge. Returns how many did not finish (they carry on;
-        their events are fenced off and consumed again by the partitions' next owner)."""
+        in flight to publish and acknowledge. Those that did not finish are cancelled: their
+        events are fenced off and consumed again by the partitions' next owner, so carrying on
+        would only hold the isolation lock and the cluster-wide lease against the new
+        generation's batches, and could stop this worker for partitions it no longer holds.
+        Returns how many were cancelled."""
         self.intake.revoking = True
-        return 0 if self.intake.draining else len(await self.intake.finish(self.settings.worker.shutdown_grace_s))
+        if self.intake.draining:
+            return 0
+        pending = await self.intake.finish(self.settings.worker.shutdown_grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=STOP_STEP_S)  # cancelled: their locks and leases released
+        return len(pending)
 
     async def drain(self) -> None:
         """Stop taking events, let in-flight batches finish and publish, commit what they acked."""

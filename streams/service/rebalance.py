@@ -43,7 +43,7 @@ async def commit_acked(consumer: Any, attempts: int = 3) -> bool:
 
 def commit_before_revoke(consumer: Any, finish_in_flight: Callable[[], Awaitable[int]]) -> None:
     """Wrap ``consumer.on_partitions_revoked`` (Faust's, called on the app's loop for each
-    revoke): ``finish_in_flight`` (returns how many batches it left unfinished), then a
+    revoke): ``finish_in_flight`` (returns how many batches it cancelled unfinished), then a
     commit, then Faust's own handling. Installed once per consumer."""
     if getattr(consumer, "_visionstream_commit_before_revoke", False):
         return
@@ -56,7 +56,8 @@ def commit_before_revoke(consumer: Any, finish_in_flight: Callable[[], Awaitable
                 committed = await asyncio.wait_for(commit_acked(consumer), timeout=COMMIT_TIMEOUT_S)
                 log.info(
                     "partitions revoked: batches in flight finished%s, offsets %s",
-                    f" but {unfinished}" if unfinished else "", "committed" if committed else "already committed",
+                    f" but {unfinished}, cancelled (their events go to the next owner)" if unfinished else "",
+                    "committed" if committed else "already committed",
                 )
             except Exception as exc:  # noqa: BLE001 - the next owner consumes from the last commit: duplicates, never loss
                 log.warning("could not commit before giving up partitions: %s", exc)

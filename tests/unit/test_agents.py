@@ -190,3 +190,50 @@ def test_an_offset_behind_what_a_partition_already_took_is_refused(tmp_path: Pat
     behind = [upload_event(0, offset) for offset in (3, 6, 8)]
     assert [e.message.offset for e in built.intake.admit(behind)] == [8]  # 3 and 6 are behind 7
     assert built.counters.fenced == 2
+
+
+def test_batches_that_outlast_the_grace_before_a_revoke_are_cancelled_and_release_the_isolation_lease(tmp_path: Path):
+    """A batch still running when the revoke's grace ends holds the isolation lock and the
+    cluster-wide lease while it isolates: left running, it would stall the next generation's
+    batches and could stop the worker for partitions it no longer holds. It is cancelled, its
+    events acknowledged by no one (the next owner consumes them), the lease released."""
+
+    async def run() -> None:
+        seams = Seams()
+        built = service(tmp_path, seams)
+        built.settings = built.settings.with_overrides({"worker": {"shutdown_grace_s": 0.2}})
+        held: list[str] = []
+
+        class Lease:
+            def __init__(self) -> None:
+                self.entered = asyncio.Event()
+
+            async def __aenter__(self) -> None:
+                held.append("lease")
+                self.entered.set()
+
+            async def __aexit__(self, *exc_info: object) -> None:
+                held.remove("lease")
+
+        lease = Lease()
+
+        async def isolating(uris, priority):
+            async with lease:
+                await asyncio.Event().wait()  # a long isolation: never done by itself
+            return []
+
+        built.intake.handler.isolation.classify = isolating
+        crashed: list[BaseException] = []
+
+        async def crash(reason: BaseException) -> None:
+            crashed.append(reason)
+
+        built.app.crash = crash
+        slots = asyncio.Semaphore(1)
+        task = await start(built, seams, [upload_event(0, offset) for offset in range(3)], slots)
+        built.intake.tasks.add(task)
+        await lease.entered.wait()
+        assert await built.finish_in_flight() == 1
+        assert task.cancelled() and held == [] and crashed == [] and seams.acked == [] and not slots.locked()
+
+    asyncio.run(run())
