@@ -134,13 +134,16 @@ class PoisonIsolation:
             await self._wait_until_alone(uris)
             began = time.monotonic()
             try:
-                return list(await self.attempts.run(uris, priority, isolated=True))
+                classified = list(await self.attempts.run(uris, priority, isolated=True))
+                self.counters.isolation_step()
+                return classified
             except BatchTimeout as exc:
                 if len(uris) > 1:
                     return await self._halves(uris, priority, f"did not finish within {self.batch.timeout_s:g} s")
                 timeouts.append(began)
                 if len(timeouts) >= 2 and self.attempts.last_success > timeouts[-2]:
                     log.error("dead-lettering %r: it did not finish within batch.timeout_s alone, %d times, while other images were classified", uris[0], len(timeouts))
+                    self.counters.isolation_step()
                     return [Failure("decode", f"classifying this image alone did not finish within batch.timeout_s ({self.batch.timeout_s:g} s), {len(timeouts)} times, while other images were")]
                 if time.monotonic() > give_up:
                     raise BatchRetryExhausted(1, self.batch.retry_timeout_s, str(exc)) from exc
@@ -155,6 +158,7 @@ class PoisonIsolation:
                 if counted is None or convicted(uris, counted):
                     alone = "" if counted is None else f" ({counted.alone} time(s) alone on the worker)"
                     log.error("dead-lettering %r: the Dask workers classifying it died%s: %s", uris[0], alone, exc.reason)
+                    self.counters.isolation_step()
                     return [Failure(WORKER_STAGE, f"the Dask workers classifying this image died{alone}: {exc.reason}")]
                 if time.monotonic() > give_up:
                     raise BatchRetryExhausted(1, self.batch.retry_timeout_s, f"workers kept dying beside other work with {uris[0]!r} on them") from exc

@@ -65,6 +65,7 @@ class StreamMetrics:
     batch_retries: int = 0
     in_flight_batches: int = 0
     last_batch_completed: float = field(default_factory=time.monotonic)  # monotonic; start-up counts as progress
+    last_isolation_step: float = 0.0  # monotonic: an isolated part of a batch finished (progress, not a batch)
     busy_since: float | None = None  # monotonic: when batches went from none in flight to some
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))  # live uploads
     backfill_latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
@@ -150,6 +151,11 @@ class StreamMetrics:
             for stage in STAGES:
                 self._stage.labels(stage=stage).observe(getattr(timings, f"{stage}_ms") / 1000)
 
+    def isolation_step(self) -> None:
+        """A part of a batch under isolation was classified or convicted: progress, though no
+        batch completes (the others wait for the isolation), so liveness does not fail on it."""
+        self.last_isolation_step = time.monotonic()
+
     def batch_completed(self) -> None:
         """Published and acknowledged: the worker made progress."""
         self.last_batch_completed = time.monotonic()
@@ -189,7 +195,7 @@ class StreamMetrics:
         """How long batches have been in flight without one completing; 0 when idle."""
         if self.busy_since is None:
             return 0.0
-        return time.monotonic() - max(self.busy_since, self.last_batch_completed)
+        return time.monotonic() - max(self.busy_since, self.last_batch_completed, self.last_isolation_step)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -430,6 +430,23 @@ def test_a_worker_killer_is_dead_lettered_only_after_dying_alone_twice():
     assert len([1 for topic, _, _ in recorder.published if topic == TOPICS.predictions]) == 59
     assert [b for b in recorder.batches if b == ["s3://b/Images/poison.jpg"]] == [["s3://b/Images/poison.jpg"]] * 2
     assert ledger.isolations == 1
+    assert h.counters.last_isolation_step > 0  # each half classified, each conviction: progress for /livez
+
+
+def test_an_isolation_in_progress_keeps_liveness_from_failing(monkeypatch):
+    """No batch completes while one is isolated (the others wait): each isolated step counts
+    as progress, so /livez does not restart a member that is finding its worker-killer."""
+    from streams.service.metrics import StreamMetrics
+
+    counters = StreamMetrics()  # start-up counts as progress: now
+    clock = [time.monotonic()]
+    monkeypatch.setattr("streams.service.metrics.time.monotonic", lambda: clock[0])
+    counters.batch_started()
+    clock[0] += 400
+    assert counters.seconds_stalled() == pytest.approx(400)
+    counters.isolation_step()
+    clock[0] += 10
+    assert counters.seconds_stalled() == pytest.approx(10)
 
 
 def test_a_death_that_no_image_explains_never_dead_letters_one():
