@@ -219,7 +219,8 @@ def test_secrets_come_from_existing_secrets_for_the_worker_keda_and_dask():
     assert worker_env["VISIONSTREAM_LOCAL_WORKERS"]["value"] == "4" and "--nworkers" in worker["args"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     [scheduler] = cluster["spec"]["scheduler"]["spec"]["containers"]
-    assert "env" not in scheduler  # the scheduler runs no task: no storage credentials
+    assert {item["name"] for item in scheduler.get("env", [])} <= {"DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"}  # no storage credentials: it runs no task
+    assert "secretKeyRef" not in str(scheduler)
 
 
 def test_an_existing_scheduler_replaces_the_dask_cluster():
@@ -290,3 +291,23 @@ def test_image_pull_secrets_reach_every_pod_the_chart_makes():
     assert len(pods) >= 4  # the stream worker, the scheduler, the GPU and the CPU worker groups
     assert all(pod.get("imagePullSecrets") == [{"name": "registry"}] for pod in pods), pods
     assert all("imagePullSecrets" not in str(doc) for doc in render())  # none by default
+
+
+def test_the_scheduler_serves_the_http_api_the_dask_operator_retires_workers_through():
+    """The operator scales a group down by asking the scheduler's HTTP API which workers to
+    retire (/api/v1/retire_workers); without the route it falls back to RPC, then to deleting
+    the newest pods mid-task. The value is read the way Dask reads it, and keeps Dask's own
+    routes (health, metrics) beside the API."""
+    import dask.config
+    import yaml
+
+    import distributed
+
+    cluster = next(doc for doc in render() if doc["kind"] == "DaskCluster")
+    [scheduler] = cluster["spec"]["scheduler"]["spec"]["containers"]
+    env = {item["name"]: item["value"] for item in scheduler.get("env", []) if "value" in item}
+    routes = dask.config.collect_env({"DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES": env["DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"]})
+    routes = routes["distributed"]["scheduler"]["http"]["routes"]
+    defaults = yaml.safe_load((Path(distributed.__file__).parent / "distributed.yaml").read_text())
+    assert "distributed.http.scheduler.api" in routes
+    assert set(defaults["distributed"]["scheduler"]["http"]["routes"]) <= set(routes)
