@@ -216,7 +216,7 @@ def test_secrets_come_from_existing_secrets_for_the_worker_keda_and_dask():
     [worker] = cluster["spec"]["worker"]["spec"]["containers"]
     worker_env = {item["name"]: item for item in worker["env"]}
     assert worker_env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-visionstream"
-    assert worker_env["VISIONSTREAM_LOCAL_WORKERS"]["value"] == "4" and "--nworkers" in worker["args"]
+    assert worker_env["VISIONSTREAM_LOCAL_WORKERS"]["value"] == "1" and "--nworkers" not in worker["args"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     [scheduler] = cluster["spec"]["scheduler"]["spec"]["containers"]
     assert {item["name"] for item in scheduler.get("env", [])} <= {"DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"}  # no storage credentials: it runs no task
@@ -243,6 +243,8 @@ def test_an_existing_scheduler_replaces_the_dask_cluster():
         ({"dask": {"gpu": {"enabled": False}}}, "no Dask worker would run the model"),
         ({"config": {"kafka": {"security_protocol": "SASL_SSL"}}}, "secrets.kafka.name"),
         ({"autoscalling": {"enabled": False}}, "autoscalling"),
+        ({"dask": {"gpu": {"processesPerGpu": 4}}}, "dask.gpu.processesPerGpu must be 1"),
+        ({"dask": {"cpu": {"enabled": True, "processes": 2}}}, "dask.cpu.processes must be 1"),
     ],
 )
 def test_a_wrong_value_fails_at_install_naming_the_field(values, named):
@@ -311,3 +313,21 @@ def test_the_scheduler_serves_the_http_api_the_dask_operator_retires_workers_thr
     defaults = yaml.safe_load((Path(distributed.__file__).parent / "distributed.yaml").read_text())
     assert "distributed.http.scheduler.api" in routes
     assert set(defaults["distributed"]["scheduler"]["http"]["routes"]) <= set(routes)
+
+
+@pytest.mark.parametrize("values_file", [None, CHART / "ci" / "gpu-values.yaml", CHART / "ci" / "cpu-values.yaml"])
+def test_every_dask_worker_group_follows_the_operators_rule_one_process_named_after_its_pod(values_file):
+    """The operator retires a worker by deleting the Deployment of the worker's name, and its
+    autoscaler sets pod replicas from the scheduler's wanted workers: both hold only where each
+    pod runs one worker process named DASK_WORKER_NAME (which the operator sets to the pod's
+    Deployment name). `dask worker --nworkers N` would name them NAME-0..N-1: none retirable."""
+    docs = render(values_of(values_file) if values_file else None)
+    groups = [doc["spec"]["worker"] for doc in docs if doc["kind"] in ("DaskCluster", "DaskWorkerGroup")]
+    assert groups
+    for group in groups:
+        [container] = group["spec"]["containers"]
+        args = container["args"]
+        assert args[:4] == ["dask", "worker", "--name", "$(DASK_WORKER_NAME)"], args
+        assert "--nworkers" not in args and "--nprocs" not in args, args
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        assert env["VISIONSTREAM_LOCAL_WORKERS"] == "1"

@@ -76,7 +76,7 @@ app.kubernetes.io/component: stream-worker
 {{- end }}
 {{- end -}}
 
-{{/* A Dask worker pod's spec: kind gpu or cpu, group its values, processes per pod. */}}
+{{/* A Dask worker pod's spec, one worker process: kind gpu or cpu, group its values. */}}
 {{- define "visionstream.daskWorkerSpec" -}}
 {{- $root := .root -}}
 {{- $group := .group -}}
@@ -91,11 +91,12 @@ spec:
     - name: worker
       image: {{ include "visionstream.daskImage" $root | quote }}
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
-      # the operator sets DASK_SCHEDULER_ADDRESS and DASK_WORKER_NAME
-      args: [dask, worker, --name, $(DASK_WORKER_NAME), --nworkers, {{ .processes | quote }}, --nthreads, {{ $group.threadsPerProcess | quote }}, --dashboard-address, ":8788"]
+      # the operator sets DASK_SCHEDULER_ADDRESS and DASK_WORKER_NAME (the pod's name): one
+      # process, named so, is a worker the operator can retire by deleting its pod
+      args: [dask, worker, --name, $(DASK_WORKER_NAME), --nthreads, {{ $group.threadsPerProcess | quote }}, --dashboard-address, ":8788"]
       env:
-        - {name: VISIONSTREAM_LOCAL_WORKERS, value: {{ .processes | quote }}}
-        # the cores this pod may use, not the node's: each process sizes its threads to its share
+        - {name: VISIONSTREAM_LOCAL_WORKERS, value: "1"}
+        # the cores this pod may use, not the node's: the process sizes its threads to them
         - name: VISIONSTREAM_CPUS
           valueFrom: {resourceFieldRef: {containerName: worker, resource: requests.cpu, divisor: "1"}}
         - {name: TORCH_HOME, value: /models/torch}
