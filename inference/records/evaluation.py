@@ -89,6 +89,19 @@ def summarize(outcomes: Iterable[Outcome], top_confusions: int = 10) -> dict[str
     confusions = Counter((o.truth_label or o.truth_wnid, o.predicted_label or o.predicted_wnid) for o in judged if not o.correct)
     latencies = sorted(o.latency_ms for o in items if o.latency_ms is not None)
     models = Counter(f"{o.model.get('name')} ({o.model.get('weights')})" for o in items if o.model)
+    by_version: dict[str, dict[str, Any]] = {}
+    for o in items:
+        version = str((o.model or {}).get("version") or "unknown")
+        entry = by_version.setdefault(version, {"images": 0, "with_truth": 0, "correct": 0, "scores": []})
+        entry["images"] += 1
+        entry["with_truth"] += int(o.judged)
+        entry["correct"] += int(o.correct)
+        if o.score is not None and o.error is None:
+            entry["scores"].append(o.score)
+    for entry in by_version.values():
+        scores = entry.pop("scores")
+        entry["top1_accuracy"] = accuracy(entry["correct"], entry["with_truth"])
+        entry["mean_score"] = sum(scores) / len(scores) if scores else None
     return {
         "images": len(items),
         "errors": sum(1 for o in items if o.error is not None),
@@ -111,6 +124,8 @@ def summarize(outcomes: Iterable[Outcome], top_confusions: int = 10) -> dict[str
             "samples": len(latencies),
         },
         "models": dict(models),
+        # the weights actually loaded (``model.version`` in the events): top-1 and confidence apart
+        "by_version": dict(sorted(by_version.items())),
     }
 
 

@@ -70,6 +70,14 @@ def _markdown(summary: dict[str, Any], source: str, charts: list[Path]) -> str:
         f"| {_cell(wnid)} | {_cell(c['label'] or '')} | {c['images']} | {c['correct']} | {c['accuracy']:.1%} |"
         for wnid, c in summary["per_class"].items()
     ]
+    versions = summary.get("by_version") or {}
+    if versions:
+        lines += ["", "## By model version", "", "| version | images | with truth | correct | top-1 | mean score |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [
+            f"| {_cell(version)} | {v['images']} | {v['with_truth']} | {v['correct']} | "
+            f"{'n/a' if v['top1_accuracy'] is None else format(v['top1_accuracy'], '.1%')} | {_fmt(v['mean_score'])} |"
+            for version, v in versions.items()
+        ]
     lines += ["", "## Most confused (truth -> predicted)", "", "| truth | predicted | count |", "| --- | --- | ---: |"]
     lines += [f"| {_cell(c['truth'])} | {_cell(c['predicted'])} | {c['count']} |" for c in summary["confusions"]]
     scores = summary["scores"]

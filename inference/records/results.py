@@ -46,9 +46,12 @@ class Failure:
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     name: str
-    weights: str
+    weights: str  # what the settings named (a torchvision name, a checkpoint's path, none)
     precision: str
     device: str
+    # which weights were loaded: the SHA-256 of their bytes ("sha256:<hex>", torchvision's
+    # "IMAGENET1K_V2:sha256:<hex>", "random:seed=N"); None from a worker of an earlier release
+    version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

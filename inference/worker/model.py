@@ -146,12 +146,14 @@ def load_model(settings: ModelSettings, storage: StorageSettings | None = None) 
     if spec.kind == "torchvision":
         weights = _torchvision_weights(weights_enum, spec.value)
         reference = weights
-        module = _load_pretrained(settings.name, weights, spec.value, settings.weights_sha256)
+        module, digest = _load_pretrained(settings.name, weights, spec.value, settings.weights_sha256)
+        version = f"{weights}:sha256:{digest}"
     else:
         torch.manual_seed(settings.seed)
         module = torchvision.models.get_model(settings.name, weights=None)
+        version = f"random:seed={settings.seed}"
         if spec.kind == "checkpoint":
-            _load_checkpoint(module, spec.value, storage or StorageSettings(), settings.weights_sha256)
+            version = "sha256:" + _load_checkpoint(module, spec.value, storage or StorageSettings(), settings.weights_sha256)
     module.eval().requires_grad_(False)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     module = module.to(device, memory_format=memory_format)
@@ -165,9 +167,9 @@ def load_model(settings: ModelSettings, storage: StorageSettings | None = None) 
         wnids=tuple("" for _ in categories), labels=tuple(categories)
     )
     info = ModelInfo(
-        name=settings.name, weights=_describe(spec), precision=precision, device=str(device)
+        name=settings.name, weights=_describe(spec), precision=precision, device=str(device), version=version
     )
-    log.info("model %s weights=%s on %s at %s", info.name, info.weights, info.device, precision)
+    log.info("model %s weights=%s (%s) on %s at %s", info.name, info.weights, info.version, info.device, precision)
     preprocessing = Preprocessing.from_transforms(reference.transforms())
     return LoadedModel(
         module=module,
@@ -219,13 +221,14 @@ def _torchvision_weights(weights_enum: Any, name: str) -> Any:
         raise ConfigError(f"model.weights {name!r}: not one of {known}, a checkpoint path, or none") from exc
 
 
-def _load_pretrained(model_name: str, weights: Any, spec: str, sha256: str | None = None) -> nn.Module:
+def _load_pretrained(model_name: str, weights: Any, spec: str, sha256: str | None = None) -> tuple[nn.Module, str]:
     """torchvision's weights as a plain state_dict: from the torch cache (``$TORCH_HOME``),
     downloaded there first where a network exists; the file's SHA-256 checked against the
     digest prefix torchvision puts in its name on every load, not only at download (a file
     planted in a shared cache is refused); loaded with ``weights_only`` (no code runs, whatever
     the file holds). torchvision's own loader unpickles the cached file in full. With
-    ``model.weights_sha256`` the whole digest is checked instead of the published prefix."""
+    ``model.weights_sha256`` the whole digest is checked instead of the published prefix.
+    Returns the module and the SHA-256 of the bytes it was loaded from."""
     url = weights.url
     path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     expected = _digest_prefix(path.name)
@@ -248,7 +251,7 @@ def _load_pretrained(model_name: str, weights: Any, spec: str, sha256: str | Non
         module.load_state_dict(state, strict=True)
     except Exception as exc:  # noqa: BLE001 - not a plain state_dict, or not this architecture's
         raise WeightsUnavailable(f"{spec} ({weights})", f"{path} cannot be loaded as a state_dict: {type(exc).__name__}: {exc}") from exc
-    return module
+    return module, digest
 
 
 def _digest_prefix(filename: str) -> str | None:
@@ -257,9 +260,10 @@ def _digest_prefix(filename: str) -> str | None:
     return match.group(1) if match else None
 
 
-def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings, sha256: str | None = None) -> None:
+def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings, sha256: str | None = None) -> str:
     """A state_dict file, local or s3://; loaded with weights_only (no code runs); with
-    ``model.weights_sha256``, only if the bytes read have that digest."""
+    ``model.weights_sha256``, only if the bytes read have that digest. Returns the SHA-256 of
+    the bytes loaded."""
     options = storage.storage_options() if uri.startswith(("s3://", "s3a://")) else {}
     shown = redact_uri(uri)  # what errors say: never a token the URI carries
     try:
@@ -269,7 +273,8 @@ def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings, sha2
         raise WeightsUnavailable(shown, "checkpoint file not found") from exc
     except Exception as exc:  # noqa: BLE001
         raise WeightsUnavailable(shown, f"checkpoint unreadable: {type(exc).__name__}: {exc}") from exc
-    _check_sha256(hashlib.sha256(data).hexdigest(), sha256, shown)
+    digest = hashlib.sha256(data).hexdigest()
+    _check_sha256(digest, sha256, shown)
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
@@ -283,6 +288,7 @@ def _load_checkpoint(module: nn.Module, uri: str, storage: StorageSettings, sha2
         module.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise WeightsUnavailable(shown, f"does not fit the model: {str(exc).splitlines()[0]}") from exc
+    return digest
 
 
 def _check_sha256(digest: str, expected: str | None, shown: str) -> None:

@@ -43,6 +43,8 @@ METRIC_NAMES = (
     "visionstream_consumer_lag_messages",
     "visionstream_last_batch_completed_timestamp_seconds",
     "visionstream_model_info",
+    "visionstream_model_labelled_images_total",
+    "visionstream_model_matched_images_total",
     "visionstream_workers_without_model",
     "visionstream_stalled_partitions",
     "visionstream_orphaned_partitions",
@@ -91,6 +93,8 @@ class StreamMetrics:
         self._orphaned = Gauge("visionstream_orphaned_partitions", "Input partitions with events waiting that no member of the group took for worker.stall_s, after this member asked for a rebalance", registry=r)
         self._stalled = Gauge("visionstream_stalled_partitions", "Assigned input partitions with events waiting and none taken for worker.stall_s, after a recovery was tried", registry=r)
         self._model = Info("visionstream_model", "The model the cluster runs", registry=r)
+        self._labelled = Counter("visionstream_model_labelled_images", "Predictions of images whose key carries a ground truth, by model version", ["version"], registry=r)
+        self._matched = Counter("visionstream_model_matched_images", "Predictions that matched their ground truth, by model version", ["version"], registry=r)
         self._model_labels: dict[str, str] = {}
 
     # -- facts, one call site each -------------------------------------------------------
@@ -118,10 +122,15 @@ class StreamMetrics:
         self.image_errors += 1
         self._dead.labels(stage=stage).inc()
 
-    def image_predicted(self, latency_ms: float | None, backfill: bool = False) -> None:
-        """Live and replayed images are timed apart: a replay's latency says nothing of uploads'."""
+    def image_predicted(self, latency_ms: float | None, backfill: bool = False, version: str | None = None, match: bool | None = None) -> None:
+        """Live and replayed images are timed apart: a replay's latency says nothing of uploads'.
+        A labelled image (``match`` not None) counts toward its model version's top-1."""
         self.images_classified += 1
         self._predicted.inc()
+        if match is not None:
+            self._labelled.labels(version=version or "unknown").inc()
+            if match:
+                self._matched.labels(version=version or "unknown").inc()
         if latency_ms is not None:
             (self.backfill_latencies_ms if backfill else self.latencies_ms).append(latency_ms)
             (self._backfill_latency if backfill else self._latency).observe(max(0.0, latency_ms / 1000))
@@ -181,7 +190,7 @@ class StreamMetrics:
 
     def model(self, info: ModelInfo) -> None:
         """The model the batches report (its resolved precision and device)."""
-        labels = {"name": info.name, "weights": info.weights, "precision": info.precision, "device": info.device}
+        labels = {"name": info.name, "weights": info.weights, "precision": info.precision, "device": info.device, "version": info.version or "unknown"}
         if labels != self._model_labels:
             self._model_labels = labels
             self._model.info(labels)

@@ -268,7 +268,7 @@ class BatchHandler:
                 except (ValueError, TypeError, OverflowError) as exc:  # a NaN score, say: this image alone
                     error = Failure("inference", f"the result cannot be published: {exc}")
                 else:
-                    self.counters.image_predicted(event["latency_ms"], backfill=ref.backfill)
+                    self.counters.image_predicted(event["latency_ms"], backfill=ref.backfill, version=outcome.model.version, match=outcome.match)  # type: ignore[union-attr]
                     sends.append(self.publish(self.topics.predictions, key, value))
                     continue
             failed += 1

@@ -118,3 +118,24 @@ def test_a_model_or_source_name_is_text_in_the_report_not_markup(tmp_path: Path)
     source, model = (line for line in text.splitlines() if line.startswith(("- source:", "- model")))
     assert source == r"- source: s3://b/\`code\`&lt;b&gt;"
     assert r"&lt;img src=x onerror=alert(1)&gt;\|\[x\](http://e)\`" in model and "<img" not in model
+
+
+def test_accuracy_is_split_by_the_model_version_that_made_each_prediction(tmp_path: Path):
+    """Two versions of the weights at one path: top-1 and mean score apart, in the summary and
+    in the report; records of a worker that named no version count as unknown."""
+    def versioned(uri, truth, predicted, score, version):
+        record = event(uri, truth, predicted, score)
+        record["model"] = {"name": "resnet50", "weights": "/models/m.pt", "version": version}
+        return record
+
+    records = [
+        versioned("s3://b/1", CHI, CHI, 0.9, "sha256:aaa"), versioned("s3://b/2", CHI, PUG, 0.5, "sha256:aaa"),
+        versioned("s3://b/3", GOLD, GOLD, 0.8, "sha256:bbb"), versioned("s3://b/4", GOLD, GOLD, 0.6, "sha256:bbb"),
+        event("s3://b/5", GOLD, PUG, 0.3),
+    ]
+    summary = summarize(latest_per_uri(records).values())
+    assert summary["by_version"]["sha256:aaa"] == {"images": 2, "with_truth": 2, "correct": 1, "top1_accuracy": 0.5, "mean_score": pytest.approx(0.7)}
+    assert summary["by_version"]["sha256:bbb"]["top1_accuracy"] == 1.0
+    assert summary["by_version"]["unknown"]["images"] == 1
+    markdown = write_report(summary, tmp_path / "report", "test")[0].read_text()
+    assert "## By model version" in markdown and "| sha256:aaa | 2 | 2 | 1 | 50.0% | 0.700 |" in markdown

@@ -181,8 +181,9 @@ def test_pretrained_weights_are_loaded_without_unpickling_and_checked_against_th
     buffer = io.BytesIO()
     state = torchvision.models.resnet18().state_dict()
     torch.save(state, buffer)
-    module = _load_pretrained("resnet18", plant(buffer.getvalue()), "IMAGENET1K_V1")
+    module, digest = _load_pretrained("resnet18", plant(buffer.getvalue()), "IMAGENET1K_V1")
     assert torch.equal(module.state_dict()["fc.weight"], state["fc.weight"])
+    assert digest == hashlib.sha256(buffer.getvalue()).hexdigest()  # the version events carry
     # the whole digest, where the operator pins it: a file that matches the 8-digit prefix alone is refused
     whole = hashlib.sha256(buffer.getvalue()).hexdigest()
     assert _load_pretrained("resnet18", plant(buffer.getvalue()), "IMAGENET1K_V1", whole.upper()) is not None
@@ -196,7 +197,8 @@ def test_a_checkpoint_loads_only_with_the_whole_digest_the_settings_pin(tmp_path
     path = tmp_path / "tuned.pt"
     torch.save(load_model(SMALL).module.state_dict(), path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert load_model(SMALL.model_copy(update={"weights": str(path), "weights_sha256": digest})).info.weights == str(path)
+    info = load_model(SMALL.model_copy(update={"weights": str(path), "weights_sha256": digest})).info
+    assert info.weights == str(path) and info.version == f"sha256:{digest}"  # the bytes loaded, named in every event
     other = digest[:-1] + ("0" if digest[-1] != "0" else "1")
     with pytest.raises(WeightsUnavailable, match=f"its SHA-256 is {digest}, not model.weights_sha256 {other}: refused"):
         load_model(SMALL.model_copy(update={"weights": str(path), "weights_sha256": other}))
@@ -225,3 +227,16 @@ def test_a_checkpoint_that_cannot_be_read_is_reported_without_its_token():
     with pytest.raises(WeightsUnavailable) as caught:
         load_model(SMALL.model_copy(update={"weights": "memory://user:t0ps3cret@nowhere/ckpt.pt?sig=s1gn4ture"}))
     assert "t0ps3cret" not in str(caught.value) and "s1gn4ture" not in str(caught.value)
+
+
+def test_two_different_files_at_one_path_are_two_versions(tmp_path: Path):
+    """A prediction's model names the weights loaded, not the setting: the same path holding
+    other bytes is another version; random weights say their seed."""
+    path = tmp_path / "model.pt"
+    torch.save(load_model(SMALL).module.state_dict(), path)
+    first = load_model(SMALL.model_copy(update={"weights": str(path)})).info
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in load_model(SMALL).module.state_dict().items()}, path)
+    second = load_model(SMALL.model_copy(update={"weights": str(path)})).info
+    assert first.weights == second.weights == str(path)
+    assert first.version != second.version and first.version.startswith("sha256:") and len(first.version) == 7 + 64
+    assert load_model(SMALL.model_copy(update={"seed": 7})).info.version == "random:seed=7"
