@@ -379,8 +379,8 @@ async def _read_topic(settings: Settings, from_beginning: bool, idle_s: float, l
     records: list[dict[str, Any]] = []
     progress = progress_bar("evaluate: reading", unit="ev")
 
-    def take(topic: str, records: list[Any]) -> None:
-        for value in (record.value for record in records):
+    def take(topic: str, fetched: list[Any]) -> None:
+        for value in (record.value for record in fetched):
             try:
                 records.append(json.loads(value or b""))
             except (ValueError, UnicodeDecodeError):

@@ -86,7 +86,7 @@ def test_hostile_messages_exact_keys_and_foreign_buckets_never_stop_the_worker(s
     assert 'visionstream_dead_letters_total{stage="fetch"} 1.0' in metrics
     assert f"visionstream_batch_size_images_sum {len(uris) + len(exact) + 1}.0" in metrics  # every fetched image in a batch
     assert f"visionstream_batches_total {health['counters']['batches']}.0" in metrics and health["counters"]["batches"] >= 1
-    assert 'visionstream_model_info{device="cpu",name="resnet18",precision="fp32",weights="none"} 1.0' in metrics
+    assert 'visionstream_model_info{device="cpu",name="resnet18",precision="fp32",version="random:seed=0",weights="none"} 1.0' in metrics
 
 
 def test_a_stalled_worker_is_reported_and_its_batch_is_cancelled_and_retried(settings, bucket, tmp_path, start_worker):
