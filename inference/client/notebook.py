@@ -63,6 +63,7 @@ COLUMNS: dict[str, str] = {
     "weights": "string",
     "precision": "string",
     "device": "string",
+    "model_version": "string",  # the weights actually loaded (their SHA-256; the events' model.version)
     "worker": "string",  # the Dask worker that classified it
 }
 _DONE = object()
@@ -169,6 +170,7 @@ def row(result: ImageResult) -> dict[str, Any]:
         "weights": model.weights,
         "precision": model.precision,
         "device": model.device,
+        "model_version": model.version,
         "worker": result.worker,
     }
 
@@ -251,7 +253,7 @@ def _outcome(record: Mapping[str, Any]) -> Outcome | None:
         uri=uri, predicted_wnid=record.get("wnid"), predicted_label=record.get("label"), score=record.get("score"),
         top_wnids=tuple(p.get("wnid") for p in record.get("top_k") or ()), truth_wnid=record.get("truth_wnid"),
         truth_label=record.get("truth_label"), error=error, latency_ms=None,
-        model={"name": record.get("model"), "weights": record.get("weights")} if record.get("model") else None,
+        model={"name": record.get("model"), "weights": record.get("weights"), "version": record.get("model_version")} if record.get("model") else None,
     )
 
 

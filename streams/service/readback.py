@@ -71,6 +71,7 @@ def event_row(event: Mapping[str, Any]) -> dict[str, Any]:
         "weights": model.get("weights"),
         "precision": model.get("precision"),
         "device": model.get("device"),
+        "model_version": model.get("version"),
         "worker": event.get("worker"),
         "etag": event.get("etag"),
         "version": event.get("version"),

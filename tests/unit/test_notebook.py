@@ -9,7 +9,7 @@ from inference.client.notebook import _settings, row, to_frame  # noqa: E402
 from inference.records.results import Failure, GroundTruth, ImageResult, ModelInfo, Prediction, Timings  # noqa: E402
 from streams.service.readback import EVENT_COLUMNS, event_row  # noqa: E402
 
-MODEL = ModelInfo("resnet18", "none", "fp32", "cpu")
+MODEL = ModelInfo("resnet18", "none", "fp32", "cpu", "random:seed=0")
 CHIHUAHUA = Prediction(151, "n02085620", "Chihuahua", 0.9)
 TERRIER = Prediction(180, "n02093256", "Staffordshire bullterrier", 0.6)
 
@@ -30,6 +30,7 @@ def test_rows_carry_every_column_with_its_dtype_and_a_failure_is_a_row():
         name: dtype for name, dtype in COLUMNS.items() if dtype != "object"}
     assert frame.loc[2, "error_stage"] == "decode" and frame["score"].isna().tolist() == [False, False, True]
     assert frame.loc[0, "top_k"][1]["label"] == "Staffordshire bullterrier"
+    assert frame["model_version"].tolist() == ["random:seed=0"] * 3  # which weights made each row
 
 
 def test_the_report_from_a_dataframe_equals_the_report_from_records():
@@ -38,6 +39,8 @@ def test_the_report_from_a_dataframe_equals_the_report_from_records():
     from_records = accuracy_report([result.to_dict() for result in results()])
     assert from_frame.top1 == from_records.top1 == 0.5 and from_frame.top5 == 1.0
     assert from_frame.summary["errors"] == 1 and "top-1 accuracy" in repr(from_frame)
+    assert from_frame.summary["by_version"] == from_records.summary["by_version"]
+    assert from_frame.summary["by_version"]["random:seed=0"]["top1_accuracy"] == 0.5
     assert from_frame.confusions().to_dict("records") == [{"truth": "Chihuahua", "predicted": "Staffordshire bullterrier", "count": 1}]
     assert set(from_frame.figures()) == {"per_class_accuracy", "score_histogram", "reliability"}
 
