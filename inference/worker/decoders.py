@@ -85,12 +85,7 @@ class DecoderProcesses:
                 self.busy.discard(decoder)
                 self.replaced += 1
             return Failure("decode", lost.reason)
-        with self.lock:
-            self.busy.discard(decoder)
-            if self.closed:
-                decoder.kill()
-            else:
-                self.idle.append(decoder)
+        self._give_back(decoder)
         return outcome
 
     def prestart(self) -> None:
@@ -100,6 +95,10 @@ class DecoderProcesses:
         except OSError as exc:
             log.warning("could not start a decoder process ahead of the first image: %s", exc)
             return
+        self._give_back(decoder)
+
+    def _give_back(self, decoder: _Decoder) -> None:
+        """A decoder done with its image: idle again, or killed once the pool is closed."""
         with self.lock:
             self.busy.discard(decoder)
             if self.closed:
