@@ -195,18 +195,103 @@ def test_no_secret_is_ever_on_a_command_line():
     assert "--add-config-file" in script("kafka-init") and "umask 077" in script("kafka-init")
 
 
+def acl_grants(principal: str) -> list[str]:
+    """kafka-init's ACL lines for ``principal`` (``acl`` is the outside user's helper)."""
+    lines = [line.strip() for line in script("kafka-init").splitlines()]
+    if principal == "$SCRAM_USER":
+        return [line for line in lines if line.startswith("acl ")]
+    return [line.removeprefix(f"acl_for {principal} ") for line in lines if line.startswith(f"acl_for {principal} ")]
+
+
 def test_the_outside_kafka_user_may_produce_uploads_and_read_results_and_nothing_else():
     env = environment("kafka")
     assert env["KAFKA_AUTHORIZER_CLASS_NAME"].endswith("StandardAuthorizer")
     assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
-    assert env["KAFKA_SUPER_USERS"] == "User:ANONYMOUS"  # the PLAINTEXT listeners of the compose network
-    grants = [line.strip() for line in script("kafka-init").splitlines() if line.strip().startswith("acl ")]
-    assert grants == [
+    assert acl_grants("$SCRAM_USER") == [
         "acl --operation Write --operation Describe --topic image-uploads",
         "acl --operation Read --operation Describe --topic predictions --topic image-uploads-dlq",
         'acl --operation Read --group "$SCRAM_USER-" --resource-pattern-type prefixed',
     ]
-    assert "--allow-principal \"User:$SCRAM_USER\"" in script("kafka-init")
+    assert 'acl() { acl_for "$SCRAM_USER" "$@"; }' in script("kafka-init")
+    assert '--allow-principal "User:$principal"' in script("kafka-init")
+
+
+def kafka_listeners() -> dict[str, tuple[str, str, str]]:
+    """Kafka's listeners: name -> (host bound, port, security protocol)."""
+    env = environment("kafka")
+    protocols = dict(pair.split(":") for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    bound = {}
+    for listener in env["KAFKA_LISTENERS"].split(","):
+        name, address = listener.split("://")
+        host, port = address.rsplit(":", 1)
+        bound[name] = (host, port, protocols[name])
+    return bound
+
+
+def test_no_unauthenticated_kafka_principal_is_reachable_beyond_the_brokers_own_loopback():
+    """A PLAINTEXT listener's clients are all User:ANONYMOUS, a super user here: any container on
+    the compose network could otherwise read, write and delete every topic."""
+    env = environment("kafka")
+    listeners = kafka_listeners()
+    for name, (host, _, protocol) in listeners.items():
+        assert protocol.startswith("SASL_") or host == "127.0.0.1", f"{name} lets anyone in from the network"
+    assert env["KAFKA_SUPER_USERS"] == "User:ANONYMOUS"  # the loopback listeners' principal alone
+    assert env["KAFKA_INTER_BROKER_LISTENER_NAME"] == "LOCAL" and listeners["LOCAL"][0] == "127.0.0.1"
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"1@127.0.0.1:{listeners['CONTROLLER'][1]}"
+    internal = listeners["INTERNAL"]
+    assert internal[2] == "SASL_PLAINTEXT" and env["KAFKA_LISTENER_NAME_INTERNAL_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
+    assert f"INTERNAL://kafka:{internal[1]}" in env["KAFKA_ADVERTISED_LISTENERS"]
+    # whoever uses the loopback listener shares the broker's network namespace
+    for service, definition in SERVICES.items():
+        if "127.0.0.1:9094" in json.dumps(definition) and service != "kafka":
+            assert definition.get("network_mode") == "service:kafka", service
+    assert "127.0.0.1:9094" in " ".join(SERVICES["kafka"]["healthcheck"]["test"])
+
+
+def test_minio_and_the_stream_worker_each_reach_kafka_as_a_user_of_their_own_with_only_what_it_needs():
+    minio = environment("minio")
+    assert minio["MINIO_NOTIFY_KAFKA_SASL_PRIMARY"] == "on" and minio["MINIO_NOTIFY_KAFKA_SASL_MECHANISM_PRIMARY"] == "sha512"
+    assert minio["MINIO_NOTIFY_KAFKA_SASL_USERNAME_PRIMARY"] == "minio-notify"
+    assert referenced(minio["MINIO_NOTIFY_KAFKA_SASL_PASSWORD_PRIMARY"]) == {"KAFKA_NOTIFY_PASSWORD"}
+    assert acl_grants("minio-notify") == ["--operation Write --operation Describe --topic image-uploads"]
+    assert referenced(environment("visionstream")["VISIONSTREAM_KAFKA__SASL_PASSWORD"]) == {"KAFKA_SERVICE_PASSWORD"}
+    settings = load_settings(REPO / "configs" / "compose.yaml", environ={})
+    group, topics = settings.kafka.consumer_group, all_topics(settings.topics)
+    grants = acl_grants("visionstream")
+    assert grants == [
+        "--operation All --topic image-uploads --resource-pattern-type prefixed",
+        "--operation All --topic predictions",
+        f"--operation All --group {group} --resource-pattern-type prefixed",
+        "--operation Describe --operation IdempotentWrite --cluster",
+    ]
+    assert all(topic.startswith("image-uploads") or topic == "predictions" for topic in topics), topics
+    kafka_init = environment("kafka-init")
+    for name in ("SERVICE_PASSWORD", "NOTIFY_PASSWORD"):
+        [match] = variables(kafka_init[name])
+        assert match["op"] == ":?", f"{name} must be required"
+    for name in ("visionstream", "minio-notify"):
+        assert f"user {name} " in script("kafka-init")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("taken", ["visionstream", "minio-notify"])
+def test_kafka_init_refuses_an_outside_user_named_as_one_of_the_stacks_own(tmp_path, taken):
+    """Else it would reset the stream worker's (or MinIO's) password to the outside user's."""
+    bin_dir = tmp_path / "opt" / "kafka" / "bin"
+    commands = script("kafka-init").replace("/opt/kafka/bin/", f"{bin_dir}/")
+    bin_dir.mkdir(parents=True)
+    calls = tmp_path / "calls"
+    for tool in ("kafka-topics.sh", "kafka-configs.sh", "kafka-acls.sh"):
+        (bin_dir / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "SCRAM_PASSWORD": "a", "SERVICE_PASSWORD": "b", "NOTIFY_PASSWORD": "c"}
+    refused = subprocess.run(["bash", "-c", commands], env={**env, "SCRAM_USER": taken}, capture_output=True, text=True)
+    assert refused.returncode == 1 and "may not be" in refused.stderr and not calls.exists()
+    accepted = subprocess.run(["bash", "-c", commands], env={**env, "SCRAM_USER": "outside"}, capture_output=True, text=True)
+    assert accepted.returncode == 0, accepted.stderr
+    made = [line for line in calls.read_text().splitlines() if line.startswith("kafka-configs.sh")]
+    assert [line.split("--entity-name ")[1].split()[0] for line in made] == ["outside", "visionstream", "minio-notify"]
+    assert all("127.0.0.1:9094" in line for line in calls.read_text().splitlines())
 
 
 def test_dask_is_reachable_only_on_the_compose_network_but_its_dashboard_on_loopback():
@@ -218,16 +303,12 @@ def test_dask_is_reachable_only_on_the_compose_network_but_its_dashboard_on_loop
 
 def test_kafka_publishes_only_its_scram_listener():
     env = environment("kafka")
-    protocols = dict(pair.split(":") for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
-    ports = {listener.split("://")[0]: listener.rsplit(":", 1)[1] for listener in env["KAFKA_LISTENERS"].split(",")}
-    sasl = [name for name, protocol in protocols.items() if protocol in ("SASL_PLAINTEXT", "SASL_SSL")]
-    assert sasl, "no SASL listener"
-    [listener] = sasl
-    assert protocols[listener] == "SASL_SSL", "passwords are not sent in clear, but everything else would be"
-    assert env[f"KAFKA_LISTENER_NAME_{listener}_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
-    assert "ScramLoginModule required" in env[f"KAFKA_LISTENER_NAME_{listener}_SCRAM___SHA___512_SASL_JAAS_CONFIG"]
-    assert {container for _, _, container in published("kafka")} == {ports[listener]}
-    assert f"{listener}://${{STACK_KAFKA_HOST:-localhost}}:{ports[listener]}" in env["KAFKA_ADVERTISED_LISTENERS"]
+    host, port, protocol = kafka_listeners()["EXTERNAL"]
+    assert protocol == "SASL_SSL", "passwords are not sent in clear, but everything else would be"
+    assert env["KAFKA_LISTENER_NAME_EXTERNAL_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
+    assert "ScramLoginModule required" in env["KAFKA_LISTENER_NAME_EXTERNAL_SCRAM___SHA___512_SASL_JAAS_CONFIG"]
+    assert {container for _, _, container in published("kafka")} == {port}
+    assert f"EXTERNAL://${{STACK_KAFKA_HOST:-localhost}}:{port}" in env["KAFKA_ADVERTISED_LISTENERS"]
 
 
 def test_kafkas_outside_listener_serves_a_certificate_made_for_it_with_no_secret_on_a_command_line():
@@ -312,7 +393,8 @@ def test_kafka_init_creates_the_scram_user_from_required_variables():
     commands = script("kafka-init")
     env = environment("kafka-init")
     assert "--entity-type users" in commands and "SCRAM-SHA-512=[" in commands
-    assert '--entity-name "$SCRAM_USER"' in commands and "password=%s]" in commands and '"$SCRAM_PASSWORD"' in commands
+    assert '--entity-name "$1"' in commands and "password=%s]" in commands and '"${!2}"' in commands
+    assert 'user "$SCRAM_USER" SCRAM_PASSWORD' in commands  # the variable's name, never its value, as an argument
     for name in ("SCRAM_USER", "SCRAM_PASSWORD"):
         [match] = variables(env[name])
         assert match["op"] == ":?", f"{name} must be required"
@@ -488,11 +570,14 @@ def test_every_setting_the_compose_file_passes_exists():
     for service in SERVICES.values():
         env.update({k: str(v) for k, v in (service.get("environment") or {}).items() if k.startswith("VISIONSTREAM_")})
     assert env, "the compose file sets no VISIONSTREAM_ variables?"
-    resolved = {k: with_defaults(v) for k, v in env.items()}
+    resolved = {k: "s3cret" if match["op"] == ":?" else with_defaults(v) for k, v in env.items() for match in [VARIABLE.search(v) or {"op": None}]}
     assert not [v for v in resolved.values() if "${" in v], resolved
     settings = load_settings(REPO / "configs" / "compose.yaml", environ=resolved)  # unknown keys raise ConfigError
     assert settings.cluster.scheduler == "tcp://dask-scheduler:8786"
     assert settings.storage.endpoint_url == "http://minio:9000" and settings.storage.secret_access_key is None
+    kafka = settings.kafka  # as the user kafka-init makes, with its password from the environment
+    assert (kafka.security_protocol, kafka.sasl_mechanism, kafka.sasl_username) == ("SASL_PLAINTEXT", "SCRAM-SHA-512", "visionstream")
+    assert kafka.sasl_password.get_secret_value() == "s3cret"
 
 
 def test_the_compose_level_variables_are_no_settings():
