@@ -26,6 +26,8 @@ from inference.worker.images import ImageHeader, Preprocessing, decode_crop, rea
 
 log = logging.getLogger(__name__)
 
+JPEG_START = b"\xff\xd8"  # every JPEG (and MPO) begins with its SOI marker
+
 # Fault injection for tests and the soak, off unless set in a Dask worker's environment: the
 # worker process exits at once when it starts decoding an object whose URI contains this text,
 # as a decoder crash would make it. Nothing else reads it.
@@ -72,7 +74,9 @@ class BatchDecoder:
 
         With a device decoder, the plain JPEGs decode on the device in one call (up to
         ``images.device_batch_max_pixels`` of them: full-size pictures in device memory) while
-        the decode pool takes the rest; what the device refuses joins the pool's share."""
+        the decode pool takes the rest; what the device refuses joins the pool's share. Only
+        data that starts as a JPEG has its header read in this process (a bounded marker walk,
+        under the image's deadline); every other format goes to the pool unparsed."""
         if self.device_decoder is None:
             return list(self.pool.map(self.decode_one, uris, fetched))
         outcomes: list[Any] = [None] * len(uris)
@@ -84,6 +88,11 @@ class BatchDecoder:
         for index, (uri, data) in enumerate(zip(uris, fetched, strict=True)):
             if isinstance(data, ImageError):
                 outcomes[index] = Failure(data.stage, data.reason)
+                continue
+            if not data.startswith(JPEG_START):
+                # never a device decode: its header is parsed where the decode pool parses it
+                # (a decoder process, where a parser that overruns is killed), not here
+                pending[index] = self.pool.submit(self.decode_one, uri, data)
                 continue
             try:
                 header = read_header(data, uri, images.max_pixels, images.max_jpeg_scans, images.decode_timeout_s)

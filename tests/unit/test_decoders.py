@@ -176,3 +176,35 @@ def test_a_batch_of_hostile_files_among_good_images_ends_in_time_within_a_memory
         assert len(runner.decoder.processes.pids()) <= images.decode_threads
     finally:
         runner.close()
+
+
+def test_on_the_device_path_only_jpegs_are_parsed_in_the_worker_and_the_rest_in_decoder_processes(monkeypatch):
+    """With a device decoder (nvJPEG on a GPU; libjpeg-turbo on the CPU stands in for it at its
+    seam), the worker reads the headers of the JPEGs it may decode on the device: a bounded
+    marker walk under the image's deadline. Every other file, hostile TIFF layouts and
+    one-call WebPs among them, goes to a decoder process unparsed."""
+    from inference.settings import ModelSettings, StorageSettings
+    from inference.worker import decoding
+    from inference.worker.gpu import jpeg_decoder
+    from inference.worker.model import load_model
+    from inference.worker.runtime import BatchRunner, RunnerSettings
+
+    from .test_hostile_images import tiled_tiff
+
+    model = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
+    images = ImageSettings(decode_timeout_s=0.3, decode_threads=2)
+    runner = BatchRunner.around(load_model(model), RunnerSettings(model, images, StorageSettings(), "tcp://127.0.0.1:1", 1))
+    runner.decoder.device_decoder = jpeg_decoder("cpu")
+    parsed_here: list[str] = []
+    real_read_header = decoding.read_header
+    monkeypatch.setattr(decoding, "read_header", lambda data, uri, *args, **kwargs: (parsed_here.append(uri), real_read_header(data, uri, *args, **kwargs))[1])
+    png = encoded(Image.new("RGB", (64, 48), (10, 200, 40)), "PNG")
+    uris = ["photo.jpg", "tiles.jpg", "webp.jpg", "png.jpg"]
+    try:
+        outcomes = runner.decoder.decode_all(uris, [PHOTO, tiled_tiff(1, 8192, 8192, 8192), one_call_webp(), png])
+        assert parsed_here == ["photo.jpg"]
+        assert tuple(outcomes[0].shape) == tuple(outcomes[3].shape) == (3, 224, 224)
+        assert all(isinstance(outcome, Failure) and outcome.stage == "decode" for outcome in outcomes[1:3]), outcomes[1:3]
+        assert runner.decoder.processes.replaced >= 1  # the one-call WebP's process was killed at its deadline
+    finally:
+        runner.close()
