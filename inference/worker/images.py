@@ -286,14 +286,19 @@ def read_header(
     of fill bytes before them would otherwise cost a minute)."""
     try:
         with open_image(data, uri, max_pixels, max_scans, timeout_s, deadline) as image:
-            try:
-                orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image.format in ("JPEG", "MPO") else 1
-            except (OSError, SyntaxError, ValueError, TypeError) as exc:
-                raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from exc
-            width, height = image.size
-            return ImageHeader(image.format, image.mode, width, height, orientation if orientation in range(1, 9) else 1)
+            return header_of(image, uri)
     except DecodeOverdue:
         raise ImageDecodeError(uri, f"header not read within images.decode_timeout_s ({timeout_s:g} s)") from None  # the deadline's signal, no error
+
+
+def header_of(image: Image.Image, uri: str) -> ImageHeader:
+    """What the header of an image opened by ``open_image`` says (its EXIF read, no pixels)."""
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1) if image.format in ("JPEG", "MPO") else 1
+    except (OSError, SyntaxError, ValueError, TypeError) as exc:
+        raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from exc
+    width, height = image.size
+    return ImageHeader(image.format, image.mode, width, height, orientation if orientation in range(1, 9) else 1)
 
 
 def decode(
@@ -313,6 +318,14 @@ def decode(
     """
     try:
         image = open_image(data, uri, max_pixels, max_scans, timeout_s, deadline)
+    except DecodeOverdue:
+        raise ImageDecodeError(uri, f"not decoded within images.decode_timeout_s ({timeout_s:g} s)") from None  # the deadline's signal, no error
+    return decode_opened(image, uri, draft_size, timeout_s)
+
+
+def decode_opened(image: Image.Image, uri: str, draft_size: int | None, timeout_s: float | None) -> Image.Image:
+    """The pixels of an image ``open_image`` opened (under its deadline), upright RGB."""
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if draft_size and image.format in ("JPEG", "MPO"):
@@ -365,17 +378,24 @@ def decode_crop(
     under the deadline ``timeout_s``: one deadline for the header, the marker walk and the
     decode together, not one each.
     """
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    header = read_header(data, uri, max_pixels, max_scans, timeout_s, deadline)
-    if header.plain_jpeg and not (draft and header.draft_scale(spec.resize_size) >= DRAFT_MIN_SCALE):
+    try:
+        opened = open_image(data, uri, max_pixels, max_scans, timeout_s)  # once: header, walk and decode share it
+    except DecodeOverdue:
+        raise ImageDecodeError(uri, f"header not read within images.decode_timeout_s ({timeout_s:g} s)") from None  # the deadline's signal, no error
+    with opened:
         try:
-            image = decode_jpeg(as_bytes_tensor(data), mode=ImageReadMode.RGB)
-        except RuntimeError:
-            pass  # corrupt, truncated or unusual: Pillow decides, and says why if it fails too
-        else:
-            return resize_crop(orient(image, header.orientation), spec)
-    image = decode(data, uri, max_pixels, spec.resize_size if draft else None, max_scans, timeout_s, deadline)
-    return resize_crop(F.pil_to_tensor(image), spec)
+            header = header_of(opened, uri)
+        except DecodeOverdue:
+            raise ImageDecodeError(uri, f"header not read within images.decode_timeout_s ({timeout_s:g} s)") from None
+        if header.plain_jpeg and not (draft and header.draft_scale(spec.resize_size) >= DRAFT_MIN_SCALE):
+            try:
+                image = decode_jpeg(as_bytes_tensor(data), mode=ImageReadMode.RGB)
+            except RuntimeError:
+                pass  # corrupt, truncated or unusual: Pillow decides, and says why if it fails too
+            else:
+                return resize_crop(orient(image, header.orientation), spec)
+        upright = decode_opened(opened, uri, spec.resize_size if draft else None, timeout_s)
+        return resize_crop(F.pil_to_tensor(upright), spec)
 
 
 def orient(image: Tensor, orientation: int) -> Tensor:

@@ -263,3 +263,20 @@ def test_a_multi_picture_jpeg_takes_the_jpeg_path_and_shows_its_first_picture():
     data = buffer.getvalue()
     assert read_header(data, "x.jpg", 10**8).plain_jpeg
     assert_close_to_reference(decode_crop(data, "x.jpg", SPEC, 10**8), reference(data))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_each_image_is_opened_once_for_its_header_walk_and_decode(monkeypatch, fmt):
+    """Pillow parses a header when it opens an image: a second open would parse untrusted bytes
+    twice (a TIFF's strip table, a JPEG's markers) within the one deadline."""
+    from inference.worker import images
+
+    opened: list[int] = []
+    real_open = images.Image.open
+    monkeypatch.setattr(images.Image, "open", lambda *args, **kwargs: (opened.append(1), real_open(*args, **kwargs))[1])
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 255, (600, 800, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    picture.save(buffer, fmt)
+    crop = decode_crop(buffer.getvalue(), f"x.{fmt.lower()}", SPEC, 10**8, timeout_s=5.0)  # a large JPEG: Pillow's draft path
+    assert tuple(crop.shape) == (3, 224, 224)
+    assert len(opened) == 1
