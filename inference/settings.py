@@ -215,7 +215,8 @@ class BatchSettings(Section):
     max_in_flight: int = Field(0, ge=0)
     retry_timeout_s: float = Field(300.0, ge=0)
     retry_backoff_s: float = Field(1.0, gt=0)
-    timeout_s: float = Field(120.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0)  # from when a Dask worker starts classifying the batch
+    queue_timeout_s: float = Field(600.0, gt=0)  # for a worker to start it (queued behind other batches, a model loading)
 
 
 class ClusterSettings(Section):

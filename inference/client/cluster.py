@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from typing import Any
 
 from distributed import Client, KilledWorker
@@ -67,6 +67,16 @@ class InferenceCluster(ClusterConnection):
     def tally_deaths(self, uris: list[str]) -> DeathTally:
         """How often Dask workers died with these images on them (any stream worker's attempts)."""
         return self.death_watch.tally(uris)
+
+    def starts(self, uris: list[str]) -> AbstractContextManager[asyncio.Event]:
+        """An event set once a worker starts classifying the next attempt at ``uris``
+        (``batch.timeout_s`` counts from there)."""
+        self.death_watch.subscribe(self.client)
+        return self.death_watch.starts(uris)
+
+    def last_batch_start(self) -> float:
+        """When a worker last started classifying a batch, any client's (``time.monotonic``)."""
+        return self.death_watch.last_start
 
     @asynccontextmanager
     async def isolation(self) -> AsyncIterator[None]:

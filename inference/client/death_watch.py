@@ -17,8 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from inference.client.deaths import Death, DeathTally, deaths_from_events, tally
+from inference.client.deaths import Death, DeathTally, batch_digest, deaths_from_events, key_digest, tally
 from inference.records.objects import identity
+from inference.worker.plugin import BATCH_STARTED_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ class DeathWatch:
         self._died: dict[str, asyncio.Event] = {}  # key of a batch in flight -> set when its worker dies
         self._in_flight: dict[str, list[str]] = {}  # key of a batch in flight -> its URIs
         self.suspects: set[str] = set()  # images (``identity``) that were on a worker when it died (this process's batches)
+        self._started: dict[str, asyncio.Event] = {}  # digest of a batch awaited -> set when a worker starts classifying it
+        self.last_start = 0.0  # monotonic: when a worker last said it started a batch, any client's
         self._subscribed_at = 0.0  # monotonic
 
     async def follow(self, client: Any, timeout_s: float) -> None:
@@ -53,7 +56,27 @@ class DeathWatch:
         to a restarted scheduler by itself, and the new scheduler knows no subscription."""
         if client is not None and time.monotonic() - self._subscribed_at >= SUBSCRIBE_EVERY_S:
             client.subscribe_topic("all", self._on_event)
+            client.subscribe_topic(BATCH_STARTED_TOPIC, self._on_started)
             self._subscribed_at = time.monotonic()
+
+    def _on_started(self, event: tuple[float, Any]) -> None:
+        _, message = event
+        self.last_start = time.monotonic()
+        digest = key_digest(message.get("key")) if isinstance(message, dict) else None
+        if digest is not None and (started := self._started.get(digest)) is not None:
+            started.set()
+
+    @contextmanager
+    def starts(self, uris: list[str]) -> Iterator[asyncio.Event]:
+        """While an attempt at ``uris`` is awaited: an event set once a worker starts classifying
+        it (its model loaded; the time queued behind other batches is over)."""
+        digest = batch_digest(uris)
+        started = self._started[digest] = asyncio.Event()
+        try:
+            yield started
+        finally:
+            if self._started.get(digest) is started:
+                del self._started[digest]
 
     def _on_event(self, event: tuple[float, Any]) -> None:
         for death in deaths_from_events([event]):

@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from distributed import Worker, WorkerPlugin, get_worker
+from distributed.worker import thread_state
 
 from inference.errors import InferenceError, ModelLoadFailed, ModelNotResident
 from inference.records.objects import pinned
@@ -174,6 +175,9 @@ def with_local_credentials(storage: StorageSettings) -> StorageSettings:
     return storage.model_copy(update={"access_key_id": local.access_key_id, "secret_access_key": local.secret_access_key})
 
 
+BATCH_STARTED_TOPIC = "visionstream-batch-started"  # a worker's event: {"key": the task's key}, as it starts classifying
+
+
 def classify_batch(
     plugin: str, uris: list[str], truth_pattern: str, pins: list[list[str | None] | None] | None = None
 ) -> list[dict[str, Any]]:
@@ -192,6 +196,8 @@ def classify_batch(
     resident.active_batches += 1  # waiting for the model counts: a busy plugin is never retired
     try:
         runner = resident.ensure_loaded(worker)
+        # batch.timeout_s counts from here: not the time queued behind other batches, nor a model load
+        worker.log_event(BATCH_STARTED_TOPIC, {"key": thread_state.key})
         return [result.to_dict() for result in runner.classify(pinned(uris, pins), truth_pattern)]
     finally:
         resident.active_batches -= 1

@@ -5,9 +5,11 @@ another isolates a worker-killer (``streams.service.isolation``). No Faust here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,11 +28,15 @@ Classify = Callable[[list[str], int], Awaitable[list[ImageResult]]]
 
 
 class DeathRecord(Protocol):
-    """What attempts ask of the cluster: whether another stream worker isolates, and how often
-    workers died with these images (None: a cluster that keeps no record)."""
+    """What attempts ask of the cluster: whether another stream worker isolates, how often
+    workers died with these images (None: a cluster that keeps no record), when a worker starts
+    classifying an attempt (``starts``; a cluster that cannot say yields an event set at once)
+    and when a worker last started any batch (``last_batch_start``, ``time.monotonic``)."""
 
     async def wait_while_isolating(self, deadline_s: float) -> None: ...
     def tally_deaths(self, uris: list[str]) -> DeathTally | None: ...
+    def starts(self, uris: list[str]) -> AbstractContextManager[asyncio.Event]: ...
+    def last_batch_start(self) -> float: ...
 
 
 @dataclass
@@ -85,10 +91,49 @@ class BatchAttempts:
         log.warning("batch failed (%s: %s); retrying in %.1f s", type(error).__name__, error, pause)
 
     async def _once(self, uris: list[str], priority: int) -> list[ImageResult]:
-        try:
-            return await asyncio.wait_for(self.classify(uris, priority), timeout=self.batch.timeout_s)
-        except TimeoutError as exc:
-            counted = self.cluster.tally_deaths(uris)
-            if counted is not None and counted.total:  # restarts and model loads ate the deadline
-                raise WorkerLost("cluster", f"past batch.timeout_s after {counted.total} worker death(s) with these images") from exc
-            raise BatchTimeout(len(uris), self.batch.timeout_s) from exc
+        """One attempt: ``batch.timeout_s`` from when a worker starts classifying it. Until then
+        it waits in the queue behind other batches (a backfill behind live traffic) and its
+        deadline runs only while no batch starts anywhere on the cluster (nothing moves: a hung
+        worker holds it); at most ``batch.queue_timeout_s`` in all, after which it is retried
+        like any transient failure (never isolated: its images did nothing)."""
+        with self.cluster.starts(uris) as started:
+            attempt = asyncio.ensure_future(self.classify(uris, priority))
+            try:
+                await self._until_started(uris, attempt, started)
+            except BaseException:
+                attempt.cancel()
+                await asyncio.gather(attempt, return_exceptions=True)
+                raise
+            try:
+                return await asyncio.wait_for(attempt, timeout=self.batch.timeout_s)
+            except TimeoutError as exc:
+                raise self._timed_out(uris) from exc
+
+    async def _until_started(self, uris: list[str], attempt: asyncio.Future[list[ImageResult]], started: asyncio.Event) -> None:
+        submitted = time.monotonic()
+        while not (started.is_set() or attempt.done()):
+            now = time.monotonic()
+            if now - submitted >= self.batch.queue_timeout_s:
+                raise ClusterUnavailable("cluster", f"no Dask worker started the batch within batch.queue_timeout_s ({self.batch.queue_timeout_s:g} s)")
+            moving = max(submitted, self.cluster.last_batch_start()) + self.batch.timeout_s - now
+            if moving <= 0:
+                raise self._timed_out(uris)  # not queued behind work: nothing started for batch.timeout_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_first(attempt, started), timeout=min(moving, submitted + self.batch.queue_timeout_s - now))
+
+    def _timed_out(self, uris: list[str]) -> WorkerLost | BatchTimeout:
+        counted = self.cluster.tally_deaths(uris)
+        if counted is not None and counted.total:  # restarts and model loads ate the deadline
+            return WorkerLost("cluster", f"past batch.timeout_s after {counted.total} worker death(s) with these images")
+        return BatchTimeout(len(uris), self.batch.timeout_s)
+
+
+async def _first(attempt: asyncio.Future[list[ImageResult]], started: asyncio.Event) -> None:
+    """Until the attempt started on a worker, or ended (either way: its own outcome follows)."""
+    if started.is_set():
+        return
+    waiting = asyncio.ensure_future(started.wait())
+    try:
+        await asyncio.wait({attempt, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()

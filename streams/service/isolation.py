@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -41,6 +41,8 @@ class Isolation(Protocol):
     def isolation(self) -> AbstractAsyncContextManager[None]: ...
     async def wait_while_isolating(self, deadline_s: float) -> None: ...
     async def others_processing(self, uris: list[str]) -> int: ...
+    def starts(self, uris: list[str]) -> AbstractContextManager[asyncio.Event]: ...
+    def last_batch_start(self) -> float: ...
 
 
 class NoLedger:
@@ -59,6 +61,16 @@ class NoLedger:
 
     async def others_processing(self, uris: list[str]) -> int:
         return 0
+
+    @contextmanager
+    def starts(self, uris: list[str]) -> Iterator[asyncio.Event]:
+        """No word of when a batch starts: its deadline counts from its submission."""
+        started = asyncio.Event()
+        started.set()
+        yield started
+
+    def last_batch_start(self) -> float:
+        return 0.0
 
 
 ALONE_POLL_S = 0.5  # how often an isolated attempt checks whether other batches still run

@@ -119,3 +119,53 @@ def test_the_embedded_cluster_admits_only_peers_with_its_certificate():
             await cluster.close()
 
     asyncio.run(run())
+
+
+def test_time_queued_behind_other_batches_does_not_count_toward_batch_timeout(tmp_path):
+    """One worker thread, live batches queued at a higher priority than a backfill batch: the
+    backfill waits behind them far longer than its batch.timeout_s, while the worker says it
+    starts each of them (events on the scheduler). Its deadline counts from when a worker
+    starts it, so it is classified, never timed out (and never isolated)."""
+    import io
+    import time
+
+    from PIL import Image
+
+    from inference.settings import BatchSettings
+    from streams.service.attempts import BatchAttempts
+    from streams.service.metrics import StreamMetrics
+
+    photos = []
+    for index in range(40):  # distinct objects: distinct batches
+        buffer = io.BytesIO()
+        Image.new("RGB", (320, 240), (index * 6, 120, 40)).save(buffer, "PNG")
+        path = tmp_path / f"n02085620_{index}.png"
+        path.write_bytes(buffer.getvalue())
+        photos.append(str(path))
+    timeout_s = 0.5
+
+    async def run() -> None:
+        async with embedded_cluster(ClusterSettings(gpu=False, n_workers=1, threads_per_worker=1), asynchronous=True) as local:
+            # compile off: a short-lived cluster about queueing, closed before a build could end
+            model = ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)
+            cluster = InferenceCluster(ClusterSettings(**reaching(local)), model, ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
+            await cluster.start()
+            try:
+                with cluster.starts(photos[:1]) as warm:
+                    await cluster.classify(photos[:1])  # loaded and measured: the worker says when it starts
+                    assert warm.is_set() and cluster.last_batch_start() > 0
+                live = [asyncio.ensure_future(cluster.classify([photo], priority=10)) for photo in photos[1:]]
+                counters = StreamMetrics()
+                attempts = BatchAttempts(cluster.classify, BatchSettings(timeout_s=timeout_s, queue_timeout_s=300, retry_timeout_s=0), counters, cluster)
+                began = time.monotonic()
+                [backfill] = await asyncio.wait_for(attempts.run([photos[0]], 0), timeout=300)
+                waited = time.monotonic() - began
+                assert backfill.prediction is not None and backfill.error is None
+                assert all(batch.done() for batch in live)  # it ran after every live batch ...
+                assert waited > 2 * timeout_s, waited  # ... queued well past its deadline (else this proves nothing)
+                assert counters.batch_retries == 0
+                await asyncio.gather(*live)
+            finally:
+                await cluster.close()
+
+    asyncio.run(run())

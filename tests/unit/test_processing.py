@@ -1,6 +1,7 @@
 import asyncio
 import time
 import json
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from inference.settings import BatchSettings, FilterSettings, TopicSettings
 from streams.errors import BatchRetryExhausted
 from streams.service.events import MAX_EVENT_BYTES
 from streams.service.processing import AckTracker, BatchHandler, InputMessage
+from streams.service.isolation import NoLedger
 from streams.service.s3events import ObjectRef, object_created_event
 
 MODEL = ModelInfo("resnet18", "none", "fp32", "cpu")
@@ -369,7 +371,7 @@ def test_ack_tracker_tracks_a_message_seen_twice_once():
     assert tracker.finished([second]) == [second] and tracker.waiting() == 0
 
 
-class Ledger:
+class Ledger(NoLedger):
     """The scheduler's record of deaths, as the handler sees it: per image set, alone or beside."""
 
     def __init__(self) -> None:
@@ -549,3 +551,50 @@ def test_a_probe_asks_the_images_own_store():
     assert probe_uri("s3://images/dogs/a.jpg") == "s3://images/visionstream-probe/nothing-here.jpg"
     assert probe_uri("s3a://other/x/y.png") == "s3a://other/visionstream-probe/nothing-here.jpg"
     assert probe_uri("/data/dogs/a.jpg") == probe_uri("memory://x/a.jpg") == CANARY_URI
+
+
+class Queue(Ledger):
+    """A cluster where no worker starts our batch; ``busy``: other batches keep starting."""
+
+    def __init__(self, busy: bool) -> None:
+        super().__init__()
+        self.busy = busy
+
+    @contextmanager
+    def starts(self, uris):
+        yield asyncio.Event()  # no worker ever says it started this one
+
+    def last_batch_start(self):
+        return time.monotonic() if self.busy else 0.0
+
+
+class Queued(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.submitted: list[list[str]] = []
+
+    async def classify(self, uris, priority):
+        self.submitted.append(uris)
+        await asyncio.Event().wait()  # waits in the queue until cancelled
+
+
+def test_a_batch_queued_behind_work_that_no_worker_starts_is_retried_as_the_clusters_trouble_never_isolated():
+    """Other batches keep starting, ours waits (a backfill behind live traffic) far past
+    batch.timeout_s: no timeout, since its deadline has not begun. Past batch.queue_timeout_s it
+    is a transient failure: submitted again whole, never split as if its images hung a worker."""
+    ledger, recorder = Queue(busy=True), Queued()
+    h = handler(recorder, ledger, timeout_s=0.01, queue_timeout_s=0.1, retry_timeout_s=0.25, retry_backoff_s=0.01)
+    with pytest.raises(BatchRetryExhausted, match=r"no Dask worker started the batch within batch.queue_timeout_s \(0.1 s\)"):
+        asyncio.run(h.handle([upload("Images/a.jpg"), upload("Images/b.jpg", 1)]))
+    assert len(recorder.submitted) >= 2 and all(len(uris) == 2 for uris in recorder.submitted)  # whole, again: never halved
+    assert ledger.isolations == 0 and recorder.published == []
+
+
+def test_a_batch_not_started_while_nothing_starts_anywhere_times_out_as_a_hang():
+    """No batch starts anywhere (a hung worker holds ours): that is no queue, and the deadline
+    runs from submission; the batch is split as usual to find what hangs."""
+    ledger, recorder = Queue(busy=False), Queued()
+    h = handler(recorder, ledger, timeout_s=0.05, queue_timeout_s=60, retry_timeout_s=0.3, retry_backoff_s=0.01)
+    with pytest.raises(BatchRetryExhausted):
+        asyncio.run(h.handle([upload("Images/a.jpg"), upload("Images/b.jpg", 1)]))
+    assert ledger.isolations >= 1 and [len(uris) for uris in recorder.submitted[:2]] == [2, 1]  # timed out, then halved
