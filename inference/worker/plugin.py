@@ -196,12 +196,25 @@ def classify_batch(
     resident.active_batches += 1  # waiting for the model counts: a busy plugin is never retired
     try:
         runner = resident.ensure_loaded(worker)
-        # batch.timeout_s counts from here: not the time queued behind other batches, nor a model load
-        worker.log_event(BATCH_STARTED_TOPIC, {"key": thread_state.key})
+        _say_started(worker)
         return [result.to_dict() for result in runner.classify(pinned(uris, pins), truth_pattern)]
     finally:
         resident.active_batches -= 1
         resident.last_used = time.monotonic()
+
+
+def _say_started(worker: Worker) -> None:
+    """Tell the batch's client it starts now (an event on the scheduler): ``batch.timeout_s``
+    counts from here, not from the time queued behind other batches or a model load. Outside a
+    Dask task (no key), nothing to say; an event that cannot be sent costs only the precision
+    of that deadline."""
+    key = getattr(thread_state, "key", None)
+    if key is None:
+        return
+    try:
+        worker.log_event(BATCH_STARTED_TOPIC, {"key": key})
+    except Exception as exc:  # noqa: BLE001 - never the batch's failure
+        log.warning("could not tell the scheduler a batch started: %s", exc)
 
 
 def _stdout_to_stderr() -> None:
