@@ -24,6 +24,7 @@ from inference.client.deaths import DeathTally, batch_digest, batch_key, key_dig
 from inference.client.health import WorkerHealth
 from inference.client.isolation import IsolationLease
 from inference.client.retirement import retire_superseded
+from inference.client.verdicts import VerdictBook
 from inference.errors import ClusterUnavailable, ModelLoadFailed, ModelNotResident, WorkerLost
 from inference.records.objects import pins
 from inference.records.results import ImageResult
@@ -73,6 +74,11 @@ class InferenceCluster(ClusterConnection):
         (``batch.timeout_s`` counts from there)."""
         self.death_watch.subscribe(self.client)
         return self.death_watch.starts(uris)
+
+    @property
+    def verdicts(self) -> VerdictBook:
+        """What isolations found so far, on the scheduler (``inference.client.verdicts``)."""
+        return VerdictBook(self.client)
 
     def last_batch_start(self) -> float:
         """When a worker last started classifying a batch, any client's (``time.monotonic``)."""

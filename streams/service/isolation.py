@@ -8,6 +8,11 @@ attempt only once no other batch of ours runs, and no new batch of this stream w
 submitted until it is over. One image is convicted only once workers died with it alone on
 them twice (the scheduler's record, ``inference.client.deaths``), or once it timed out alone
 twice while other images were classified and a probe showed the cluster and its store answer.
+
+What an isolation found (images cleared, images convicted, isolations begun over them) is kept
+on the scheduler (``inference.client.verdicts``): when the stream worker stops mid-way, the
+next owner of the events resumes from it instead of the whole batch, and gives up on the images
+not cleared once ``MAX_CUT_SHORT`` isolations of them were cut short, rather than loop.
 """
 
 from __future__ import annotations
@@ -15,14 +20,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from inference.client.deaths import DeathTally, convicted
+from inference.client.verdicts import CLEARED, CONVICTED, Verdict
 from inference.errors import BatchTimeout, StoreWideFailure, WorkerLost
-from inference.records.objects import S3_SCHEMES, split_s3_uri
+from inference.records.objects import S3_SCHEMES, identity, split_s3_uri
 from inference.records.results import SLOW_OBJECT, Failure, ImageResult
 from inference.settings import BatchSettings
 from streams.errors import BatchRetryExhausted
@@ -43,6 +49,33 @@ class Isolation(Protocol):
     async def others_processing(self, uris: list[str]) -> int: ...
     def starts(self, uris: list[str]) -> AbstractContextManager[asyncio.Event]: ...
     def last_batch_start(self) -> float: ...
+    @property
+    def verdicts(self) -> Verdicts: ...
+
+
+class Verdicts(Protocol):
+    """Where isolations keep what they found for the next owner (``inference.client.verdicts``)."""
+
+    async def read(self, uris: list[str]) -> list[Verdict]: ...
+    async def begun(self, uris: list[str], known: list[Verdict]) -> None: ...
+    async def decided(self, uris: list[str], verdict: Verdict) -> None: ...
+    async def finished(self, uris: list[str]) -> None: ...
+
+
+class NoVerdicts:
+    """Nowhere to keep them: every isolation starts from its whole batch."""
+
+    async def read(self, uris: list[str]) -> list[Verdict]:
+        return [Verdict()] * len(uris)
+
+    async def begun(self, uris: list[str], known: list[Verdict]) -> None:
+        return None
+
+    async def decided(self, uris: list[str], verdict: Verdict) -> None:
+        return None
+
+    async def finished(self, uris: list[str]) -> None:
+        return None
 
 
 class NoLedger:
@@ -72,7 +105,12 @@ class NoLedger:
     def last_batch_start(self) -> float:
         return 0.0
 
+    @property
+    def verdicts(self) -> Verdicts:
+        return NoVerdicts()
 
+
+MAX_CUT_SHORT = 3  # isolations of the same images begun and never finished, before they are given up
 ALONE_POLL_S = 0.5  # how often an isolated attempt checks whether other batches still run
 CANARY_URI = "memory://visionstream-probe/nothing-here.jpg"  # fetched by a probe; never exists
 PROBE_KEY = "visionstream-probe/nothing-here.jpg"  # likewise, in an image's own bucket
@@ -99,6 +137,7 @@ class PoisonIsolation:
     counters: StreamMetrics
     cluster: Isolation
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)  # one isolation at a time
+    _isolated: set[str] = field(default_factory=set, init=False, repr=False)  # images isolated here, their records not yet published
 
     async def classify(self, uris: list[str], priority: int) -> list[ImageResult | Failure]:
         """Classify; where the batch keeps killing workers, split it until the image that does is alone.
@@ -123,11 +162,75 @@ class PoisonIsolation:
             async with self._lock, self.cluster.isolation():
                 self.attempts.not_isolating.clear()
                 try:
-                    if len(uris) == 1:
-                        return await self._alone(uris, priority)  # it may have died beside another batch
-                    return await self._halves(uris, priority)
+                    return await self._isolate(uris, priority)
                 finally:
                     self.attempts.not_isolating.set()
+
+    async def published(self, uris: list[str]) -> None:
+        """The records of ``uris`` are published: what isolating them found (where this stream
+        worker isolated them) is no longer needed. Nothing to do, and no call, for the rest."""
+        isolated = [uri for uri in uris if identity(uri) in self._isolated]
+        if not isolated:
+            return
+        self._isolated.difference_update(identity(uri) for uri in isolated)
+        try:
+            await self.cluster.verdicts.finished(isolated)
+        except Exception as exc:  # noqa: BLE001 - a record left behind ages out (inference.client.verdicts)
+            log.warning("could not clear the isolation record of %d images: %s", len(uris), exc)
+
+    async def _isolate(self, uris: list[str], priority: int) -> list[ImageResult | Failure]:
+        """Split the batch until the culprit is alone, resuming from what an isolation of the same
+        images that was cut short (the stream worker stopped mid-way) found; give up on the
+        images not cleared once ``MAX_CUT_SHORT`` such isolations began, rather than loop."""
+        self._isolated.update(identity(uri) for uri in uris)
+        known = await self._known(uris)
+        cut_short = max((verdict.begun for verdict in known), default=0)
+        results: list[ImageResult | Failure | None] = [
+            Failure(verdict.stage or WORKER_STAGE, verdict.reason or "convicted by an earlier isolation") if verdict.outcome == CONVICTED else None
+            for verdict in known
+        ]
+        cleared = [index for index, verdict in enumerate(known) if verdict.outcome == CLEARED]
+        suspects = [index for index, verdict in enumerate(known) if verdict.outcome is None]
+        if cut_short >= MAX_CUT_SHORT:
+            log.error(
+                "isolating a batch of %d images was cut short %d times (the stream worker stopped mid-way); "
+                "dead-lettering the %d not cleared rather than starting again", len(uris), cut_short, len(suspects),
+            )
+            reason = (f"isolating its batch to find an image that kills or hangs workers was cut short {cut_short} times "
+                      "(the stream worker stopped mid-way): given up rather than started again")
+            for index in suspects:
+                results[index] = Failure(WORKER_STAGE, reason)
+            suspects = []
+            self.counters.isolation_step()
+        else:
+            if cut_short:
+                log.warning("resuming the isolation of a batch of %d images, cut short %d time(s): %d cleared and %d convicted before",
+                            len(uris), cut_short, len(cleared), len(uris) - len(cleared) - len(suspects))
+            await self._note(self.cluster.verdicts.begun(uris, known))
+        if cleared:  # classified in isolation before: together, as one batch
+            await self._into(results, cleared, self._alone([uris[index] for index in cleared], priority))
+        if suspects:  # one alone may have died beside another batch; more are split
+            picked = [uris[index] for index in suspects]
+            await self._into(results, suspects, self._alone(picked, priority) if len(picked) == 1 else self._halves(picked, priority))
+        return [result for result in results if result is not None]
+
+    @staticmethod
+    async def _into(results: list[ImageResult | Failure | None], indices: list[int], outcomes: Awaitable[list[ImageResult | Failure]]) -> None:
+        for index, outcome in zip(indices, await outcomes, strict=True):
+            results[index] = outcome
+
+    async def _known(self, uris: list[str]) -> list[Verdict]:
+        try:
+            return await self.cluster.verdicts.read(uris)
+        except Exception as exc:  # noqa: BLE001 - without the record, isolation starts from the whole batch
+            log.warning("could not read the isolation record (%s); isolating from the whole batch", exc)
+            return [Verdict()] * len(uris)
+
+    async def _note(self, writing: Awaitable[None]) -> None:
+        try:
+            await writing
+        except Exception as exc:  # noqa: BLE001 - a verdict not kept costs a restart its progress, nothing else
+            log.warning("could not keep an isolation verdict on the scheduler: %s", exc)
 
     async def _halves(self, uris: list[str], priority: int, why: str = "killed its workers") -> list[ImageResult | Failure]:
         middle = len(uris) // 2
@@ -148,6 +251,7 @@ class PoisonIsolation:
             try:
                 classified = list(await self.attempts.run(uris, priority, isolated=True))
                 self.counters.isolation_step()
+                await self._note(self.cluster.verdicts.decided(uris, Verdict(outcome=CLEARED)))
                 return classified
             except BatchTimeout as exc:
                 if len(uris) > 1:
@@ -156,7 +260,7 @@ class PoisonIsolation:
                 if len(timeouts) >= 2 and self.attempts.last_success > timeouts[-2]:
                     log.error("dead-lettering %r: it did not finish within batch.timeout_s alone, %d times, while other images were classified", uris[0], len(timeouts))
                     self.counters.isolation_step()
-                    return [Failure("decode", f"classifying this image alone did not finish within batch.timeout_s ({self.batch.timeout_s:g} s), {len(timeouts)} times, while other images were")]
+                    return await self._convicted(uris, Failure("decode", f"classifying this image alone did not finish within batch.timeout_s ({self.batch.timeout_s:g} s), {len(timeouts)} times, while other images were"))
                 if time.monotonic() > give_up:
                     raise BatchRetryExhausted(1, self.batch.retry_timeout_s, str(exc)) from exc
                 self.counters.batch_retried()
@@ -171,10 +275,14 @@ class PoisonIsolation:
                     alone = "" if counted is None else f" ({counted.alone} time(s) alone on the worker)"
                     log.error("dead-lettering %r: the Dask workers classifying it died%s: %s", uris[0], alone, exc.reason)
                     self.counters.isolation_step()
-                    return [Failure(WORKER_STAGE, f"the Dask workers classifying this image died{alone}: {exc.reason}")]
+                    return await self._convicted(uris, Failure(WORKER_STAGE, f"the Dask workers classifying this image died{alone}: {exc.reason}"))
                 if time.monotonic() > give_up:
                     raise BatchRetryExhausted(1, self.batch.retry_timeout_s, f"workers kept dying beside other work with {uris[0]!r} on them") from exc
                 log.warning("a worker died with %r on it (%d time(s) alone, %d beside other work): not enough to blame it; trying it alone again", uris[0], counted.alone, counted.beside)
+
+    async def _convicted(self, uris: list[str], failure: Failure) -> list[ImageResult | Failure]:
+        await self._note(self.cluster.verdicts.decided(uris, Verdict(outcome=CONVICTED, stage=failure.stage, reason=failure.message)))
+        return [failure]
 
     async def _probe_cluster(self, priority: int, like: str) -> None:
         """One tiny batch (an object that does not exist in the image's own store, ``probe_uri``:

@@ -203,6 +203,7 @@ class BatchHandler:
         for start in range(0, len(work), self.batch.size):
             pending.extend(await self._run_batch(work[start : start + self.batch.size], priority))
         await asyncio.gather(*pending)
+        await self.isolation.published([ref.target for ref, _ in work])  # what isolating them found is no longer needed
 
     def _read(self, message: InputMessage, pending: list[Awaitable[Any]]) -> tuple[ObjectRef, ...]:
         """The objects one message announces; a dead letter (queued on ``pending``) if it is unreadable."""

@@ -598,3 +598,95 @@ def test_a_batch_not_started_while_nothing_starts_anywhere_times_out_as_a_hang()
     with pytest.raises(BatchRetryExhausted):
         asyncio.run(h.handle([upload("Images/a.jpg"), upload("Images/b.jpg", 1)]))
     assert ledger.isolations >= 1 and [len(uris) for uris in recorder.submitted[:2]] == [2, 1]  # timed out, then halved
+
+
+class KeptLedger(Ledger):
+    """A ledger whose isolations keep their verdicts, as on the scheduler (``VerdictBook`` over
+    a dict that answers as the scheduler's metadata does)."""
+
+    def __init__(self, metadata) -> None:
+        super().__init__()
+        from inference.client.verdicts import VerdictBook
+
+        self.book = VerdictBook(metadata)
+
+    @property
+    def verdicts(self):
+        return self.book
+
+
+def killing_recorder(ledger: Ledger, stop_after: int | None = None):
+    """Batches with the poison image kill their worker; ``stop_after``: the stream worker itself
+    stops (cancelled) once that many batches were submitted."""
+
+    class Killing(Recorder):
+        async def classify(self, uris, priority):
+            if stop_after is not None and len(self.submitted) >= stop_after:
+                raise asyncio.CancelledError  # the member goes away mid-isolation
+            self.submitted.append(uris)
+            if any("poison" in uri for uri in uris):
+                ledger.died(uris, alone=len(uris) == 1)
+                raise WorkerLost("tcp://scheduler", "1 worker(s) died with the batch on them")
+            return await super().classify(uris, priority)
+
+    recorder = Killing()
+    recorder.submitted = []
+    return recorder
+
+
+def test_an_isolation_cut_short_resumes_from_its_verdicts_on_the_next_owner():
+    """The member isolating a batch stops mid-way (a restart, a revoke): the next owner, reading
+    the verdicts kept on the scheduler, classifies the images already cleared together and
+    splits only the rest; the worker-killer is dead-lettered, every other image predicted."""
+    from .test_verdicts import Metadata
+
+    metadata = Metadata()
+    keys = [f"Images/{i}.jpg" for i in range(16)]
+    keys[13] = "Images/poison.jpg"
+    messages = [upload(key, i) for i, key in enumerate(keys)]
+    first_ledger = KeptLedger(metadata)
+    first = killing_recorder(first_ledger, stop_after=4)  # whole, first half (cleared), second half, its first quarter
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(handler(first, first_ledger).handle(messages))
+    assert first.published == [] and [len(uris) for uris in first.submitted] == [16, 8, 8, 4]
+
+    second_ledger = KeptLedger(metadata)  # the next owner: a new process, the same scheduler
+    second_ledger.tallies = first_ledger.tallies
+    second = killing_recorder(second_ledger)
+    asyncio.run(handler(second, second_ledger).handle(messages))
+    sizes = [len(uris) for uris in second.submitted]
+    assert sizes[:3] == [16, 12, 2]  # the whole batch again; the 12 cleared before, together; then halves of the 4 left
+    assert 8 not in sizes  # no step of the first isolation repeated
+    dead = [event for topic, _, event in second.published if topic == TOPICS.dead_letter]
+    assert [event["uri"] for event in dead] == ["s3://b/Images/poison.jpg"]
+    assert len([1 for topic, _, _ in second.published if topic == TOPICS.predictions]) == 15
+    assert metadata.data["visionstream-isolation"] == {}  # published: forgotten
+
+
+def test_an_isolation_cut_short_again_and_again_gives_up_on_the_images_not_cleared():
+    """After MAX_CUT_SHORT isolations of the same images begun and never finished, the next
+    owner dead-letters those not cleared (saying why) instead of starting a fourth, and
+    classifies the cleared ones together."""
+    from inference.client.verdicts import CLEARED, Verdict
+    from streams.service.isolation import MAX_CUT_SHORT
+
+    from .test_verdicts import Metadata
+
+    metadata = Metadata()
+    ledger = KeptLedger(metadata)
+    keys = [f"Images/{i}.jpg" for i in range(6)]
+    keys[4] = "Images/poison.jpg"
+    uris = [f"s3://b/{key}" for key in keys]
+
+    async def earlier_owners() -> None:
+        await ledger.verdicts.begun(uris, [Verdict(MAX_CUT_SHORT - 1)] * len(uris))
+        await ledger.verdicts.decided(uris[:3], Verdict(outcome=CLEARED))
+
+    asyncio.run(earlier_owners())
+    recorder = killing_recorder(ledger)
+    asyncio.run(handler(recorder, ledger).handle([upload(key, i) for i, key in enumerate(keys)]))
+    assert recorder.submitted == [uris, uris[:3]]  # the whole batch, then the cleared ones: no split of the rest
+    dead = {event["uri"]: event for topic, _, event in recorder.published if topic == TOPICS.dead_letter}
+    assert sorted(dead) == sorted(uris[3:])
+    assert all(event["stage"] == "worker" and f"cut short {MAX_CUT_SHORT} times" in event["reason"] for event in dead.values())
+    assert len([1 for topic, _, _ in recorder.published if topic == TOPICS.predictions]) == 3
