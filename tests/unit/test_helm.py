@@ -219,7 +219,7 @@ def test_secrets_come_from_existing_secrets_for_the_worker_keda_and_dask():
     assert worker_env["VISIONSTREAM_LOCAL_WORKERS"]["value"] == "1" and "--nworkers" not in worker["args"]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
     [scheduler] = cluster["spec"]["scheduler"]["spec"]["containers"]
-    assert {item["name"] for item in scheduler.get("env", [])} <= {"DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES"}  # no storage credentials: it runs no task
+    assert not [item["name"] for item in scheduler.get("env", []) if item["name"].startswith(("AWS_", "VISIONSTREAM_"))]  # no storage credentials: it runs no task
     assert "secretKeyRef" not in str(scheduler)
 
 
@@ -290,7 +290,8 @@ def test_image_pull_secrets_reach_every_pod_the_chart_makes():
             pods += [doc["spec"]["scheduler"]["spec"], doc["spec"]["worker"]["spec"]]
         elif doc["kind"] == "DaskWorkerGroup":
             pods.append(doc["spec"]["worker"]["spec"])
-    assert len(pods) >= 4  # the stream worker, the scheduler, the GPU and the CPU worker groups
+    pods += [doc["spec"] for doc in docs if doc["kind"] == "Pod"]  # `helm test`'s
+    assert len(pods) >= 5  # the stream worker, the scheduler, the GPU and the CPU worker groups, the test
     assert all(pod.get("imagePullSecrets") == [{"name": "registry"}] for pod in pods), pods
     assert all("imagePullSecrets" not in str(doc) for doc in render())  # none by default
 
@@ -331,3 +332,130 @@ def test_every_dask_worker_group_follows_the_operators_rule_one_process_named_af
         assert "--nworkers" not in args and "--nprocs" not in args, args
         env = {item["name"]: item.get("value") for item in container["env"]}
         assert env["VISIONSTREAM_LOCAL_WORKERS"] == "1"
+
+
+def pods_of(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod spec the chart makes, by a name saying whose."""
+    pods = {}
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            pods["stream-worker"] = doc["spec"]["template"]["spec"]
+        elif doc["kind"] == "DaskCluster":
+            pods["scheduler"], pods["dask-worker"] = doc["spec"]["scheduler"]["spec"], doc["spec"]["worker"]["spec"]
+        elif doc["kind"] == "DaskWorkerGroup":
+            pods[f"dask-worker-{doc['metadata']['name']}"] = doc["spec"]["worker"]["spec"]
+        elif doc["kind"] == "Pod":
+            pods[f"test-{doc['metadata']['name']}"] = doc["spec"]
+    return pods
+
+
+def home_not_writable(docs: list[dict[str, Any]]) -> list[str]:
+    """Containers on a read-only root whose HOME (and XDG cache) is not on a mounted volume:
+    pip, matplotlib, torch and CUDA write under them and fail, or fall back to a shared /tmp."""
+    wrong = []
+    for whose, pod in pods_of(docs).items():
+        for container in pod["containers"]:
+            if not container.get("securityContext", {}).get("readOnlyRootFilesystem") or whose.startswith("test-"):
+                continue
+            env = {item["name"]: item.get("value", "") for item in container.get("env", [])}
+            mounts = [mount["mountPath"] for mount in container.get("volumeMounts", []) if not mount.get("readOnly")]
+            for name in ("HOME", "XDG_CACHE_HOME"):
+                if not any(env.get(name, "").startswith(mount.rstrip("/") + "/") for mount in mounts):
+                    wrong.append(f"{whose}/{container['name']}: {name}={env.get(name)!r} is not on a writable volume")
+    return wrong
+
+
+def test_every_container_on_a_read_only_root_has_a_writable_home_and_cache():
+    for values_file in [None, *VALUES_FILES]:
+        assert home_not_writable(render(values_of(values_file))) == [], values_file
+    docs = render()
+    [container] = pods_of(docs)["stream-worker"]["containers"]
+    container["env"] = [item for item in container["env"] if item["name"] != "HOME"]
+    assert home_not_writable(docs)  # the rule catches what it names
+    worker = pods_of(render())["dask-worker"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in worker["env"]}
+    assert env["CUDA_CACHE_PATH"].startswith("/var/cache/visionstream/") and env["VISIONSTREAM_MODEL__COMPILE_CACHE_DIR"].startswith("/var/cache/visionstream/")
+    assert {"mountPath": "/var/cache/visionstream", "name": "cache"} in worker["volumeMounts"]
+
+
+def test_a_service_account_option_for_the_pods_that_read_the_bucket():
+    assert not any(doc["kind"] == "ServiceAccount" for doc in render())
+    assert not any("serviceAccountName" in pod for pod in pods_of(render()).values())  # the namespace's default
+    docs = render({"serviceAccount": {"create": True, "annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"}}, "dask": {"cpu": {"enabled": True}}})
+    [account] = [doc for doc in docs if doc["kind"] == "ServiceAccount"]
+    assert account["metadata"]["annotations"] == {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/r"}
+    assert account["automountServiceAccountToken"] is False
+    pods = pods_of(docs)
+    readers = {whose for whose in pods if whose == "stream-worker" or whose.startswith("dask-worker")}
+    assert len(readers) == 3
+    for whose, pod in pods.items():
+        assert pod.get("serviceAccountName") == (account["metadata"]["name"] if whose in readers else None), whose
+        assert pod["automountServiceAccountToken"] is False, whose
+    named = pods_of(render({"serviceAccount": {"name": "existing"}}))
+    assert named["stream-worker"]["serviceAccountName"] == named["dask-worker"]["serviceAccountName"] == "existing"
+
+
+def test_placement_and_priority_reach_every_pod():
+    docs = render(values_of(CHART / "ci" / "monitoring-values.yaml"))
+    pods = pods_of(docs)
+    assert pods["stream-worker"]["priorityClassName"] == "visionstream-stream" and pods["stream-worker"]["topologySpreadConstraints"]
+    assert pods["dask-worker"]["priorityClassName"] == "visionstream-gpu" and pods["dask-worker"]["affinity"]["nodeAffinity"]
+    assert {"name": "NCCL_DEBUG", "value": "WARN"} in pods["dask-worker"]["containers"][0]["env"]
+    cluster = next(doc for doc in docs if doc["kind"] == "DaskCluster")
+    assert cluster["spec"]["worker"]["metadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
+    assert pods["scheduler"]["priorityClassName"] == "visionstream-gpu" and pods["scheduler"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    cpu = next(pod for whose, pod in pods.items() if whose.startswith("dask-worker-"))
+    assert cpu["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_keda_scales_up_by_policy_falls_back_to_the_replicas_there_are_and_never_to_zero():
+    scaled = next(doc for doc in render() if doc["kind"] == "ScaledObject")
+    behavior = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleUp"] == {"stabilizationWindowSeconds": 60, "policies": [{"type": "Pods", "value": 2, "periodSeconds": 60}]}
+    assert scaled["spec"]["fallback"] == {"failureThreshold": 3, "replicas": 1, "behavior": "currentReplicasIfHigher"}
+    assert scaled["spec"]["minReplicaCount"] == 1
+    with pytest.raises(Exception, match="scaleToZero"):
+        render({"autoscaling": {"scaleToZero": True}})
+
+
+def test_the_lag_threshold_follows_throughput_where_given():
+    def threshold(values):
+        scaled = next(doc for doc in render(values) if doc["kind"] == "ScaledObject")
+        return {trigger["metadata"]["lagThreshold"] for trigger in scaled["spec"]["triggers"]}
+
+    assert threshold({}) == {"120"}  # one worker's work in hand
+    assert threshold({"autoscaling": {"throughputPerReplica": 120, "acceptableDelaySeconds": 10}}) == {"1200"}
+    assert threshold({"autoscaling": {"throughputPerReplica": 5, "acceptableDelaySeconds": 2.5}}) == {"120"}  # never below the work in hand
+    assert threshold({"autoscaling": {"throughputPerReplica": 30.5, "acceptableDelaySeconds": 7}}) == {"214"}  # rounded up
+    assert threshold({"autoscaling": {"lagThreshold": 500, "throughputPerReplica": 120, "acceptableDelaySeconds": 10}}) == {"500"}
+
+
+def test_network_policies_are_on_by_default_and_let_helm_test_reach_the_stream_worker():
+    docs = render()
+    policies = {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"vs-visionstream", "vs-visionstream-dask"}
+    [test_pod] = [doc for doc in docs if doc["kind"] == "Pod"]
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert "http://vs-visionstream:6066/readyz" in test_pod["spec"]["containers"][0]["command"][-1]
+    allowed = [source for rule in policies["vs-visionstream"]["spec"]["ingress"] for source in rule["from"]]
+    labels = test_pod["metadata"]["labels"]
+    assert any(set(source.get("podSelector", {}).get("matchLabels", {}).items()) <= set(labels.items()) and "podSelector" in source for source in allowed)
+    assert all(source for source in allowed)  # never an empty selector: that would let everyone in
+
+
+def test_alerts_read_series_the_stream_worker_exports_and_the_dask_pods_are_scraped():
+    docs = render(values_of(CHART / "ci" / "monitoring-values.yaml"))
+    [rule] = [doc for doc in docs if doc["kind"] == "PrometheusRule"]
+    exported = set(re.findall(r'"(visionstream_[a-z_]+)"', (REPO / "streams" / "service" / "metrics.py").read_text()))
+    alerts = rule["spec"]["groups"][0]["rules"]
+    assert {alert["alert"] for alert in alerts} == {"VisionstreamLagGrowing", "VisionstreamOrphanedPartitions", "VisionstreamDeadLetters", "VisionstreamWorkerWithoutModel"}
+    for alert in alerts:
+        used = set(re.findall(r"visionstream_[a-z_]+", alert["expr"]))
+        assert used and used <= exported, (alert["alert"], used - exported)
+        assert 'namespace="vision"' in alert["expr"]
+    [monitor] = [doc for doc in docs if doc["kind"] == "PodMonitor"]
+    assert monitor["spec"]["selector"]["matchLabels"] == {"dask.org/cluster-name": "vs-visionstream-dask"}
+    pods = pods_of(docs)
+    for whose in ("scheduler", "dask-worker"):
+        ports = {port["name"] for port in pods[whose]["containers"][0]["ports"]}
+        assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports

@@ -42,7 +42,8 @@ app.kubernetes.io/component: stream-worker
 {{- end -}}
 {{- end -}}
 
-{{/* Lag per replica: autoscaling.lagThreshold, else batch.size x max(2, batch.max_in_flight). */}}
+{{/* Lag per replica: autoscaling.lagThreshold; else the higher of one worker's work in hand,
+batch.size x max(2, batch.max_in_flight), and throughputPerReplica x acceptableDelaySeconds. */}}
 {{- define "visionstream.lagThreshold" -}}
 {{- if .Values.autoscaling.lagThreshold -}}
 {{- .Values.autoscaling.lagThreshold | int -}}
@@ -50,8 +51,41 @@ app.kubernetes.io/component: stream-worker
 {{- $batch := .Values.config.batch | default dict -}}
 {{- $size := $batch.size | default 60 | int -}}
 {{- $inFlight := $batch.max_in_flight | default 0 | int -}}
-{{- mul $size (max 2 $inFlight) -}}
+{{- $inHand := mul $size (max 2 $inFlight) -}}
+{{- $accepted := mulf (.Values.autoscaling.throughputPerReplica | default 0 | float64) (.Values.autoscaling.acceptableDelaySeconds | default 0 | float64) | ceil | int -}}
+{{- max $inHand $accepted -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The ServiceAccount of the pods that read the bucket ("" = the namespace's default). */}}
+{{- define "visionstream.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- .Values.serviceAccount.name | default (include "visionstream.fullname" .) -}}
+{{- else -}}
+{{- .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Writable places on a read-only root: home, caches (pip, matplotlib, CUDA's kernels) under /tmp. */}}
+{{- define "visionstream.writableEnv" -}}
+- {name: HOME, value: /tmp/home}
+- {name: XDG_CACHE_HOME, value: /tmp/cache}
+- {name: MPLCONFIGDIR, value: /tmp/cache/matplotlib}
+{{- end -}}
+
+{{/* A pod's placement and priority: affinity, topology spread, priority class (group: its values). */}}
+{{- define "visionstream.placement" -}}
+{{- with .affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
 {{- end -}}
 
 {{- define "visionstream.drainSeconds" -}}
@@ -80,10 +114,18 @@ app.kubernetes.io/component: stream-worker
 {{- define "visionstream.daskWorkerSpec" -}}
 {{- $root := .root -}}
 {{- $group := .group -}}
+{{- with $group.podAnnotations }}
+metadata:
+  annotations:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
 spec:
   {{- with $root.Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with include "visionstream.serviceAccountName" $root }}
+  serviceAccountName: {{ . }}
   {{- end }}
   automountServiceAccountToken: false
   securityContext: {runAsNonRoot: true, runAsUser: 10001, fsGroup: 10001, seccompProfile: {type: RuntimeDefault}}
@@ -100,10 +142,17 @@ spec:
         - name: VISIONSTREAM_CPUS
           valueFrom: {resourceFieldRef: {containerName: worker, resource: requests.cpu, divisor: "1"}}
         - {name: TORCH_HOME, value: /models/torch}
+        {{- include "visionstream.writableEnv" $root | nindent 8 }}
+        # CUDA's JIT cache and the compiled forward passes (model.compile_cache_dir), per pod
+        - {name: CUDA_CACHE_PATH, value: /var/cache/visionstream/cuda}
+        - {name: VISIONSTREAM_MODEL__COMPILE_CACHE_DIR, value: /var/cache/visionstream/compiled}
         {{- if eq .kind "cpu" }}
         - {name: VISIONSTREAM_MODEL__DEVICE, value: cpu}
         {{- end }}
         {{- include "visionstream.storageEnv" $root | nindent 8 }}
+        {{- with $group.extraEnv }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
       ports:
         - {name: http-dashboard, containerPort: 8788, protocol: TCP}
       livenessProbe:
@@ -119,9 +168,11 @@ spec:
       volumeMounts:
         - {name: models, mountPath: /models/torch}
         - {name: tmp, mountPath: /tmp}
+        - {name: cache, mountPath: /var/cache/visionstream}
   volumes:
     - {name: models, emptyDir: {}}   # the weights, downloaded once per pod
     - {name: tmp, emptyDir: {}}
+    - {name: cache, emptyDir: {}}
   {{- with $group.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -130,4 +181,5 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- include "visionstream.placement" $group | nindent 2 }}
 {{- end -}}
