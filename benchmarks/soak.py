@@ -15,6 +15,22 @@ counted: distinct predictions, duplicates (each attributed to the last group cha
 kill before it), dead letters by stage, every good upload without a prediction (lost),
 which must be none, and whether the group stalled (a stream worker's ``/livez`` failing, or
 lag left with nothing taken). Not part of CI: it runs for minutes.
+
+Three cases a long-running deployment meets, each a flag:
+
+    python -m benchmarks.soak --poison --cut-isolation 2   # a long isolation under restarts
+    python -m benchmarks.soak --late-bucket 40             # a bucket added to the filter, then reconcile
+    python -m benchmarks.soak --second-config 200          # two configurations sharing one cluster
+
+``--cut-isolation N`` SIGKILLs a stream worker N times right after a step of an isolation it
+runs (the worker-killing image's batch being split): the next owner resumes from the verdicts
+kept on the scheduler, and the image is dead-lettered once, nothing else. ``--late-bucket N``
+uploads N images to a second bucket while the stream workers' ``filter.buckets`` names only
+the first (their notifications are skipped), then restarts them with both buckets and runs
+``visionstream reconcile`` on the second: every one is predicted. ``--second-config N`` runs a
+second stream deployment (its own consumer group, topics and model configuration) on the same
+Dask cluster with N of the uploads: both predict all of theirs, and at the end the Dask worker
+still holds both models (neither retired the other's).
 """
 
 from __future__ import annotations
@@ -56,6 +72,11 @@ from streams.embedded.stack import (
 from streams.service.events import now_iso, parse_time
 from streams.service.kafka import ensure_topics, start_consumer, start_producer
 from streams.service.s3events import ObjectRef, object_created_event
+
+
+# A stream worker retires idle models of its own line every minute, once idle for
+# max(60 s, batch.timeout_s): past this, a model it wrongly took for its own would be gone.
+SECOND_CONFIG_IDLE_S = 200.0
 
 
 def say(text: str) -> None:
@@ -102,6 +123,8 @@ class Supervisor:
         self.restarts: Counter[str] = Counter()
         self.changes: list[tuple[float, str]] = []  # (unix time, what): group changes and kills
         self.unhealthy: Counter[str] = Counter()  # /livez answers other than 200, per stream worker
+        self.cuts_left = 0  # isolations to cut short: SIGKILL a stream worker right after an isolation step
+        self.isolation_steps: dict[int, int] = {}  # per stream worker, as its /health last said
 
     @property
     def address(self) -> str:
@@ -189,6 +212,40 @@ class Supervisor:
             except OSError:
                 pass  # starting or stopping
 
+    def cut_isolations(self) -> None:
+        """SIGKILL a stream worker whose /health counts a new isolation step (it is splitting a
+        batch to find the worker-killer), while cuts are left: the next owner must resume."""
+        for index, process in enumerate(self.streams):
+            if not self.cuts_left or process is None or process.poll() is not None:
+                continue
+            url = f"http://127.0.0.1:{self.stream_settings[index].worker.web_port}/health"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as answer:
+                    steps = json.loads(answer.read())["counters"].get("isolation_steps", 0)
+            except (OSError, ValueError, KeyError):
+                continue
+            if steps > self.isolation_steps.get(index, 0):
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                self.isolation_steps.pop(index, None)  # a restarted worker counts from 0
+                self.cuts_left -= 1
+                self.kills["cut-isolation"] += 1
+                self._note(f"cut isolation: SIGKILL stream-worker-{index} after isolation step {steps}")
+            else:
+                self.isolation_steps[index] = steps
+
+    def restart_streams(self, settings: Settings) -> None:
+        """A rolling restart onto new settings (a config change): each stream worker drains and
+        stops (SIGTERM), then starts again with ``settings``."""
+        for index, process in enumerate(self.streams):
+            self.stream_settings[index] = settings.with_overrides({"worker": self.stream_settings[index].worker.model_dump()})
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(120)
+            if self.wanted[index]:
+                self.streams[index] = self._start_stream(index)
+        self._note("restart stream workers with new settings")
+
     def stop(self) -> None:
         for process in self.streams:
             if process is not None and process.poll() is None:
@@ -226,6 +283,27 @@ async def read_all(settings: Settings, idle_s: float = 5.0) -> list[dict[str, An
     return events
 
 
+def run_cli(settings: Settings, work: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``visionstream ARGS`` as an operator runs it: settings in a config file, secrets in its environment."""
+    import yaml
+
+    config = work / f"cli-{uuid.uuid4().hex[:6]}.yaml"
+    config.write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_none=True)))
+    return subprocess.run([sys.executable, "-m", "streams", *args, "--config", str(config)], capture_output=True, text=True,
+                          env=os.environ | settings.secrets_env(), timeout=600, check=False)
+
+
+def resident_models(address: str) -> list[str]:
+    """The visionstream model plugins on the Dask workers now."""
+    from distributed import Client
+
+    from inference.worker.plugin import PLUGIN_PREFIX
+
+    with Client(address, timeout=30) as client:
+        found = client.run(lambda dask_worker: sorted(name for name in dask_worker.plugins if name.startswith(PLUGIN_PREFIX)))
+    return sorted({name for names in found.values() for name in names})
+
+
 def predicted(settings: Settings, expected: set[str]) -> int:
     events = asyncio.run(read_all(settings, idle_s=1.0))
     return len({e["uri"] for e in events if e.get("uri") in expected})
@@ -239,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-workers", type=int, default=1, help="stream worker processes in the group (up to this many run at once)")
     parser.add_argument("--churn-kinds", default="join,leave,die", help="which group changes churn makes (comma-separated)")
     parser.add_argument("--poison", action="store_true", help="upload one image that kills the Dask worker decoding it (fault injection)")
+    parser.add_argument("--cut-isolation", type=int, default=0, metavar="N",
+                        help="with --poison: SIGKILL a stream worker N times right after a step of the isolation it runs")
+    parser.add_argument("--late-bucket", type=int, default=0, metavar="N",
+                        help="N uploads to a bucket the filter adds only later, then found by reconcile")
+    parser.add_argument("--second-config", type=int, default=0, metavar="N",
+                        help="N uploads through a second stream deployment (another model configuration) on the same Dask cluster")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--rate", type=float, default=40.0, help="notifications per second sent")
     parser.add_argument("--seed", type=int, default=1)
@@ -249,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="visionstream-soak-") as scratch, EmbeddedStack(log_dir=Path(scratch) / "logs") as stack:
         work = Path(scratch)
         suffix = uuid.uuid4().hex[:6]
-        bucket, foreign = f"soak-{suffix}", f"soak-foreign-{suffix}"
+        bucket, foreign, late = f"soak-{suffix}", f"soak-foreign-{suffix}", f"soak-late-{suffix}"
         scheduler_port = free_port()
         settings = Settings().with_overrides({
             "model": {"name": args.model, "weights": "none", "precision": "fp32"},
@@ -259,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             "batch": {"linger_s": 0.5, "timeout_s": 60},
             "worker": {"web_port": free_port(), "data_dir": str(work / "worker-data")},
         })
+        if args.late_bucket:
+            settings = settings.with_overrides({"filter": {"buckets": [bucket]}})  # the late bucket comes later
         s3 = boto3.client("s3", **settings.storage.boto3_kwargs())
-        for name in (bucket, foreign):
+        for name in (bucket, foreign, late):
             s3.create_bucket(Bucket=name)
         say(f"generating and uploading {args.images} images (+ corrupt ones) ...")
         paths = generate_dataset(work / "images", args.images, seed=args.seed, bad_files=20)
@@ -276,16 +362,40 @@ def main(argv: list[str] | None = None) -> int:
             s3.put_object(Bucket=bucket, Key=key, Body=paths[0].read_bytes())
             poisoned.add(f"s3://{bucket}/{key}")
         missing = {f"s3://{bucket}/Images/never-uploaded-{i}.jpg" for i in range(20)}
+        late_good: set[str] = set()
+        late_events: list[bytes] = []  # as S3 sends them, with each object's ETag
+        for path in paths[: args.late_bucket]:  # the same pictures in the late bucket (corrupt ones among them fail alike)
+            key = path.relative_to(work / "images").as_posix()
+            etag = s3.put_object(Bucket=late, Key=key, Body=path.read_bytes())["ETag"].strip('"')
+            late_events.append(json.dumps(object_created_event(ObjectRef(late, key, etag=etag, event_time=now_iso()))).encode())
+            if "_bad" not in path.name:
+                late_good.add(f"s3://{late}/{key}")
+        second_good = set(sorted(good)[: args.second_config])
         messages = [json.dumps(object_created_event(ObjectRef(bucket, uri.split("/", 3)[3], event_time=now_iso()))).encode() for uri in sorted(good | corrupt | missing | poisoned)]
+        messages += late_events
         hostile = hostile_messages(bucket, foreign) * 3
         for message in hostile:
             messages.insert(rng.randrange(len(messages) + 1), message)
         asyncio.run(ensure_topics(settings.kafka, settings.topics))
         supervisor = Supervisor(settings, work, scheduler_port, max(1, args.stream_workers), "poison-pill" if args.poison else None)
         supervisor.kinds = tuple(kind.strip() for kind in args.churn_kinds.split(","))
+        supervisor.cuts_left = args.cut_isolation if args.poison else 0
+        second: tuple[Settings, subprocess.Popen[bytes]] | None = None
+        if args.second_config:  # another deployment: its own group, topics and model configuration, the same cluster
+            other = settings.with_overrides({
+                "kafka": {"consumer_group": f"soak2-{suffix}"}, "model": {"top_k": 3},
+                "topics": {name: f"{value}-2" for name, value in settings.topics.model_dump().items() if isinstance(value, str)},
+                "worker": {"web_port": free_port(), "data_dir": str(work / "worker-data-second")},
+            })
+            asyncio.run(ensure_topics(other.kafka, other.topics))
+            second = (other, start_stream_worker(other, work / "logs", "second-config"))
         started = time.monotonic()
         sending = threading.Thread(target=lambda: asyncio.run(send(settings, messages, args.rate)), daemon=True)
         sending.start()
+        if second is not None:
+            second_messages = [json.dumps(object_created_event(ObjectRef(bucket, uri.split("/", 3)[3], event_time=now_iso()))).encode() for uri in sorted(second_good)]
+            threading.Thread(target=lambda: asyncio.run(send(second[0], second_messages, args.rate / 4)), daemon=True).start()
+        late_reconciled = False
         kills_left, churn_left = args.kills, args.churn
         deadline = started + args.timeout
         next_kill = time.monotonic() + rng.uniform(5, 15)
@@ -307,19 +417,52 @@ def main(argv: list[str] | None = None) -> int:
                 if now >= next_probe:
                     supervisor.probe()
                     next_probe = now + 5
+                supervisor.cut_isolations()
+                if second is not None and second[1].poll() is not None:
+                    second = (second[0], start_stream_worker(second[0], work / "logs", "second-config"))
                 if not kills_left and not churn_left and not sending.is_alive():
                     done = predicted(settings, good)
                     say(f"{done}/{len(good)} good uploads predicted")
-                    if done == len(good):
+                    if late_good and done == len(good) and not late_reconciled:
+                        # the operator adds the bucket to the filter, rolls the workers, reconciles it
+                        settings = settings.with_overrides({"filter": {"buckets": [bucket, late]}})
+                        supervisor.restart_streams(settings)
+                        reconciled = run_cli(settings, work, "reconcile", f"s3://{late}/", "--min-age", "0")
+                        say(f"reconcile s3://{late}/: exit {reconciled.returncode}: {reconciled.stdout.strip()[-300:]} {reconciled.stderr.strip()[-300:]}")
+                        late_reconciled = True
+                    late_done = predicted(settings, late_good) if late_good else 0
+                    second_done = predicted(second[0], second_good) if second is not None else 0
+                    if late_good or second is not None:
+                        say(f"late bucket: {late_done}/{len(late_good)}; second configuration: {second_done}/{len(second_good)}")
+                    # two configurations: idle long enough for a retirement round to pass over the other's model
+                    settled = second is None or time.monotonic() - started > SECOND_CONFIG_IDLE_S
+                    if done == len(good) and late_done == len(late_good) and second_done == len(second_good) and settled:
                         break
                 time.sleep(1.0)
+            models = resident_models(supervisor.address) if second is not None else []
         finally:
+            if second is not None and second[1].poll() is None:
+                second[1].send_signal(signal.SIGTERM)
+                second[1].wait(60)
             supervisor.stop()
         elapsed = time.monotonic() - started
+        resumed = sum(path.read_text(errors="replace").count("resuming the isolation") for path in (work / "logs").glob("stream-worker-*.log"))
         events = asyncio.run(read_all(settings))
+        second_events = asyncio.run(read_all(second[0])) if second is not None else []
     report = summarize(events, good, corrupt, missing, supervisor, elapsed, args)
     report["poison_dead_lettered_as_worker"] = sorted(poisoned & {e["uri"] for e in events if is_dead_letter(e) and e["stage"] == "worker"})
     report["worker_dead_letters"] = sorted({e["uri"] for e in events if is_dead_letter(e) and e["stage"] == "worker"})
+    if args.late_bucket:
+        report["late_bucket_predicted"] = f"{len(late_good & {e['uri'] for e in events if is_prediction(e)})}/{len(late_good)}"
+        report["lost"] += len(late_good - {e["uri"] for e in events if is_prediction(e)})
+    if second is not None:
+        second_predicted = {e["uri"] for e in second_events if is_prediction(e)}
+        report["second_config_predicted"] = f"{len(second_good & second_predicted)}/{len(second_good)}"
+        report["lost"] += len(second_good - second_predicted)
+        report["models_resident_at_end"] = models  # both configurations' plugins: neither retired the other
+    if args.cut_isolation:
+        report["isolations_cut"] = supervisor.kills.get("cut-isolation", 0)
+        report["isolations_resumed"] = resumed  # from the verdicts kept on the scheduler (the stream workers' logs)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

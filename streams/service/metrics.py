@@ -68,6 +68,7 @@ class StreamMetrics:
     in_flight_batches: int = 0
     last_batch_completed: float = field(default_factory=time.monotonic)  # monotonic; start-up counts as progress
     last_isolation_step: float = 0.0  # monotonic: an isolated part of a batch finished (progress, not a batch)
+    isolation_steps: int = 0  # parts of batches under isolation classified or convicted
     busy_since: float | None = None  # monotonic: when batches went from none in flight to some
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))  # live uploads
     backfill_latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
@@ -164,6 +165,7 @@ class StreamMetrics:
         """A part of a batch under isolation was classified or convicted: progress, though no
         batch completes (the others wait for the isolation), so liveness does not fail on it."""
         self.last_isolation_step = time.monotonic()
+        self.isolation_steps += 1
 
     def batch_completed(self) -> None:
         """Published and acknowledged: the worker made progress."""
@@ -220,6 +222,7 @@ class StreamMetrics:
             "images_classified": self.images_classified,
             "image_errors": self.image_errors,
             "batch_retries": self.batch_retries,
+            "isolation_steps": self.isolation_steps,
             "in_flight_batches": self.in_flight_batches,
             "seconds_since_progress": round(self.seconds_since_progress(), 1),
             "latency_ms": _percentiles(self.latencies_ms),  # live uploads: upload to publish
