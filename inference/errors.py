@@ -172,3 +172,11 @@ class DecodeOverdue(Exception):  # noqa: N818 - a signal, not an error a caller 
 class ObjectTooSlow(Exception):  # noqa: N818 - a signal, not an error a caller sees
     """An object's body did not arrive within ``images.fetch_timeout_s``; the fetch turns it
     into that image's FetchError."""
+
+
+class ModelSwapFailed(InferenceError):
+    """A new model could not be loaded on every Dask worker: the one in use stays."""
+
+    def __init__(self, plugin: str, reason: str) -> None:
+        self.plugin, self.reason = plugin, reason
+        super().__init__(f"the new model ({plugin}) did not load on every Dask worker: {reason}")

@@ -255,6 +255,7 @@ class TopicSettings(Section):
     backfill: str = "image-uploads-backfill"
     predictions: str = "predictions"
     dead_letter: str = "image-uploads-dlq"
+    models: str = "visionstream-models"  # `visionstream model set` commands and their outcomes (one partition, compacted)
     partitions: int = Field(4, ge=1)
     replication_factor: int = Field(1, ge=1)
 

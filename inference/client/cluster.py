@@ -25,13 +25,15 @@ from inference.client.health import WorkerHealth
 from inference.client.isolation import IsolationLease
 from inference.client.retirement import retire_superseded
 from inference.client.verdicts import VerdictBook
-from inference.errors import ClusterUnavailable, ModelLoadFailed, ModelNotResident, WorkerLost
+from inference.errors import ClusterUnavailable, ModelLoadFailed, ModelNotResident, ModelSwapFailed, WorkerLost
 from inference.records.objects import pins
 from inference.records.results import ImageResult
 from inference.settings import ClusterSettings, ImageSettings, ModelSettings, Settings, StorageSettings
-from inference.worker.plugin import classify_batch
+from inference.worker.plugin import classify_batch, plugin_state
 
 log = logging.getLogger(__name__)
+
+SWAP_POLL_S = 0.5  # how often a swap asks the workers whether the new model loaded
 
 
 class InferenceCluster(ClusterConnection):
@@ -198,6 +200,50 @@ class InferenceCluster(ClusterConnection):
             for task in (waiting, watching):
                 if task is not None and not task.done():
                     task.cancel()
+
+    async def swap(self, model: ModelSettings) -> str:
+        """Load ``model`` on every worker beside the one in use, then send the next batches to
+        it (those in flight finish on the plugin they were submitted with); returns the version
+        the workers loaded. Raises ModelSwapFailed, the model in use kept, where it did not load
+        on every worker within ``cluster.setup_timeout_s``; the candidate is unregistered."""
+        if self.client is None:
+            raise ModelSwapFailed("none", "not connected to the cluster")
+        candidate = self.plugin.with_model(model)
+        deadline = asyncio.get_running_loop().time() + self.settings.setup_timeout_s
+        try:
+            await asyncio.wait_for(self.client.register_plugin(candidate, name=candidate.name), timeout=self.settings.setup_timeout_s)
+            versions = await self._loaded_everywhere(candidate.name, deadline)
+        except ModelSwapFailed:
+            await self._unregister(candidate)
+            raise
+        except Exception as exc:  # noqa: BLE001 - a worker's load error, a timeout, the scheduler gone
+            await self._unregister(candidate)
+            raise ModelSwapFailed(candidate.name, (str(exc) or type(exc).__name__)[:500]) from exc
+        self.plugin = candidate
+        return ", ".join(sorted(versions))
+
+    async def _loaded_everywhere(self, name: str, deadline: float) -> set[str]:
+        """Until every worker has loaded plugin ``name`` (its versions), or one failed (ModelSwapFailed)."""
+        assert self.client is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            states = await self.client.run(plugin_state, name)
+            failed = {address: state["failure"] for address, state in states.items() if state["failure"]}
+            if failed:
+                address, why = sorted(failed.items())[0]
+                raise ModelSwapFailed(name, f"on {address}: {why}")
+            if states and all(state["loaded"] for state in states.values()):
+                return {state["version"] or "unknown" for state in states.values()}
+            if loop.time() > deadline:
+                raise ModelSwapFailed(name, f"not loaded on every worker within cluster.setup_timeout_s ({self.settings.setup_timeout_s:g} s)")
+            await asyncio.sleep(SWAP_POLL_S)
+
+    async def _unregister(self, candidate: Any) -> None:
+        try:
+            if self.client is not None:
+                await self.client.unregister_worker_plugin(candidate.name)
+        except Exception as exc:  # noqa: BLE001 - retirement removes it later
+            log.warning("could not unregister the model that failed to load (%s): %s", candidate.name, exc)
 
     async def retire_superseded(self, idle_s: float) -> list[str]:
         """Unregister the model plugins this one superseded (``retirement``)."""

@@ -40,6 +40,10 @@ class ClusterConnection:
         self._local: Any = None
         self.workers: dict[str, int] = {}  # task threads per worker, as last seen (``threads``)
 
+    def use_model(self, model: ModelSettings) -> None:
+        """Before ``start``: register ``model`` instead of the configuration's (a hot swap in force)."""
+        self.plugin = self.plugin.with_model(model)
+
     @property
     def address(self) -> str:
         return self.settings.scheduler or (self._local.scheduler_address if self._local else "embedded")

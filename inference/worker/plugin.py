@@ -64,6 +64,10 @@ class ResidentModel(WorkerPlugin):
         self.failure: str | None = None  # why the last load failed
         self.failed_loads = 0  # consecutive
 
+    def with_model(self, model: ModelSettings) -> ResidentModel:
+        """The same configuration with another model (a hot swap's candidate), of the same line."""
+        return ResidentModel(model, self.image_settings, self.storage_settings, self.warmup_batch, self.lineage)
+
     async def setup(self, worker: Worker) -> None:
         """Dask calls this on the worker's event loop: the model loads in a thread (a download,
         a checkpoint read, CUDA start-up and graph capture take seconds to minutes), so the loop
@@ -84,6 +88,7 @@ class ResidentModel(WorkerPlugin):
         try:
             await asyncio.to_thread(self._load_recording, worker)
         finally:
+            self.last_used = time.monotonic()  # a slow load is not idleness: a swap's candidate is not retired as it lands
             self.ready.set()
 
     def _load_recording(self, worker: Worker) -> None:
@@ -201,6 +206,21 @@ def classify_batch(
     finally:
         resident.active_batches -= 1
         resident.last_used = time.monotonic()
+
+
+def plugin_state(name: str, dask_worker: Worker) -> dict[str, Any]:
+    """On a worker (``client.run``): whether the plugin ``name`` is here, its model loaded (and
+    its version), still loading, or failed (and why)."""
+    plugin = dask_worker.plugins.get(name)
+    if plugin is None or not hasattr(plugin, "ready"):
+        return {"present": plugin is not None, "loaded": False, "version": None, "failure": None}
+    loaded = plugin.loaded
+    return {
+        "present": True,
+        "loaded": loaded is not None,
+        "version": loaded.info.version if loaded is not None else None,
+        "failure": None if loaded is not None or not plugin.ready.is_set() else plugin.failure,
+    }
 
 
 def _say_started(worker: Worker) -> None:

@@ -20,6 +20,8 @@ Command = Callable[[str, Callable[[argparse.Namespace, Settings], int | None], s
 
 
 def register(command: Command) -> None:
+    from streams.cli import model
+
     classify = command("classify", run_classify, "classify files, folders, globs or s3:// prefixes; one JSON line per image")
     classify.add_argument("sources", nargs="+", metavar="SOURCE")
     classify.add_argument("--output", "-o", default="-", metavar="FILE", help="JSON lines to this file ('-' = stdout)")
@@ -67,6 +69,8 @@ def register(command: Command) -> None:
     reconcile.add_argument("--idle", type=_positive, default=5.0, metavar="SECONDS",
                            help="where the broker gives no end offsets: stop reading after this long without a record (default: 5)")
     reconcile.add_argument("--topic", metavar="TOPIC", help="default: topics.backfill")
+
+    model.register(command)
 
     evaluate = command("evaluate", run_evaluate, "accuracy report from the predictions topic or a classify JSONL file")
     evaluate.add_argument("--input", metavar="FILE", help="JSON lines from `visionstream classify` instead of the topic")

@@ -21,6 +21,7 @@ takes its partitions it does the same, and keeps its partitions meanwhile
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,14 +30,16 @@ from aiokafka import AIOKafkaProducer
 from faust.types import TP, StreamT
 
 from inference.client.cluster import InferenceCluster
+from inference.errors import InferenceError
 from inference.settings import Settings
 from streams.service.app import create_app
 from streams.service.capacity import BACKFILL_PRIORITY, LIVE_PRIORITY, BatchSlots
 from streams.service.housekeeping import add_timers
 from streams.service.intake import BatchIntake
-from streams.service.kafka import start_producer
+from streams.service.kafka import TopicTail, start_producer
 from streams.service.liveness import LivenessWatch
 from streams.service.metrics import StreamMetrics
+from streams.service.models import ModelControl, ModelFollower, member_name
 from streams.service.processing import BatchHandler
 from streams.service.rebalance import commit_before_revoke
 from streams.service.routes import add_routes
@@ -78,6 +81,8 @@ class StreamService:
         self.slots = BatchSlots(settings)
         self.liveness = LivenessWatch(settings, self.counters, self.inputs)
         self.intake = BatchIntake(settings.batch, handler, self.slots, self.liveness, self.counters, self.fail)
+        follower = ModelFollower(settings.model, self.cluster.swap, self._publish_model_event, member_name(), self.counters.model_swap)
+        self.models = ModelControl(follower, TopicTail(settings.kafka, topics.models), settings.model)
         self.producer: AIOKafkaProducer | None = None
         self.fatal: BaseException | None = None  # what stops this worker, once: the command's error line
         self._started: asyncio.Task[None] | None = None
@@ -92,7 +97,7 @@ class StreamService:
         add_timers(
             app, self.settings, self.cluster, self.slots, self.liveness, self.counters,
             started=lambda: self.started, draining=lambda: self.intake.draining,
-            assigned=lambda: self.assigned, excused=self.waits_for_a_slot,
+            assigned=lambda: self.assigned, excused=self.waits_for_a_slot, follow_models=self.models.follow,
         )
 
         @app.on_partitions_assigned.connect
@@ -140,9 +145,23 @@ class StreamService:
 
     async def _start(self) -> None:
         self.producer = await start_producer(self.settings.kafka)
-        await self.cluster.start()
+        model = await self.models.starting_model()  # a `model set` in force outlives restarts
+        if model == self.settings.model:
+            await self.cluster.start()
+        else:
+            self.cluster.use_model(model)
+            try:
+                await self.cluster.start()
+            except InferenceError as exc:  # a command no worker had tried, whose weights do not load
+                log.error("the model `model set` chose (%s, weights %r) did not load (%s); starting with the configured model", model.name, model.weights, exc)
+                self.cluster.use_model(self.settings.model)
+                await self.cluster.start()
         self.slots.open()
         self.slots.grow(sum((await self.cluster.threads()).values()))
+
+    async def _publish_model_event(self, event: dict[str, Any]) -> None:
+        key = f"{event['id']}/{event['member']}".encode()
+        await self.publish(self.settings.topics.models, key, json.dumps(event).encode())
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> Any:
         """Send, and return only once the broker has the event (or raise after kafka.delivery_timeout_s)."""
@@ -182,6 +201,7 @@ class StreamService:
         if self.producer is not None:
             await _step(self.producer.stop, "producer did not stop cleanly")  # everything acked was confirmed already
             self.producer = None
+        await _step(self.models.stop, "model topic reader did not stop cleanly", level=logging.DEBUG)
         # leave the scheduler cleanly: it forgets this client and its event subscription
         await _step(self.cluster.close, "Dask client did not close cleanly", level=logging.DEBUG)
 

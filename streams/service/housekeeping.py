@@ -6,7 +6,7 @@ tried again at the next."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import faust
 from faust.types import TP
@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 LAG_INTERVAL_S = 10.0
 RETIRE_INTERVAL_S = 60.0
+MODEL_INTERVAL_S = 2.0  # how often the model topic is read for new `model set` commands
 
 
 def add_timers(
@@ -35,6 +36,7 @@ def add_timers(
     draining: Callable[[], bool],
     assigned: Callable[[], set[TP]],
     excused: Callable[[TP], bool],
+    follow_models: Callable[[], Awaitable[None]],
 ) -> None:
     """``started``: connected to the cluster; ``draining``: stopping; ``assigned``: the input partitions held now;
     ``excused``: a partition whose agent waits for a batch slot (never stalled)."""
@@ -59,6 +61,14 @@ def add_timers(
             except Exception as exc:  # noqa: BLE001 - the next round tries again
                 log.warning("could not count the cluster's task threads: %s", exc)
             counters.workers_without_model(cluster.without_model())
+
+    @app.timer(MODEL_INTERVAL_S)
+    async def follow_model_commands() -> None:
+        if started() and not draining():
+            try:
+                await follow_models()  # a swap loads in the background: batches go on meanwhile
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("could not follow the model topic: %s", exc)
 
     @app.timer(RETIRE_INTERVAL_S)
     async def retire_superseded_models() -> None:

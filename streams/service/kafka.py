@@ -35,7 +35,15 @@ def client_options(kafka: KafkaSettings) -> dict[str, Any]:
 
 
 def all_topics(topics: TopicSettings) -> list[str]:
-    return [topics.uploads, topics.backfill, topics.predictions, topics.dead_letter]
+    return [topics.uploads, topics.backfill, topics.predictions, topics.dead_letter, topics.models]
+
+
+def new_topic(name: str, topics: TopicSettings) -> NewTopic:
+    """How the service creates ``name``: the model topic in one partition (its commands in order),
+    compacted (the latest command kept however old); the others with ``topics.partitions``."""
+    if name == topics.models:
+        return NewTopic(name, 1, topics.replication_factor, topic_configs={"cleanup.policy": "compact"})
+    return NewTopic(name, topics.partitions, topics.replication_factor)
 
 
 async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings, names: list[str] | None = None) -> None:
@@ -51,9 +59,7 @@ async def ensure_topics(kafka: KafkaSettings, topics: TopicSettings, names: list
         missing = [name for name in wanted if name not in existing]
         if missing:
             try:
-                await admin.create_topics(
-                    [NewTopic(name, topics.partitions, topics.replication_factor) for name in missing]
-                )
+                await admin.create_topics([new_topic(name, topics) for name in missing])
                 log.info("created topics %s with %d partitions", missing, topics.partitions)
             except TopicAlreadyExistsError:
                 pass
@@ -99,6 +105,36 @@ async def start_consumer(kafka: KafkaSettings, *topics: str, from_beginning: boo
 
 
 READ_BATCH = 2000  # records per fetch while reading topics whole
+
+
+class TopicTail:
+    """One topic read whole from its start, then followed: no consumer group (every reader sees
+    every record). For the model topic: small, compacted."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+        self.kafka, self.topic = kafka, topic
+        self.consumer: AIOKafkaConsumer | None = None
+
+    async def start(self, idle_s: float = 2.0) -> list[bytes | None]:
+        """The topic's records so far: until ``idle_s`` passes without one (a compacted topic of
+        a few records; the embedded broker's end offsets cannot be trusted)."""
+        self.consumer = await start_consumer(self.kafka, self.topic, from_beginning=True)
+        values: list[bytes | None] = []
+        while batch := await self.consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=READ_BATCH):
+            values.extend(record.value for records in batch.values() for record in records)
+        return values
+
+    async def new(self) -> list[bytes | None]:
+        """The records that arrived since the last call (none waited for)."""
+        if self.consumer is None:
+            return []
+        batch = await self.consumer.getmany(timeout_ms=0, max_records=READ_BATCH)
+        return [record.value for records in batch.values() for record in records]
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            consumer, self.consumer = self.consumer, None
+            await consumer.stop()
 ASSIGN_WAIT_S = 30.0  # for the topics' metadata before reading
 ENDS_GRACE_S = 30.0  # without a record while the end offsets say more are there: give up on them
 POSITION_WAIT_S = 10.0

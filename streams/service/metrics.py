@@ -48,6 +48,7 @@ METRIC_NAMES = (
     "visionstream_workers_without_model",
     "visionstream_stalled_partitions",
     "visionstream_orphaned_partitions",
+    "visionstream_model_swaps_total",
 )
 
 
@@ -96,6 +97,9 @@ class StreamMetrics:
         self._model = Info("visionstream_model", "The model the cluster runs", registry=r)
         self._labelled = Counter("visionstream_model_labelled_images", "Predictions of images whose key carries a ground truth, by model version", ["version"], registry=r)
         self._matched = Counter("visionstream_model_matched_images", "Predictions that matched their ground truth, by model version", ["version"], registry=r)
+        self._swaps = Counter("visionstream_model_swaps", "`visionstream model set` commands this worker applied: swapped, or failed (the model in use kept)", ["outcome"], registry=r)
+        for outcome in ("swapped", "failed"):
+            self._swaps.labels(outcome=outcome)  # both series from the start, at 0
         self._model_labels: dict[str, str] = {}
 
     # -- facts, one call site each -------------------------------------------------------
@@ -196,6 +200,10 @@ class StreamMetrics:
         if labels != self._model_labels:
             self._model_labels = labels
             self._model.info(labels)
+
+    def model_swap(self, outcome: str) -> None:
+        """A `model set` command applied: ``swapped`` or ``failed``."""
+        self._swaps.labels(outcome=outcome).inc()
 
     # -- reading -------------------------------------------------------------------------
 

@@ -261,10 +261,11 @@ def test_minio_and_the_stream_worker_each_reach_kafka_as_a_user_of_their_own_wit
     assert grants == [
         "--operation All --topic image-uploads --resource-pattern-type prefixed",
         "--operation All --topic predictions",
+        f"--operation All --topic {settings.topics.models}",
         f"--operation All --group {group} --resource-pattern-type prefixed",
         "--operation Describe --operation IdempotentWrite --cluster",
     ]
-    assert all(topic.startswith("image-uploads") or topic == "predictions" for topic in topics), topics
+    assert all(topic.startswith("image-uploads") or topic in ("predictions", settings.topics.models) for topic in topics), topics
     kafka_init = environment("kafka-init")
     for name in ("SERVICE_PASSWORD", "NOTIFY_PASSWORD"):
         [match] = variables(kafka_init[name])
@@ -552,7 +553,9 @@ def test_minio_notifies_the_uploads_topic_and_init_creates_every_topic():
     assert minio["MINIO_NOTIFY_KAFKA_BROKERS_PRIMARY"] == settings.kafka.bootstrap_servers
     commands = script("kafka-init")
     created = re.search(r"for topic in ([^;]+);", commands).group(1).split()
+    created.append(re.search(r"--topic (\S+) --partitions 1 --replication-factor \d+ --config cleanup.policy=compact", commands).group(1))
     assert sorted(created) == sorted(all_topics(settings.topics))
+    assert created[-1] == settings.topics.models  # one partition, compacted, as the service creates it
     assert f"--partitions {settings.topics.partitions}" in commands
     assert f"--replication-factor {settings.topics.replication_factor}" in commands
 
