@@ -256,8 +256,18 @@ class TopicSettings(Section):
     predictions: str = "predictions"
     dead_letter: str = "image-uploads-dlq"
     models: str = "visionstream-models"  # `visionstream model set` commands and their outcomes (one partition, compacted)
+    review: str = "image-review"  # low-margin predictions for people to label (review.enabled)
     partitions: int = Field(4, ge=1)
     replication_factor: int = Field(1, ge=1)
+
+
+class ReviewSettings(Section):
+    """Predictions to look at: under ``margin`` between the top two scores they are counted per
+    model version (``visionstream_model_low_margin_images_total``) and, with ``enabled``, also
+    published to ``topics.review`` for people to label."""
+
+    enabled: bool = False
+    margin: float = Field(0.1, ge=0.0, le=1.0)
 
 
 class EventSettings(Section):
@@ -306,6 +316,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     topics: TopicSettings = TopicSettings()
     events: EventSettings = EventSettings()
+    review: ReviewSettings = ReviewSettings()
     filter: FilterSettings = FilterSettings()
     worker: WorkerSettings = WorkerSettings()
 

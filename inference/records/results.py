@@ -78,6 +78,14 @@ class ImageResult:
     timings: Timings = field(default_factory=Timings)
     worker: str | None = None
 
+    @property
+    def margin(self) -> float | None:
+        """How far the top score leads the second (None with fewer than two): near 0, the model
+        could as well have said the other class."""
+        if len(self.top_k) < 2:
+            return None
+        return self.top_k[0].score - self.top_k[1].score
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["top_k"] = list(data["top_k"])

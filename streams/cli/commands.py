@@ -106,7 +106,10 @@ def run_worker(args: argparse.Namespace, settings: Settings) -> int:
     from streams.service.kafka import ensure_topics
     from streams.service.process import GracefulWorker, fatal_echoes_filtered
 
-    asyncio.run(ensure_topics(settings.kafka, settings.topics))
+    from streams.service.kafka import all_topics
+
+    review = [settings.topics.review] if settings.review.enabled else []
+    asyncio.run(ensure_topics(settings.kafka, settings.topics, all_topics(settings.topics) + review))
     service = StreamService(settings)
     # keep our log format (configure_logging) instead of Faust's own
     worker = GracefulWorker(service, loglevel=args.log_level.lower(), quiet=True, override_logging=False)

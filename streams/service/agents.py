@@ -75,6 +75,7 @@ class StreamService:
             topics=topics,
             filter=allowed_filter(settings.filter, settings.storage.bucket),
             events=settings.events,
+            review=settings.review,
             counters=self.counters,
             cluster=self.cluster,
         )

@@ -23,6 +23,7 @@ from inference.records.results import ModelInfo, Timings
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, 600.0)
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 30, 40, 50, 60, 90, 120, 250, 500, 1000)
 STAGES = ("fetch", "decode", "queue", "inference")
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 # The Prometheus text format; aiohttp takes the charset apart from the type (and the body is ASCII).
 CONTENT_TYPE = CONTENT_TYPE_LATEST.split("; charset")[0]
 
@@ -49,6 +50,8 @@ METRIC_NAMES = (
     "visionstream_stalled_partitions",
     "visionstream_orphaned_partitions",
     "visionstream_model_swaps_total",
+    "visionstream_model_confidence",
+    "visionstream_model_low_margin_images_total",
 )
 
 
@@ -97,6 +100,8 @@ class StreamMetrics:
         self._model = Info("visionstream_model", "The model the cluster runs", registry=r)
         self._labelled = Counter("visionstream_model_labelled_images", "Predictions of images whose key carries a ground truth, by model version", ["version"], registry=r)
         self._matched = Counter("visionstream_model_matched_images", "Predictions that matched their ground truth, by model version", ["version"], registry=r)
+        self._confidence = Histogram("visionstream_model_confidence", "Top-1 score of each prediction, by model version (drift: a distribution that moves)", ["version"], buckets=CONFIDENCE_BUCKETS, registry=r)
+        self._low_margin = Counter("visionstream_model_low_margin_images", "Predictions whose top two scores are within review.margin, by model version", ["version"], registry=r)
         self._swaps = Counter("visionstream_model_swaps", "`visionstream model set` commands this worker applied: swapped, or failed (the model in use kept)", ["outcome"], registry=r)
         for outcome in ("swapped", "failed"):
             self._swaps.labels(outcome=outcome)  # both series from the start, at 0
@@ -127,11 +132,19 @@ class StreamMetrics:
         self.image_errors += 1
         self._dead.labels(stage=stage).inc()
 
-    def image_predicted(self, latency_ms: float | None, backfill: bool = False, version: str | None = None, match: bool | None = None) -> None:
+    def image_predicted(
+        self, latency_ms: float | None, backfill: bool = False, version: str | None = None, match: bool | None = None,
+        confidence: float | None = None, low_margin: bool = False,
+    ) -> None:
         """Live and replayed images are timed apart: a replay's latency says nothing of uploads'.
-        A labelled image (``match`` not None) counts toward its model version's top-1."""
+        A labelled image (``match`` not None) counts toward its model version's top-1; its top-1
+        ``confidence`` and a ``low_margin`` toward the version's drift series."""
         self.images_classified += 1
         self._predicted.inc()
+        if confidence is not None:
+            self._confidence.labels(version=version or "unknown").observe(confidence)
+        if low_margin:
+            self._low_margin.labels(version=version or "unknown").inc()
         if match is not None:
             self._labelled.labels(version=version or "unknown").inc()
             if match:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from inference.records.results import Failure, ImageResult
-from inference.settings import BatchSettings, EventSettings, FilterSettings, TopicSettings
+from inference.settings import BatchSettings, EventSettings, FilterSettings, ReviewSettings, TopicSettings
 from streams.errors import MalformedEvent
 from streams.service.attempts import BatchAttempts, Classify
 from streams.service.events import dead_letter_event, encode, encode_dead_letter, prediction_event
@@ -184,6 +184,7 @@ class BatchHandler:
     topics: TopicSettings
     filter: FilterSettings
     events: EventSettings = field(default_factory=EventSettings)
+    review: ReviewSettings = field(default_factory=ReviewSettings)
     counters: StreamMetrics = field(default_factory=StreamMetrics)
     cluster: Isolation = field(default_factory=NoLedger)
     _warned_buckets: set[str] = field(default_factory=set, init=False, repr=False)
@@ -269,8 +270,15 @@ class BatchHandler:
                 except (ValueError, TypeError, OverflowError) as exc:  # a NaN score, say: this image alone
                     error = Failure("inference", f"the result cannot be published: {exc}")
                 else:
-                    self.counters.image_predicted(event["latency_ms"], backfill=ref.backfill, version=outcome.model.version, match=outcome.match)  # type: ignore[union-attr]
+                    margin = outcome.margin  # type: ignore[union-attr]
+                    low = margin is not None and margin < self.review.margin
+                    self.counters.image_predicted(
+                        event["latency_ms"], backfill=ref.backfill, version=outcome.model.version, match=outcome.match,  # type: ignore[union-attr]
+                        confidence=outcome.prediction.score if outcome.prediction else None, low_margin=low,  # type: ignore[union-attr]
+                    )
                     sends.append(self.publish(self.topics.predictions, key, value))
+                    if low and self.review.enabled:  # for people to label: acknowledged only once it is there too
+                        sends.append(self.publish(self.topics.review, key, value))
                     continue
             failed += 1
             self.counters.image_failed(error.stage)

@@ -690,3 +690,36 @@ def test_an_isolation_cut_short_again_and_again_gives_up_on_the_images_not_clear
     assert sorted(dead) == sorted(uris[3:])
     assert all(event["stage"] == "worker" and f"cut short {MAX_CUT_SHORT} times" in event["reason"] for event in dead.values())
     assert len([1 for topic, _, _ in recorder.published if topic == TOPICS.predictions]) == 3
+
+
+def test_low_margin_predictions_are_counted_per_version_and_routed_to_review_only_when_asked():
+    """Two scores within review.margin: the model could as well have said the other class.
+    Counted per model version either way (drift); published to topics.review too with
+    review.enabled, and acknowledged only once both are there."""
+    from inference.settings import ReviewSettings
+
+    versioned = ModelInfo("resnet18", "none", "fp32", "cpu", version="sha256:abc")
+
+    class Scored(Recorder):
+        async def classify(self, uris, priority):
+            self.batches.append(uris)
+            results = []
+            for uri in uris:
+                second = 0.45 if "close" in uri else 0.05
+                top = (Prediction(151, "n02085620", "Chihuahua", 0.5), Prediction(152, "n02085782", "Japanese spaniel", second))
+                results.append(ImageResult(uri, uri.rsplit("/", 1)[-1], top[0], top, None, None, None, versioned))
+            return results
+
+    messages = [upload("Images/close-1.jpg", 0), upload("Images/clear.jpg", 1), upload("Images/close-2.jpg", 2)]
+    for enabled in (False, True):
+        recorder = Scored()
+        settings = BatchSettings(retry_timeout_s=5, retry_backoff_s=0.01)
+        h = BatchHandler(recorder.classify, recorder.publish, settings, TOPICS, FilterSettings(), review=ReviewSettings(enabled=enabled, margin=0.1))
+        asyncio.run(h.handle(messages))
+        reviewed = sorted(event["uri"] for topic, _, event in recorder.published if topic == TOPICS.review)
+        assert reviewed == (["s3://b/Images/close-1.jpg", "s3://b/Images/close-2.jpg"] if enabled else [])
+        assert len([1 for topic, _, _ in recorder.published if topic == TOPICS.predictions]) == 3
+        exposition = h.counters.exposition().decode()
+        assert 'visionstream_model_low_margin_images_total{version="sha256:abc"} 2.0' in exposition
+        assert 'visionstream_model_confidence_count{version="sha256:abc"} 3.0' in exposition
+        assert 'visionstream_model_confidence_bucket{le="0.5",version="sha256:abc"} 3.0' in exposition
