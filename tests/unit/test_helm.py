@@ -26,9 +26,21 @@ KUBERNETES_VERSIONS = ("1.27.0", "1.37.0")  # Chart.yaml's kubeVersion floor, an
 SERVED = set(re.findall(r'@app\.page\("([^"]+)"\)', (REPO / "streams" / "service" / "routes.py").read_text()))
 
 
-def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+TLS_SECRET = {"dask": {"tls": {"secretName": "vs-dask-tls"}}}  # what a user names for dask.tls, on by default
+
+
+def with_tls_secret(values: dict[str, Any] | None) -> dict[str, Any]:
+    """``values`` with a Secret for dask.tls where they name none (the defaults need one)."""
+    values = copy.deepcopy(values or {})
+    dask = values.setdefault("dask", {})
+    dask.setdefault("tls", {}).setdefault("secretName", TLS_SECRET["dask"]["tls"]["secretName"])
+    return values
+
+
+def render(values: dict[str, Any] | None = None, *, as_given: bool = False) -> list[dict[str, Any]]:
+    """The chart's objects for ``values`` (a dask.tls Secret named unless ``as_given``)."""
     chart = helm.Chart.load(str(CHART))
-    manifests = chart.render(values or {}, name="vs", namespace="vision", is_install=True)
+    manifests = chart.render(values or {} if as_given else with_tls_secret(values), name="vs", namespace="vision", is_install=True)
     return [doc for path, text in sorted(manifests.items()) if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
 
 
@@ -143,7 +155,7 @@ def test_the_chart_renders_valid_objects_and_falls_into_no_trap(values_file):
 
 @pytest.mark.parametrize("values_file", [None, *VALUES_FILES], ids=lambda p: p.stem if p else "defaults")
 def test_helm_lint_is_clean(values_file):
-    report = helm.lint(str(CHART), values_of(values_file), strict=True)
+    report = helm.lint(str(CHART), with_tls_secret(values_of(values_file)), strict=True)
     assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
 
 
@@ -189,7 +201,7 @@ def test_the_stream_worker_is_probed_drained_and_locked_down():
     assert pod["securityContext"]["runAsNonRoot"] and container["securityContext"]["readOnlyRootFilesystem"]
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"] and not container["securityContext"]["allowPrivilegeEscalation"]
     env = {item["name"]: item for item in container["env"]}
-    assert env["VISIONSTREAM_CLUSTER__SCHEDULER"]["value"] == "tcp://vs-visionstream-dask-scheduler.vision.svc:8786"
+    assert env["VISIONSTREAM_CLUSTER__SCHEDULER"]["value"] == "tls://vs-visionstream-dask-scheduler.vision.svc:8786"  # dask.tls
     assert "replicas" not in deployment["spec"]  # KEDA owns the count
     pdb = next(doc for doc in docs if doc["kind"] == "PodDisruptionBudget")
     assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
@@ -327,7 +339,7 @@ def test_every_dask_worker_group_follows_the_operators_rule_one_process_named_af
     assert groups
     for group in groups:
         [container] = group["spec"]["containers"]
-        args = container["args"]
+        args = [arg for arg in container["args"] if not arg.startswith("tls://")]  # dask.tls: the scheduler's address first
         assert args[:4] == ["dask", "worker", "--name", "$(DASK_WORKER_NAME)"], args
         assert "--nworkers" not in args and "--nprocs" not in args, args
         env = {item["name"]: item.get("value") for item in container["env"]}
@@ -459,3 +471,45 @@ def test_alerts_read_series_the_stream_worker_exports_and_the_dask_pods_are_scra
     for whose in ("scheduler", "dask-worker"):
         ports = {port["name"] for port in pods[whose]["containers"][0]["ports"]}
         assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
+
+
+def test_dask_speaks_mutual_tls_by_default_from_a_secret_the_user_names():
+    with pytest.raises(Exception, match="dask.tls.secretName"):
+        render({}, as_given=True)  # the defaults: no Secret named, no install
+    docs = render()
+    pods = pods_of(docs)
+    scheduler, worker, stream = (pods[whose]["containers"][0] for whose in ("scheduler", "dask-worker", "stream-worker"))
+    assert scheduler["args"][-2:] == ["--protocol", "tls"]
+    assert worker["args"][2] == "tls://vs-visionstream-dask-scheduler.vision.svc:8786"  # the operator's own address says tcp://
+    for container, role in ((scheduler, "SCHEDULER"), (worker, "WORKER")):
+        env = {item["name"]: item.get("value") for item in container["env"]}
+        assert env["DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION"] == "True"
+        assert env[f"DASK_DISTRIBUTED__COMM__TLS__{role}__CERT"] == "/etc/dask-tls/tls.crt"
+        assert env[f"DASK_DISTRIBUTED__COMM__TLS__{role}__KEY"] == "/etc/dask-tls/tls.key"
+    env = {item["name"]: item.get("value") for item in stream["env"]}
+    assert env["VISIONSTREAM_CLUSTER__SCHEDULER"].startswith("tls://")
+    assert (env["VISIONSTREAM_CLUSTER__TLS_CA"], env["VISIONSTREAM_CLUSTER__TLS_CERT"], env["VISIONSTREAM_CLUSTER__TLS_KEY"]) == (
+        "/etc/dask-tls/ca.crt", "/etc/dask-tls/tls.crt", "/etc/dask-tls/tls.key")
+    for whose in ("scheduler", "dask-worker", "stream-worker"):
+        volume = next(volume for volume in pods[whose]["volumes"] if volume["name"] == "dask-tls")
+        assert volume["secret"] == {"secretName": "vs-dask-tls", "defaultMode": 0o400}, whose
+        [mount] = [mount for mount in pods[whose]["containers"][0]["volumeMounts"] if mount["name"] == "dask-tls"]
+        assert mount["readOnly"] is True
+    plain = pods_of(render({"dask": {"tls": {"enabled": False}}}, as_given=True))
+    assert "--protocol" not in plain["scheduler"]["containers"][0]["args"]
+    assert not any(volume["name"] == "dask-tls" for pod in plain.values() for volume in pod.get("volumes", []))
+    assert {item["name"]: item.get("value") for item in plain["stream-worker"]["containers"][0]["env"]}["VISIONSTREAM_CLUSTER__SCHEDULER"].startswith("tcp://")
+
+
+def test_the_stream_workers_tls_settings_are_ones_the_service_accepts():
+    """The environment the chart gives the stream worker loads as settings and makes a client
+    Security with mutual TLS (files the pod mounts)."""
+    from inference.client.connection import client_security
+    from inference.settings import load_settings
+
+    [container] = pods_of(render())["stream-worker"]["containers"]
+    environ = {item["name"]: item["value"] for item in container["env"] if item["name"].startswith("VISIONSTREAM_CLUSTER__")}
+    settings = load_settings(environ=environ).cluster
+    assert settings.scheduler.startswith("tls://") and settings.tls_ca == "/etc/dask-tls/ca.crt"
+    security = client_security(settings)
+    assert security is not None and security.require_encryption

@@ -38,8 +38,28 @@ app.kubernetes.io/component: stream-worker
 {{- if .Values.dask.scheduler -}}
 {{- .Values.dask.scheduler -}}
 {{- else -}}
-{{- printf "tcp://%s-scheduler.%s.svc:8786" (include "visionstream.daskCluster" .) .Release.Namespace -}}
+{{- printf "%s://%s-scheduler.%s.svc:8786" (ternary "tls" "tcp" (eq (include "visionstream.daskTls" .) "true")) (include "visionstream.daskCluster" .) .Release.Namespace -}}
 {{- end -}}
+{{- end -}}
+
+{{/* "true" where the chart's own DaskCluster speaks mutual TLS (dask.tls). */}}
+{{- define "visionstream.daskTls" -}}
+{{- if and (not .Values.dask.scheduler) .Values.dask.tls.enabled -}}
+{{- if not .Values.dask.tls.secretName -}}
+{{- fail "dask.tls.enabled: set dask.tls.secretName to a Secret holding ca.crt, tls.crt and tls.key (a cert-manager Certificate writes one: README, Kubernetes), or set dask.tls.enabled: false where the namespace's network is trusted" -}}
+{{- end -}}
+true
+{{- else -}}
+false
+{{- end -}}
+{{- end -}}
+
+{{/* Where a pod mounts dask.tls's Secret, and the Dask settings that use it (role: scheduler, worker). */}}
+{{- define "visionstream.daskTlsEnv" -}}
+- {name: DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION, value: "True"}
+- {name: DASK_DISTRIBUTED__COMM__TLS__CA_FILE, value: /etc/dask-tls/ca.crt}
+- {name: DASK_DISTRIBUTED__COMM__TLS__{{ .role | upper }}__CERT, value: /etc/dask-tls/tls.crt}
+- {name: DASK_DISTRIBUTED__COMM__TLS__{{ .role | upper }}__KEY, value: /etc/dask-tls/tls.key}
 {{- end -}}
 
 {{/* Lag per replica: autoscaling.lagThreshold; else the higher of one worker's work in hand,
@@ -135,7 +155,19 @@ spec:
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
       # the operator sets DASK_SCHEDULER_ADDRESS and DASK_WORKER_NAME (the pod's name): one
       # process, named so, is a worker the operator can retire by deleting its pod
-      args: [dask, worker, --name, $(DASK_WORKER_NAME), --nthreads, {{ $group.threadsPerProcess | quote }}, --dashboard-address, ":8788"]
+      {{- $tls := eq (include "visionstream.daskTls" $root) "true" }}
+      args:
+        - dask
+        - worker
+        {{- if $tls }}
+        - {{ include "visionstream.schedulerAddress" $root | quote }}   # the operator's DASK_SCHEDULER_ADDRESS is tcp://
+        {{- end }}
+        - --name
+        - $(DASK_WORKER_NAME)
+        - --nthreads
+        - {{ $group.threadsPerProcess | quote }}
+        - --dashboard-address
+        - ":8788"
       env:
         - {name: VISIONSTREAM_LOCAL_WORKERS, value: "1"}
         # the cores this pod may use, not the node's: the process sizes its threads to them
@@ -150,6 +182,9 @@ spec:
         - {name: VISIONSTREAM_MODEL__DEVICE, value: cpu}
         {{- end }}
         {{- include "visionstream.storageEnv" $root | nindent 8 }}
+        {{- if $tls }}
+        {{- include "visionstream.daskTlsEnv" (dict "role" "worker") | nindent 8 }}
+        {{- end }}
         {{- with $group.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -169,10 +204,17 @@ spec:
         - {name: models, mountPath: /models/torch}
         - {name: tmp, mountPath: /tmp}
         - {name: cache, mountPath: /var/cache/visionstream}
+        {{- if $tls }}
+        - {name: dask-tls, mountPath: /etc/dask-tls, readOnly: true}
+        {{- end }}
   volumes:
     - {name: models, emptyDir: {}}   # the weights, downloaded once per pod
     - {name: tmp, emptyDir: {}}
     - {name: cache, emptyDir: {}}
+    {{- if $tls }}
+    - name: dask-tls
+      secret: {secretName: {{ $root.Values.dask.tls.secretName | quote }}, defaultMode: 0400}
+    {{- end }}
   {{- with $group.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
