@@ -18,6 +18,7 @@ from typing import Any
 
 from distributed import Client, KilledWorker
 
+from inference.client.canary import Canary
 from inference.client.connection import ClusterConnection
 from inference.client.death_watch import DeathWatch
 from inference.client.deaths import DeathTally, batch_digest, batch_key, key_digest
@@ -58,6 +59,7 @@ class InferenceCluster(ClusterConnection):
         self.health = WorkerHealth()
         self.death_watch = DeathWatch()
         self.lease = IsolationLease()
+        self.canary: Canary | None = None  # a candidate model taking a share of the images
 
     @classmethod
     def from_settings(cls, settings: Settings, lineage: str | None = None) -> InferenceCluster:
@@ -148,6 +150,22 @@ class InferenceCluster(ClusterConnection):
         return self.health.trouble(self.workers)
 
     async def _submit(self, uris: list[str], priority: int, deaths_allowed: int) -> list[ImageResult]:
+        """One task for the batch, or two where a canary takes its share of the images (each
+        task's key carries the whole batch's digest: deaths, starts and isolation see one batch)."""
+        canary = self.canary
+        serving, candidate = canary.split(uris) if canary is not None else (list(range(len(uris))), [])
+        if not candidate:
+            return await self._submit_to(self.plugin.name, uris, uris, priority, deaths_allowed)
+        if not serving:
+            return await self._submit_to(canary.plugin.name, uris, uris, priority, deaths_allowed)
+        parts = await asyncio.gather(
+            self._submit_to(self.plugin.name, [uris[i] for i in serving], uris, priority, deaths_allowed),
+            self._submit_to(canary.plugin.name, [uris[i] for i in candidate], uris, priority, deaths_allowed),
+        )
+        merged: dict[int, ImageResult] = dict(zip(serving + candidate, parts[0] + parts[1], strict=True))
+        return [merged[index] for index in range(len(uris))]
+
+    async def _submit_to(self, plugin: str, uris: list[str], batch: list[str], priority: int, deaths_allowed: int) -> list[ImageResult]:
         if self.settings.scheduler and (self.client is None or self.client.status in ("closing", "closed")):
             await self._reconnect()
         if self.client is None:
@@ -155,9 +173,9 @@ class InferenceCluster(ClusterConnection):
         client = self.client
         placement = self.health.placement(await self.threads()) if self.health.unhealthy else {}
         self.death_watch.subscribe(client)
-        key = batch_key(uris)  # names the images: deaths count against them, whoever submits them
+        key = batch_key(batch)  # names the images: deaths count against them, whoever submits them
         future = client.submit(
-            classify_batch, self.plugin.name, [str(uri) for uri in uris], self.truth_pattern, pins(uris),
+            classify_batch, plugin, [str(uri) for uri in uris], self.truth_pattern, pins(uris),
             key=key, priority=priority, **placement,
         )
         with self.death_watch.watching(key, uris) as died:
@@ -206,6 +224,32 @@ class InferenceCluster(ClusterConnection):
         it (those in flight finish on the plugin they were submitted with); returns the version
         the workers loaded. Raises ModelSwapFailed, the model in use kept, where it did not load
         on every worker within ``cluster.setup_timeout_s``; the candidate is unregistered."""
+        candidate, version = await self._load_candidate(model)
+        self.plugin = candidate
+        if self.canary is not None and self.canary.plugin.name == candidate.name:
+            self.canary = None  # promoted: all of the images are its now
+        return version
+
+    async def start_canary(self, model: ModelSettings, share: float) -> str:
+        """Load ``model`` on every worker beside the one in use and send it ``share`` of the
+        images (``inference.client.canary``); returns the version loaded. ModelSwapFailed as
+        ``swap``, the canary then not started."""
+        candidate, version = await self._load_candidate(model)
+        self.canary = Canary(candidate, share, version)
+        return version
+
+    def end_canary(self) -> None:
+        """Every image to the serving model again; the candidate is retired once idle."""
+        self.canary = None
+
+    async def serving_version(self) -> str | None:
+        """The version of the model in use, as the workers loaded it (None: none has it loaded)."""
+        if self.client is None:
+            return None
+        states = await self.client.run(plugin_state, self.plugin.name)
+        return next((state["version"] for state in states.values() if state["loaded"]), None)
+
+    async def _load_candidate(self, model: ModelSettings) -> tuple[Any, str]:
         if self.client is None:
             raise ModelSwapFailed("none", "not connected to the cluster")
         candidate = self.plugin.with_model(model)
@@ -219,8 +263,7 @@ class InferenceCluster(ClusterConnection):
         except Exception as exc:  # noqa: BLE001 - a worker's load error, a timeout, the scheduler gone
             await self._unregister(candidate)
             raise ModelSwapFailed(candidate.name, (str(exc) or type(exc).__name__)[:500]) from exc
-        self.plugin = candidate
-        return ", ".join(sorted(versions))
+        return candidate, ", ".join(sorted(versions))
 
     async def _loaded_everywhere(self, name: str, deadline: float) -> set[str]:
         """Until every worker has loaded plugin ``name`` (its versions), or one failed (ModelSwapFailed)."""
@@ -246,10 +289,17 @@ class InferenceCluster(ClusterConnection):
             log.warning("could not unregister the model that failed to load (%s): %s", candidate.name, exc)
 
     async def retire_superseded(self, idle_s: float) -> list[str]:
-        """Unregister the model plugins this one superseded (``retirement``)."""
+        """Unregister the model plugins this one superseded (``retirement``); a canary's stays."""
         if self.client is None:
             return []
-        return await retire_superseded(self.client, self.plugin, idle_s)
+        keep = {self.canary.plugin.name} if self.canary is not None else set()
+        return await retire_superseded(self.client, self.plugin, idle_s, keep)
+
+    async def _register(self) -> None:
+        """The model in use, and a canary's candidate beside it (after a scheduler restart too)."""
+        await super()._register()
+        if self.canary is not None and self.client is not None:
+            await asyncio.wait_for(self.client.register_plugin(self.canary.plugin, name=self.canary.plugin.name), timeout=self.settings.setup_timeout_s)
 
 async def _cancel(client: Client, future: Any) -> None:
     try:

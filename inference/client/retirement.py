@@ -18,11 +18,12 @@ from inference.worker.plugin import LEGACY_LINEAGE, ResidentModel, plugin_usage
 log = logging.getLogger(__name__)
 
 
-async def retire_superseded(client: Any, plugin: ResidentModel, idle_s: float) -> list[str]:
+async def retire_superseded(client: Any, plugin: ResidentModel, idle_s: float, keep: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """Unregister the model plugins ``plugin`` superseded (``superseded``): the workers
-    release the old model. Other configurations' and notebook clients' plugins stay."""
+    release the old model. Other configurations' and notebook clients' plugins stay, and so do
+    those in ``keep`` (a canary's candidate)."""
     usage = await client.run(plugin_usage)
-    retired = superseded(usage, plugin.name, plugin.lineage, idle_s)
+    retired = [name for name in superseded(usage, plugin.name, plugin.lineage, idle_s) if name not in keep]
     for name in retired:
         log.info("unregistering model plugin %s: superseded by %s (line %s)", name, plugin.name, plugin.lineage)
         await client.unregister_worker_plugin(name)

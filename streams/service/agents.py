@@ -82,7 +82,10 @@ class StreamService:
         self.slots = BatchSlots(settings)
         self.liveness = LivenessWatch(settings, self.counters, self.inputs)
         self.intake = BatchIntake(settings.batch, handler, self.slots, self.liveness, self.counters, self.fail)
-        follower = ModelFollower(settings.model, self.cluster.swap, self._publish_model_event, member_name(), self.counters.model_swap)
+        follower = ModelFollower(
+            settings.model, self.cluster.swap, self._publish_model_event, member_name(), self.counters.model_swap,
+            canary=self.cluster, tallies=lambda: self.counters.versions,
+        )
         self.models = ModelControl(follower, TopicTail(settings.kafka, topics.models), settings.model)
         self.producer: AIOKafkaProducer | None = None
         self.fatal: BaseException | None = None  # what stops this worker, once: the command's error line
@@ -160,8 +163,8 @@ class StreamService:
         self.slots.open()
         self.slots.grow(sum((await self.cluster.threads()).values()))
 
-    async def _publish_model_event(self, event: dict[str, Any]) -> None:
-        key = f"{event['id']}/{event['member']}".encode()
+    async def _publish_model_event(self, event: dict[str, Any], key: bytes | None = None) -> None:
+        key = key or f"{event['id']}/{event.get('member')}".encode()
         await self.publish(self.settings.topics.models, key, json.dumps(event).encode())
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> Any:

@@ -19,6 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from inference.records.evaluation import percentile
 from inference.records.results import ModelInfo, Timings
+from streams.service.canary import Tally
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, 600.0)
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 30, 40, 50, 60, 90, 120, 250, 500, 1000)
@@ -73,6 +74,7 @@ class StreamMetrics:
     last_batch_completed: float = field(default_factory=time.monotonic)  # monotonic; start-up counts as progress
     last_isolation_step: float = 0.0  # monotonic: an isolated part of a batch finished (progress, not a batch)
     isolation_steps: int = 0  # parts of batches under isolation classified or convicted
+    versions: dict[str, Tally] = field(default_factory=dict)  # per model version, for a canary's verdict
     busy_since: float | None = None  # monotonic: when batches went from none in flight to some
     latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))  # live uploads
     backfill_latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2048))
@@ -141,6 +143,11 @@ class StreamMetrics:
         ``confidence`` and a ``low_margin`` toward the version's drift series."""
         self.images_classified += 1
         self._predicted.inc()
+        tally = self.versions.get(version or "unknown", Tally())
+        self.versions[version or "unknown"] = Tally(
+            tally.predicted + 1, tally.labelled + (match is not None), tally.matched + bool(match),
+            tally.confidence_sum + (confidence or 0.0), tally.latency_sum_ms + (latency_ms or 0.0), tally.latency_count + (latency_ms is not None),
+        )
         if confidence is not None:
             self._confidence.labels(version=version or "unknown").observe(confidence)
         if low_margin:

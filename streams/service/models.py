@@ -26,12 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inference.settings import ModelSettings
+from streams.service.canary import PROMOTE, CanaryRule, Tally, verdict
 from streams.service.events import now_iso
 
 log = logging.getLogger(__name__)
 
 MODEL_SCHEMA = "visionstream.model/v1"
 SET, SWAPPED, FAILED = "set", "swapped", "failed"
+CANARY, PROMOTED, ROLLED_BACK = "canary", "promoted", "rolled-back"  # a canary command, and its verdict
+KINDS = (SET, SWAPPED, FAILED, CANARY, PROMOTED, ROLLED_BACK)
 SET_KEY = b"set"  # every command under one key: compaction keeps the latest
 MAX_RECORD_BYTES = 65_536  # a model command or outcome is small; anything larger is not ours
 
@@ -78,11 +81,35 @@ def parse(value: bytes | None) -> dict[str, Any] | None:
         record = json.loads(value)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    if not isinstance(record, dict) or record.get("schema") != MODEL_SCHEMA or record.get("kind") not in (SET, SWAPPED, FAILED):
+    if not isinstance(record, dict) or record.get("schema") != MODEL_SCHEMA or record.get("kind") not in KINDS:
         return None
     if not isinstance(record.get("id"), str) or not record["id"]:
         return None
     return record
+
+
+def canary_command(name: str, weights: str, share: float, rule: CanaryRule, weights_sha256: str | None = None) -> dict[str, Any]:
+    """The event ``model canary`` publishes: ``share`` of the images to the candidate, judged by ``rule``."""
+    command = set_command(name, weights, weights_sha256)
+    command.update(kind=CANARY, share=share, min_labelled=rule.min_labelled, max_drop=rule.max_drop)
+    return command
+
+
+def canary_of(record: dict[str, Any]) -> tuple[ModelChoice, float, CanaryRule] | None:
+    """What a ``canary`` record asks (its model, share and rule), or None where it is unusable. Pure."""
+    share, least, drop = record.get("share"), record.get("min_labelled"), record.get("max_drop")
+    if record.get("kind") != CANARY or (choice := choice_of({**record, "kind": SET})) is None:
+        return None
+    if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 < share < 1:
+        return None
+    if not isinstance(least, int) or isinstance(least, bool) or least < 1 or not isinstance(drop, (int, float)) or not 0 <= drop <= 1:
+        return None
+    return choice, float(share), CanaryRule(least, float(drop))
+
+
+def verdict_event(canary_id: str, member: str, kind: str, reason: str, stats: dict[str, Any]) -> dict[str, Any]:
+    """A canary's end: ``PROMOTED`` or ``ROLLED_BACK``, why, and both versions' counts."""
+    return {"schema": MODEL_SCHEMA, "kind": kind, "id": canary_id, "at": now_iso(), "member": member, "reason": reason, "stats": stats}
 
 
 def choice_of(record: dict[str, Any]) -> ModelChoice | None:
@@ -121,16 +148,31 @@ def standing_choice(values: Iterable[bytes | None]) -> ModelChoice | None:
     return standing
 
 
+@dataclass(frozen=True)
+class ActiveCanary:
+    """A canary this stream worker routes images to, and the counts it started from."""
+
+    choice: ModelChoice
+    rule: CanaryRule
+    serving: str  # the versions compared
+    candidate: str
+    baseline: dict[str, Tally]
+
+
 @dataclass
 class ModelFollower:
     """Applies the model topic's commands to this stream worker's cluster handle, in order."""
 
     model: ModelSettings  # the model in use: the configuration's, until a command changes it
     swap: Callable[[ModelSettings], Awaitable[str]]  # registers it on every worker, then uses it; returns its version
-    publish: Callable[[dict[str, Any]], Awaitable[Any]]  # an outcome event onto the model topic
+    publish: Callable[[dict[str, Any], bytes | None], Awaitable[Any]]  # an event onto the model topic (its key, or the default)
     member: str
     counted: Callable[[str], None] = lambda outcome: None  # the swaps counter
     seen: set[str] = field(default_factory=set)  # ids of the commands read (applied, failed, or read at start)
+    canary: Any = None  # the cluster's canary side: start_canary, end_canary, serving_version (InferenceCluster)
+    tallies: Callable[[], dict[str, Tally]] = dict  # per model version, as the stream counted them
+    running: ActiveCanary | None = None
+    pending: list[bytes] = field(default_factory=list)  # records read at start, applied by the first follow
 
     def start_with(self, values: Iterable[bytes | None]) -> ModelSettings:
         """The model to start with: the standing command's (``standing_choice``), else the
@@ -140,17 +182,88 @@ class ModelFollower:
         if choice is not None:
             self.model = choice.applied_to(self.model)
             log.info("model %s with weights %r, as `model set` chose (%s)", choice.name, choice.weights, choice.at or "no time given")
-        self.seen.update(record["id"] for value in values if (record := parse(value)) is not None and record["kind"] == SET)
+        records = [record for value in values if (record := parse(value)) is not None]
+        decided = {record["id"] for record in records if record["kind"] in (PROMOTED, ROLLED_BACK)}
+        # set commands are history; the last canary without a verdict is taken up by the first follow
+        self.seen.update(record["id"] for record in records if record["kind"] == SET or (record["kind"] == CANARY and record["id"] in decided))
+        self.seen.update(decided)
+        undecided = [record for record in records if record["kind"] == CANARY and record["id"] not in decided]
+        self.pending = [json.dumps(undecided[-1]).encode()] if undecided else []
         return self.model
 
     async def follow(self, values: Iterable[bytes | None]) -> None:
         """New records of the topic: each new ``set`` command is applied, in order."""
+        values, self.pending = [*self.pending, *values], []
         for value in values:
             record = parse(value)
-            choice = choice_of(record) if record is not None else None
-            if choice is None or choice.id in self.seen:
+            if record is None:
                 continue
-            await self._apply(choice)
+            if record["kind"] in (PROMOTED, ROLLED_BACK):
+                self._ended(record)
+                continue
+            if record["id"] in self.seen:
+                continue
+            if (canary := canary_of(record)) is not None:
+                await self._start_canary(*canary)
+            elif (choice := choice_of(record)) is not None:
+                if self.running is not None:  # an operator's `model set` ends a canary
+                    log.info("canary %s ended by model set %s", self.running.choice.id[:8], choice.id[:8])
+                    self.running = None
+                    self.canary.end_canary()
+                await self._apply(choice)
+        await self.judge()
+
+    async def judge(self) -> None:
+        """Decide the running canary once its rule can (``streams.service.canary``): each verdict
+        an event on the model topic and a log line; a promotion is a ``set`` command for the
+        candidate (every stream worker swaps to it), a roll-back ends the canary everywhere."""
+        running = self.running
+        if running is None:
+            return
+        now = self.tallies()
+        serving = now.get(running.serving, Tally()).minus(running.baseline.get(running.serving, Tally()))
+        candidate = now.get(running.candidate, Tally()).minus(running.baseline.get(running.candidate, Tally()))
+        decision, why = verdict(serving, candidate, running.rule)
+        if decision is None:
+            return
+        self.running = None
+        stats = {"serving": {"version": running.serving, **serving.summary()}, "candidate": {"version": running.candidate, **candidate.summary()}}
+        kind = PROMOTED if decision == PROMOTE else ROLLED_BACK
+        log.warning("canary %s %s: %s", running.choice.id[:8], kind, why)
+        self.seen.add(running.choice.id)
+        await self._say(verdict_event(running.choice.id, self.member, kind, why, stats))
+        if decision == PROMOTE:
+            promotion = set_command(running.choice.name, running.choice.weights, running.choice.weights_sha256)
+            promotion["because"] = running.choice.id
+            await self._say(promotion, SET_KEY)
+        else:
+            self.canary.end_canary()
+
+    async def _start_canary(self, choice: ModelChoice, share: float, rule: CanaryRule) -> None:
+        self.seen.add(choice.id)
+        model = choice.applied_to(self.model)
+        log.info("model canary: loading %s with weights %r on every Dask worker for %.0f%% of the images", choice.name, choice.weights, share * 100)
+        try:
+            version = await self.canary.start_canary(model, share)
+            serving = await self.canary.serving_version() or "unknown"
+        except Exception as exc:  # noqa: BLE001 - no canary: the serving model takes every image
+            reason = str(exc) or type(exc).__name__
+            log.error("model canary %s: not started, the model in use serves every image: %s", choice.id[:8], reason)
+            self.counted(FAILED)
+            await self._say(outcome_event(choice, self.member, False, reason=reason[:1000]))
+            return
+        self.running = ActiveCanary(choice, rule, serving, version, dict(self.tallies()))
+        log.info("model canary %s: version %s takes %.0f%% of the images beside %s", choice.id[:8], version, share * 100, serving)
+        await self._say(outcome_event(choice, self.member, True, version=version))
+
+    def _ended(self, record: dict[str, Any]) -> None:
+        """Another stream worker's verdict (or our own, read back): the canary is over here too."""
+        self.seen.add(record["id"])
+        if self.running is not None and self.running.choice.id == record["id"]:
+            self.running = None
+            log.info("canary %s %s (by %s)", record["id"][:8], record["kind"], record.get("member"))
+        if record["kind"] == ROLLED_BACK and self.canary is not None:
+            self.canary.end_canary()
 
     async def _apply(self, choice: ModelChoice) -> None:
         self.seen.add(choice.id)  # tried once: a failed load is not retried by this worker until a new command
@@ -169,9 +282,9 @@ class ModelFollower:
         self.counted(SWAPPED)
         await self._say(outcome_event(choice, self.member, True, version=version))
 
-    async def _say(self, event: dict[str, Any]) -> None:
+    async def _say(self, event: dict[str, Any], key: bytes | None = None) -> None:
         try:
-            await self.publish(event)
+            await self.publish(event, key)
         except Exception as exc:  # noqa: BLE001 - the swap stands; `model set` times out waiting
             log.warning("could not publish the model outcome event: %s", exc)
 

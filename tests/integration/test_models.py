@@ -76,3 +76,77 @@ def test_a_model_set_mid_stream_switches_between_batches_keeps_the_old_model_on_
     everything = before | after | kept | again
     predicted = Counter(event["uri"] for event in drain_topic(settings, settings.topics.predictions))
     assert {uri: predicted[uri] for uri in everything} == dict.fromkeys(everything, 1)  # each once, none lost
+
+
+def always_chihuahua(path, bias: float) -> str:
+    """A resnet18 checkpoint that says Chihuahua (ImageNet class 151) for every image: on
+    Chihuahua-labelled uploads its top-1 is 1.0, where random weights score about 0."""
+    import torch
+
+    from inference.settings import ModelSettings
+    from inference.worker.model import load_model
+
+    state = load_model(ModelSettings(name="resnet18", weights="none", device="cpu", precision="fp32", compile=False)).module.state_dict()
+    state["fc.weight"] = torch.zeros_like(state["fc.weight"])
+    state["fc.bias"] = torch.zeros_like(state["fc.bias"])
+    state["fc.bias"][151] = bias
+    torch.save(state, path)
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def put_chihuahuas(settings, tmp_path, count: int, prefix: str) -> set[str]:
+    import asyncio
+
+    from streams.embedded.samples import generate_dataset
+    from streams.service.uploads import upload_paths
+
+    root = tmp_path / f"dogs-{prefix.strip('/')}"
+    generate_dataset(root, count, seed=len(prefix), classes=(("n02085620", "Chihuahua"),))
+    asyncio.run(upload_paths([str(root / "Images")], prefix, settings, notify=True))
+    return {f"s3://{settings.storage.bucket}/{prefix}{path.relative_to(root).as_posix()}" for path in (root / "Images").rglob("*.jpg")}
+
+
+@pytest.mark.timeout(900)
+def test_a_canary_worse_on_labelled_images_is_rolled_back_and_one_as_good_is_promoted(settings, bucket, tmp_path, start_worker):
+    """The serving model says Chihuahua for every image; uploads are Chihuahuas. A canary with
+    random weights scores about 0 on its share and is rolled back by itself; one that also says
+    Chihuahua is as good, is promoted by itself, and then serves every image."""
+    from .conftest import wait_until
+
+    serving = always_chihuahua(tmp_path / "serving.pt", 10.0)
+    settings = settings.with_overrides({"model": {"weights": str(tmp_path / "serving.pt")}})
+    create_topics(settings)
+    config = write_config(settings, tmp_path / "visionstream.yaml")
+    worker = start_worker(settings)
+    worker.wait_ready()
+
+    def verdicts() -> list[dict]:
+        return [record for record in drain_topic(settings, settings.topics.models, idle_s=1.0) if record.get("kind") in ("promoted", "rolled-back")]
+
+    started = visionstream("model", "canary", "--weights", "none", "--share", "0.5", "--min-labelled", "8", "--config", str(config), timeout_s=600)
+    assert started.returncode == 0 and "sends 50% of the images to version random:seed=0" in started.stdout, started.stdout + started.stderr + worker.log_tail()
+    first = put_chihuahuas(settings, tmp_path, 40, "first/")
+    events = collect_events(settings, first)
+    assert set(versions(events, first)) == {serving, "random:seed=0"}, worker.log_tail()  # split by key
+    [rolled_back] = wait_until(verdicts, 120, "the canary's verdict", worker.log_tail)
+    assert rolled_back["kind"] == "rolled-back", rolled_back
+    assert rolled_back["stats"]["serving"]["top1"] == 1.0 and rolled_back["stats"]["candidate"]["top1"] < 0.5
+    after = put_chihuahuas(settings, tmp_path, 10, "after-rollback/")
+    assert versions(collect_events(settings, after), after) == Counter({serving: 10}), worker.log_tail()
+
+    candidate = always_chihuahua(tmp_path / "candidate.pt", 9.0)
+    started = visionstream("model", "canary", "--weights", str(tmp_path / "candidate.pt"), "--share", "0.5", "--min-labelled", "8", "--config", str(config), timeout_s=600)
+    assert started.returncode == 0, started.stdout + started.stderr
+    second = put_chihuahuas(settings, tmp_path, 40, "second/")
+    collect_events(settings, second)
+    promoted = wait_until(lambda: [record for record in verdicts() if record["kind"] == "promoted"], 120, "the promotion", worker.log_tail)[0]
+    assert promoted["stats"]["candidate"]["top1"] == 1.0
+    wait_until(lambda: "visionstream_model_swaps_total{outcome=\"swapped\"} 1.0" in urllib.request.urlopen(worker.url.replace("/health", "/metrics"), timeout=5).read().decode(),
+               120, "the promoted candidate swapped in", worker.log_tail)
+    last = put_chihuahuas(settings, tmp_path, 10, "after-promotion/")
+    assert versions(collect_events(settings, last), last) == Counter({candidate: 10}), worker.log_tail()
+    status = visionstream("model", "status", "--config", str(config))
+    assert "canary:" in status.stdout and "promoted" in status.stdout and str(tmp_path / "candidate.pt") in status.stdout, status.stdout
+    everything = first | after | second | last
+    predicted = Counter(event["uri"] for event in drain_topic(settings, settings.topics.predictions))
+    assert {uri: predicted[uri] for uri in everything} == dict.fromkeys(everything, 1)

@@ -55,7 +55,7 @@ def test_a_follower_swaps_on_each_new_command_once_and_keeps_its_model_when_a_lo
         swapped.append(model)
         return f"sha256:{model.weights}"
 
-    async def publish(event: dict) -> None:
+    async def publish(event: dict, key=None) -> None:
         said.append(event)
 
     follower = ModelFollower(CONFIGURED, swap, publish, "pod-a:1", counted.append)
@@ -80,7 +80,7 @@ def test_a_restarted_follower_starts_with_the_standing_model_and_does_not_replay
         tried.append(model)
         return "v"
 
-    async def publish(event):
+    async def publish(event, key=None):
         return None
 
     follower = ModelFollower(CONFIGURED, swap, publish, "pod-b:2")
@@ -95,3 +95,130 @@ def test_a_choice_changes_only_the_model_name_and_weights():
     choice = ModelChoice("id", "resnet18", "s3://models/r18.pt", "a" * 64)
     model = choice.applied_to(CONFIGURED.model_copy(update={"precision": "bf16", "top_k": 3}))
     assert (model.name, model.weights, model.weights_sha256, model.precision, model.top_k) == ("resnet18", "s3://models/r18.pt", "a" * 64, "bf16", 3)
+
+
+# --- canaries --------------------------------------------------------------------------------
+
+from streams.service.canary import PROMOTE, ROLL_BACK, CanaryRule, Tally, verdict  # noqa: E402
+from streams.service.models import CANARY, PROMOTED, ROLLED_BACK, SET, canary_command, canary_of  # noqa: E402
+
+
+def tally(labelled: int, matched: int) -> Tally:
+    return Tally(predicted=labelled, labelled=labelled, matched=matched, confidence_sum=0.5 * labelled)
+
+
+def test_a_canary_is_promoted_when_not_worse_rolled_back_when_worse_and_never_runs_forever():
+    rule = CanaryRule(min_labelled=100, max_drop=0.02)
+    assert verdict(tally(1000, 800), tally(99, 99), rule)[0] is None  # too few on the candidate
+    assert verdict(tally(1000, 800), tally(400, 330), rule)[0] == PROMOTE  # 0.825 against 0.80
+    assert verdict(tally(1000, 800), tally(400, 240), rule)[0] == ROLL_BACK  # 0.60: clearly worse
+    assert verdict(tally(1000, 800), tally(100, 78), rule)[0] is None  # 0.78: could be either, keep counting
+    decision, why = verdict(tally(20000, 16000), tally(1000, 788), rule)
+    assert decision == ROLL_BACK and "inconclusive" in why  # ten times the minimum without an answer
+    assert verdict(tally(0, 0), tally(100, 50), rule)[0] is None  # nothing to compare with yet
+    assert verdict(tally(300, 0), tally(100, 0), rule)[0] == PROMOTE  # both wrong alike (random weights): not worse
+    assert verdict(tally(300, 300), tally(100, 0), rule)[0] == ROLL_BACK
+
+
+@given(st.integers(0, 500), st.integers(0, 500), st.integers(1, 500), st.integers(0, 500))
+def test_the_verdict_is_defined_for_any_counts(serving_labelled, serving_matched, candidate_labelled, candidate_matched):
+    serving = tally(serving_labelled, min(serving_matched, serving_labelled))
+    candidate = tally(candidate_labelled, min(candidate_matched, candidate_labelled))
+    decision, why = verdict(serving, candidate, CanaryRule(min_labelled=50))
+    assert decision in (None, PROMOTE, ROLL_BACK) and why
+
+
+def test_canary_commands_are_checked_as_they_are_read():
+    command = canary_command("resnet18", "c.pt", 0.1, CanaryRule(200, 0.02))
+    choice, share, rule = canary_of(parse(encoded(command)))
+    assert (choice.weights, share, rule) == ("c.pt", 0.1, CanaryRule(200, 0.02))
+    for broken in ({"share": 0}, {"share": 1.5}, {"share": True}, {"min_labelled": 0}, {"max_drop": -1}, {"min_labelled": "7"}):
+        assert canary_of(parse(encoded({**command, **broken}))) is None, broken
+
+
+class FakeCanaryCluster:
+    def __init__(self) -> None:
+        self.share: float | None = None
+        self.ended = 0
+
+    async def start_canary(self, model, share):
+        self.share = share
+        return "sha256:candidate"
+
+    def end_canary(self) -> None:
+        self.share, self.ended = None, self.ended + 1
+
+    async def serving_version(self):
+        return "sha256:serving"
+
+
+def follower_with_canary(counts: dict[str, Tally]):
+    said: list[tuple[dict, bytes | None]] = []
+    cluster = FakeCanaryCluster()
+
+    async def swap(model):
+        return "v"
+
+    async def publish(event, key=None):
+        said.append((event, key))
+
+    follower = ModelFollower(CONFIGURED, swap, publish, "pod-a:1", canary=cluster, tallies=lambda: counts)
+    return follower, cluster, said
+
+
+def test_a_canary_that_keeps_up_is_promoted_by_a_set_command_for_the_candidate():
+    counts = {"sha256:serving": tally(50, 40)}
+    follower, cluster, said = follower_with_canary(counts)
+    command = canary_command("resnet18", "c.pt", 0.25, CanaryRule(min_labelled=20, max_drop=0.05))
+    asyncio.run(follower.follow([encoded(command)]))
+    assert cluster.share == 0.25 and follower.running is not None
+    assert said[0][0]["kind"] == SWAPPED and said[0][0]["version"] == "sha256:candidate"
+    counts["sha256:serving"] = tally(150, 120)  # 100 more, 80 matched: 0.80 since the canary began
+    counts["sha256:candidate"] = tally(40, 38)  # 0.95
+    asyncio.run(follower.follow([]))
+    kinds = [(event["kind"], key) for event, key in said[1:]]
+    assert kinds == [(PROMOTED, None), (SET, b"set")]
+    verdict_event, promotion = said[1][0], said[2][0]
+    assert verdict_event["stats"]["candidate"]["top1"] == 0.95 and verdict_event["stats"]["serving"]["top1"] == 0.8
+    assert promotion["model"]["weights"] == "c.pt" and promotion["because"] == command["id"]
+    assert follower.running is None and cluster.ended == 0  # the set command swaps; until then the canary goes on
+
+
+def test_a_canary_that_falls_behind_is_rolled_back_everywhere():
+    counts = {"sha256:serving": tally(10, 10)}
+    follower, cluster, said = follower_with_canary(counts)
+    command = canary_command("resnet18", "random", 0.5, CanaryRule(min_labelled=10, max_drop=0.02))
+    asyncio.run(follower.follow([encoded(command)]))
+    counts["sha256:serving"] = tally(40, 40)
+    counts["sha256:candidate"] = tally(30, 0)
+    asyncio.run(follower.follow([]))
+    assert [event["kind"] for event, _ in said] == [SWAPPED, ROLLED_BACK] and cluster.ended == 1
+    # another stream worker reads the verdict and stops routing to the candidate too
+    other, other_cluster, _ = follower_with_canary({"sha256:serving": tally(5, 5)})
+    asyncio.run(other.follow([encoded(command)]))
+    assert other_cluster.share == 0.5
+    asyncio.run(other.follow([encoded(said[1][0])]))
+    assert other.running is None and other_cluster.ended == 1
+    # a worker that starts later neither resumes the decided canary nor replays it
+    late, late_cluster, _ = follower_with_canary({})
+    late.start_with([encoded(command), encoded(said[1][0])])
+    asyncio.run(late.follow([encoded(command)]))
+    assert late_cluster.share is None
+
+
+def test_a_canary_without_a_verdict_is_taken_up_by_a_worker_that_starts():
+    follower, cluster, _ = follower_with_canary({})
+    command = canary_command("resnet18", "c.pt", 0.1, CanaryRule())
+    assert follower.start_with([encoded(command)]) == CONFIGURED  # the serving model stays the configured one
+    asyncio.run(follower.follow([]))  # the first round after start: the canary read at start
+    assert cluster.share == 0.1 and CANARY == command["kind"]
+    asyncio.run(follower.follow([encoded(command)]))  # read again: started once
+    assert follower.running is not None
+
+
+def test_an_operators_model_set_ends_a_running_canary():
+    follower, cluster, _ = follower_with_canary({"sha256:serving": tally(5, 5)})
+    asyncio.run(follower.follow([encoded(canary_command("resnet18", "c.pt", 0.2, CanaryRule()))]))
+    assert cluster.share == 0.2
+    asyncio.run(follower.follow([encoded(set_command("resnet18", "other.pt"))]))
+    assert follower.running is None and cluster.ended == 1
