@@ -109,6 +109,8 @@ def settings(services: Services, dask_reach: dict[str, Any], tmp_path: Path) -> 
                 "backfill": f"backfill-{suffix}",
                 "predictions": f"predictions-{suffix}",
                 "dead_letter": f"dlq-{suffix}",
+                "models": f"models-{suffix}",
+                "review": f"review-{suffix}",
             },
             "storage": {"endpoint_url": services.s3_endpoint, "region": "us-east-1", "bucket": f"bucket-{suffix}"},
             "cluster": dask_reach,
