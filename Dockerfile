@@ -6,7 +6,38 @@
 #
 # The build fails when an extra cannot be installed: an image without dask-cuda would only fail
 # later, on the GPU hosts, at `dask cuda worker`.
-FROM python:3.11-slim
+#
+#   docker build --target stream -t visionstream-stream:0.1.0 .   # the stream worker alone
+#
+# The stream worker never runs the model: its image (target `stream`) has no torch, torchvision,
+# Pillow, CUDA libraries or compiler (requirements/stream.txt), so a new node pulls a few hundred
+# MB instead of gigabytes before a new replica starts. The last stage, the default, is the Dask
+# workers' (and the scheduler's) image.
+
+FROM python:3.11-slim AS stream
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+COPY requirements ./requirements
+RUN pip install -c requirements/constraints.txt -r requirements/stream.txt
+COPY pyproject.toml README.md ./
+COPY inference ./inference
+COPY streams ./streams
+# its dependencies are the ones above: the package alone, without torch
+RUN pip install --no-deps . && rm -rf build ./*.egg-info
+COPY configs ./configs
+
+RUN useradd --create-home --uid 10001 visionstream && mkdir -p /var/lib/visionstream \
+    && chown -R visionstream /var/lib/visionstream
+USER visionstream
+EXPOSE 6066
+CMD ["visionstream", "worker", "--config", "configs/compose.yaml"]
+
+
+FROM python:3.11-slim AS worker
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

@@ -490,8 +490,9 @@ def test_every_image_tag_is_pinned(service):
 
 def test_the_service_image_carries_the_package_version():
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-    for service in ("dask-scheduler", "visionstream", *sorted(STORAGE_READERS)):
+    for service in ("dask-scheduler", *sorted(STORAGE_READERS - {"visionstream"})):
         assert with_defaults(SERVICES[service]["image"]) == f"visionstream:{version}", service
+    assert with_defaults(SERVICES["visionstream"]["image"]) == f"visionstream-stream:{version}"  # its own small image
 
 
 @pytest.mark.parametrize("service", LONG_RUNNING)
@@ -529,9 +530,21 @@ def test_the_stream_worker_is_judged_by_livez():
 
 # --- the image ----------------------------------------------------------------------------------
 
+def dockerfile_stages() -> dict[str, list[str]]:
+    """The Dockerfile's instructions (continuation lines joined), by stage name."""
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text()).splitlines():
+        if line.startswith("FROM "):
+            current = stages.setdefault(line.split(" AS ")[-1].strip() if " AS " in line else "", [])
+        current.append(line)
+    return stages
+
+
 def test_the_dockerfile_fails_when_the_extra_cannot_install_and_runs_unprivileged():
-    dockerfile = (REPO / "Dockerfile").read_text()
-    instructions = re.sub(r"\\\n", " ", dockerfile).splitlines()
+    stages = dockerfile_stages()
+    assert list(stages)[-1] == "worker"  # the default target: the Dask workers' image
+    instructions = stages["worker"]
     pip = [line for line in instructions if line.startswith("RUN") and "pip install" in line]
     assert all("-c requirements/constraints.txt" in line for line in pip), pip  # torch too: one set of versions
     installs = [line for line in pip if "torch==" not in line]
@@ -628,3 +641,23 @@ def test_cpu_workers_keep_their_compiled_forward_on_a_volume_and_can_build_it():
     dockerfile = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
     assert re.search(r"apt-get install[^\n]* g\+\+", dockerfile), "no C++ compiler: CPU workers would stay eager"
     assert re.search(r"chmod 0700 [^\n]*/var/cache/visionstream", dockerfile)  # a new volume copies the mode: private
+
+
+def test_the_stream_worker_runs_from_an_image_without_torch():
+    """A new replica pulls the stream image, not gigabytes of torch and CUDA: its stage installs
+    the project's dependencies less torch, torchvision and Pillow, then the package alone."""
+    import tomllib
+
+    stream = dockerfile_stages()["stream"]
+    pip = [line for line in stream if line.startswith("RUN") and "pip install" in line]
+    assert pip and all("torch" not in line for line in pip), pip
+    assert any("-c requirements/constraints.txt -r requirements/stream.txt" in line for line in pip)
+    assert any("pip install --no-deps ." in line for line in pip)
+    assert [line.split()[1] for line in stream if line.startswith("USER ")][-1] not in ("root", "0")
+    required = [line for line in (REPO / "requirements" / "stream.txt").read_text().splitlines() if line and not line.startswith("#")]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert required == [dep for dep in project if re.split(r"[<>=\[]", dep)[0].lower() not in ("torch", "torchvision", "pillow")]
+    service = SERVICES["visionstream"]
+    assert service["build"] == {"context": ".", "target": "stream"} and service["image"].startswith("visionstream-stream:")
+    for worker in ("dask-worker", "dask-worker-cpu", "dask-scheduler"):
+        assert SERVICES[worker]["build"]["target"] == "worker", worker

@@ -513,3 +513,12 @@ def test_the_stream_workers_tls_settings_are_ones_the_service_accepts():
     assert settings.scheduler.startswith("tls://") and settings.tls_ca == "/etc/dask-tls/ca.crt"
     security = client_security(settings)
     assert security is not None and security.require_encryption
+
+
+def test_the_stream_worker_can_run_its_own_small_image_and_the_dask_pods_keep_theirs():
+    pods = pods_of(render())
+    assert pods["stream-worker"]["containers"][0]["image"] == pods["dask-worker"]["containers"][0]["image"] == "visionstream:0.1.0"
+    pods = pods_of(render({"streamWorker": {"image": {"repository": "registry/visionstream-stream"}}, "image": {"repository": "registry/visionstream", "tag": "1.2.3"}}))
+    assert pods["stream-worker"]["containers"][0]["image"] == "registry/visionstream-stream:1.2.3"
+    assert [pod["containers"][0]["image"] for whose, pod in pods.items() if whose.startswith("test-")] == ["registry/visionstream-stream:1.2.3"]
+    assert pods["dask-worker"]["containers"][0]["image"] == pods["scheduler"]["containers"][0]["image"] == "registry/visionstream:1.2.3"

@@ -24,6 +24,11 @@ app.kubernetes.io/component: stream-worker
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 
+{{- define "visionstream.streamImage" -}}
+{{- $image := .Values.streamWorker.image | default dict -}}
+{{- printf "%s:%s" ($image.repository | default .Values.image.repository) ($image.tag | default .Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
 {{- define "visionstream.daskImage" -}}
 {{- $image := merge (deepCopy (.Values.dask.image | default dict)) (dict "repository" .Values.image.repository "tag" (.Values.image.tag | default .Chart.AppVersion)) -}}
 {{- printf "%s:%s" $image.repository $image.tag -}}
