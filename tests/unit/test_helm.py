@@ -416,6 +416,8 @@ def test_placement_and_priority_reach_every_pod():
     cluster = next(doc for doc in docs if doc["kind"] == "DaskCluster")
     assert cluster["spec"]["worker"]["metadata"]["annotations"] == {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}
     assert pods["scheduler"]["priorityClassName"] == "visionstream-gpu" and pods["scheduler"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert {"name": "DASK_LOGGING__DISTRIBUTED", "value": "info"} in pods["scheduler"]["containers"][0]["env"]
+    assert cluster["spec"]["scheduler"]["metadata"]["annotations"] == {"team": "vision"}
     cpu = next(pod for whose, pod in pods.items() if whose.startswith("dask-worker-"))
     assert cpu["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
 
