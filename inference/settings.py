@@ -109,6 +109,18 @@ class Section(BaseModel):
         return state
 
 
+class CanarySettings(Section):
+    """A canary the stream workers start by themselves (``visionstream model canary`` does the same
+    from the command line): ``share`` of the images to these weights, judged on labelled images."""
+
+    weights: str = Field(min_length=1)
+    name: str | None = None  # None: the serving model's
+    weights_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    share: float = Field(0.1, gt=0.0, lt=1.0)
+    min_labelled: int = Field(200, ge=1)
+    max_drop: float = Field(0.02, ge=0.0, le=1.0)
+
+
 class ModelSettings(Section):
     name: str = "resnet50"
     weights: str = "DEFAULT"
@@ -126,6 +138,7 @@ class ModelSettings(Section):
     compile_cache_dir: str | None = None  # where compiled packages are kept; None: <tmp>/visionstream-compiled-<uid>
     compile_memory_mb: int | None = Field(None, ge=0)  # a package build's bound (its data segment); None: sized to the model; 0: none
     top_k: int = Field(5, ge=1, le=1000)
+    canary: CanarySettings | None = None  # no part of the model a worker loads (plugin_name leaves it out)
 
 
 class ImageSettings(Section):

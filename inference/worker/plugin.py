@@ -165,7 +165,7 @@ def plugin_name(model: ModelSettings, images: ImageSettings, storage: StorageSet
     of a configuration: a rotated secret keeps the same resident model."""
     public = storage.without_credentials()
     material = json.dumps(
-        [model.model_dump(mode="json"), images.model_dump(mode="json"), public.model_dump(mode="json"), warmup_batch, PLUGIN_FORMAT],
+        [model.model_dump(mode="json", exclude={"canary"}), images.model_dump(mode="json"), public.model_dump(mode="json"), warmup_batch, PLUGIN_FORMAT],
         sort_keys=True,
     )
     return PLUGIN_PREFIX + hashlib.sha256(material.encode()).hexdigest()[:12]

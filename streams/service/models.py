@@ -16,6 +16,7 @@ command with the previous weights.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -105,6 +106,16 @@ def canary_of(record: dict[str, Any]) -> tuple[ModelChoice, float, CanaryRule] |
     if not isinstance(least, int) or isinstance(least, bool) or least < 1 or not isinstance(drop, (int, float)) or not 0 <= drop <= 1:
         return None
     return choice, float(share), CanaryRule(least, float(drop))
+
+
+def configured_canary(model: ModelSettings) -> dict[str, Any]:
+    """``model.canary`` as a canary command whose id is a digest of it: every stream worker
+    publishes the same one, and once decided it is never started again."""
+    canary = model.canary
+    assert canary is not None
+    command = canary_command(canary.name or model.name, canary.weights, canary.share, CanaryRule(canary.min_labelled, canary.max_drop), canary.weights_sha256)
+    command["id"] = "config-" + hashlib.sha256(json.dumps([command["model"], canary.share, canary.min_labelled, canary.max_drop]).encode()).hexdigest()[:24]
+    return command
 
 
 def verdict_event(canary_id: str, member: str, kind: str, reason: str, stats: dict[str, Any]) -> dict[str, Any]:
@@ -298,12 +309,20 @@ class ModelControl:
 
     async def starting_model(self) -> ModelSettings:
         """What to register first: the standing command's model, else the configured one (also
-        where the topic cannot be read: following it later catches up)."""
+        where the topic cannot be read: following it later catches up). A ``model.canary`` that
+        the topic has not seen yet is published, once for every stream worker alike."""
         try:
-            return self.follower.start_with(await self.tail.start())
+            values = await self.tail.start()
         except Exception as exc:  # noqa: BLE001 - the configured model, rather than no start
             log.warning("could not read the model topic %s (%s); starting with the configured model", self.tail.topic, exc)
             return self.configured
+        model = self.follower.start_with(values)
+        if self.configured.canary is not None:
+            command = configured_canary(self.configured)
+            if not any((record := parse(value)) is not None and record["id"] == command["id"] for value in values):
+                log.info("model.canary: publishing canary %s (%s, %.0f%% of the images)", command["id"][:8], command["model"]["weights"], command["share"] * 100)
+                await self.follower._say(command, f"canary/{command['id']}".encode())
+        return model
 
     async def follow(self) -> None:
         """Apply the commands that arrived since the last call."""

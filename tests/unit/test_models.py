@@ -222,3 +222,49 @@ def test_an_operators_model_set_ends_a_running_canary():
     assert cluster.share == 0.2
     asyncio.run(follower.follow([encoded(set_command("resnet18", "other.pt"))]))
     assert follower.running is None and cluster.ended == 1
+
+
+def test_a_configured_canary_is_published_once_for_every_worker_and_never_again_once_decided():
+    from inference.settings import CanarySettings
+    from streams.service.models import ModelControl, configured_canary, verdict_event
+
+    configured = CONFIGURED.model_copy(update={"canary": CanarySettings(weights="s3://models/c.pt", share=0.2, min_labelled=50)})
+    topic: list[bytes] = []
+
+    class Tail:
+        topic = "models"
+
+        async def start(self):
+            return list(topic)
+
+    def member(name: str):
+        cluster = FakeCanaryCluster()
+
+        async def publish(event, key=None):
+            topic.append(encoded(event))
+
+        async def swap(model):
+            return "v"
+
+        follower = ModelFollower(configured, swap, publish, name, canary=cluster, tallies=dict)
+        return ModelControl(follower, Tail(), configured), cluster
+
+    first, first_cluster = member("pod-a:1")
+    assert asyncio.run(first.starting_model()) == configured  # the serving model: the configured one
+    [published] = [parse(value) for value in topic]
+    assert published["kind"] == CANARY and published["id"] == configured_canary(configured)["id"] and published["share"] == 0.2
+    second, second_cluster = member("pod-b:2")
+    asyncio.run(second.starting_model())
+    assert len(topic) == 1  # the same canary, not a second one
+    asyncio.run(second.follower.follow([]))  # taken up from the topic read at start
+    assert second_cluster.share == 0.2
+    topic.append(encoded(verdict_event(published["id"], "pod-b:2", ROLLED_BACK, "worse", {})))
+    third, third_cluster = member("pod-c:3")
+    asyncio.run(third.starting_model())
+    asyncio.run(third.follower.follow([]))
+    assert len([value for value in topic if parse(value)["kind"] == CANARY]) == 1 and third_cluster.share is None  # decided: never again
+    # the canary setting is no part of the model the workers load
+    from inference.settings import ImageSettings, StorageSettings
+    from inference.worker.plugin import plugin_name
+
+    assert plugin_name(configured, ImageSettings(), StorageSettings(), 60) == plugin_name(CONFIGURED, ImageSettings(), StorageSettings(), 60)
