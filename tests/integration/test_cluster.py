@@ -122,7 +122,7 @@ def test_the_embedded_cluster_admits_only_peers_with_its_certificate():
 
 
 def test_time_queued_behind_other_batches_does_not_count_toward_batch_timeout(tmp_path):
-    """One worker thread, live batches queued at a higher priority than a backfill batch: the
+    """One worker thread, 40 live batches queued at a higher priority than a backfill batch: the
     backfill waits behind them far longer than its batch.timeout_s, while the worker says it
     starts each of them (events on the scheduler). Its deadline counts from when a worker
     starts it, so it is classified, never timed out (and never isolated)."""
@@ -136,13 +136,14 @@ def test_time_queued_behind_other_batches_does_not_count_toward_batch_timeout(tm
     from streams.service.metrics import StreamMetrics
 
     photos = []
-    for index in range(40):  # distinct objects: distinct batches
+    for index in range(121):  # distinct objects: distinct batches
         buffer = io.BytesIO()
-        Image.new("RGB", (320, 240), (index * 6, 120, 40)).save(buffer, "PNG")
+        Image.new("RGB", (480, 360), (index * 2, 120, 40)).save(buffer, "PNG")
         path = tmp_path / f"n02085620_{index}.png"
         path.write_bytes(buffer.getvalue())
         photos.append(str(path))
-    timeout_s = 0.5
+    # longer than any one batch takes (even on a loaded machine), far shorter than the queue ahead
+    timeout_s = 3.0
 
     async def run() -> None:
         async with embedded_cluster(ClusterSettings(gpu=False, n_workers=1, threads_per_worker=1), asynchronous=True) as local:
@@ -152,9 +153,10 @@ def test_time_queued_behind_other_batches_does_not_count_toward_batch_timeout(tm
             await cluster.start()
             try:
                 with cluster.starts(photos[:1]) as warm:
-                    await cluster.classify(photos[:1])  # loaded and measured: the worker says when it starts
-                    assert warm.is_set() and cluster.last_batch_start() > 0
-                live = [asyncio.ensure_future(cluster.classify([photo], priority=10)) for photo in photos[1:]]
+                    await cluster.classify(photos[:1])  # loaded: the worker says when it starts
+                    await asyncio.wait_for(warm.wait(), timeout=60)  # the event may come after the result
+                    assert cluster.last_batch_start() > 0
+                live = [asyncio.ensure_future(cluster.classify(photos[start:start + 3], priority=10)) for start in range(1, len(photos), 3)]
                 counters = StreamMetrics()
                 attempts = BatchAttempts(cluster.classify, BatchSettings(timeout_s=timeout_s, queue_timeout_s=300, retry_timeout_s=0), counters, cluster)
                 began = time.monotonic()
