@@ -122,11 +122,12 @@ def test_the_embedded_cluster_admits_only_peers_with_its_certificate():
 
 
 def test_time_queued_behind_other_batches_does_not_count_toward_batch_timeout(tmp_path):
-    """One worker thread, 40 live batches queued at a higher priority than a backfill batch: the
-    backfill waits behind them far longer than its batch.timeout_s, while the worker says it
-    starts each of them (events on the scheduler). Its deadline counts from when a worker
-    starts it, so it is classified, never timed out (and never isolated)."""
+    """One worker thread, live batches kept queued at a higher priority than a backfill batch for
+    three times its batch.timeout_s, while the worker says it starts each of them (events on the
+    scheduler). The backfill's deadline counts from when a worker starts it, so it waits its turn
+    and is classified, never timed out (and never isolated)."""
     import io
+    import itertools
     import time
 
     from PIL import Image
@@ -136,14 +137,13 @@ def test_time_queued_behind_other_batches_does_not_count_toward_batch_timeout(tm
     from streams.service.metrics import StreamMetrics
 
     photos = []
-    for index in range(121):  # distinct objects: distinct batches
+    for index in range(12):
         buffer = io.BytesIO()
-        Image.new("RGB", (480, 360), (index * 2, 120, 40)).save(buffer, "PNG")
+        Image.new("RGB", (320, 240), (index * 20, 120, 40)).save(buffer, "PNG")
         path = tmp_path / f"n02085620_{index}.png"
         path.write_bytes(buffer.getvalue())
         photos.append(str(path))
-    # longer than any one batch takes (even on a loaded machine), far shorter than the queue ahead
-    timeout_s = 3.0
+    timeout_s = 3.0  # longer than one batch takes, even on a loaded machine
 
     async def run() -> None:
         async with embedded_cluster(ClusterSettings(gpu=False, n_workers=1, threads_per_worker=1), asynchronous=True) as local:
@@ -152,21 +152,31 @@ def test_time_queued_behind_other_batches_does_not_count_toward_batch_timeout(tm
             cluster = InferenceCluster(ClusterSettings(**reaching(local)), model, ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
             await cluster.start()
             try:
-                with cluster.starts(photos[:1]) as warm:
-                    await cluster.classify(photos[:1])  # loaded: the worker says when it starts
-                    await asyncio.wait_for(warm.wait(), timeout=60)  # the event may come after the result
-                    assert cluster.last_batch_start() > 0
-                live = [asyncio.ensure_future(cluster.classify(photos[start:start + 3], priority=10)) for start in range(1, len(photos), 3)]
+                # warm: the first batch on a worker also starts its decoder processes (seconds)
+                await cluster.classify(photos[:1])
+                live_photos = itertools.cycle(photos[1:])
+                with cluster.starts([photos[1]]) as first_started:
+                    in_flight = {asyncio.ensure_future(cluster.classify([next(live_photos)], priority=10)) for _ in range(3)}
+                    await asyncio.wait_for(first_started.wait(), timeout=120)  # the worker is busy: what follows queues
                 counters = StreamMetrics()
                 attempts = BatchAttempts(cluster.classify, BatchSettings(timeout_s=timeout_s, queue_timeout_s=300, retry_timeout_s=0), counters, cluster)
                 began = time.monotonic()
-                [backfill] = await asyncio.wait_for(attempts.run([photos[0]], 0), timeout=300)
+                backfill = asyncio.ensure_future(attempts.run([photos[0]], 0))
+                live_batches = 0
+                while time.monotonic() - began < 3 * timeout_s:  # live traffic ahead of it all along
+                    done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    live_batches += len(done)
+                    for batch in done:
+                        batch.result()
+                    while len(in_flight) < 3:
+                        in_flight.add(asyncio.ensure_future(cluster.classify([next(live_photos)], priority=10)))
+                    assert not backfill.done(), "the backfill ran before the live batches queued ahead of it"
+                [result] = await asyncio.wait_for(backfill, timeout=120)
                 waited = time.monotonic() - began
-                assert backfill.prediction is not None and backfill.error is None
-                assert all(batch.done() for batch in live)  # it ran after every live batch ...
-                assert waited > 2 * timeout_s, waited  # ... queued well past its deadline (else this proves nothing)
+                assert result.prediction is not None and result.error is None
+                assert waited > 3 * timeout_s and live_batches > 3, (waited, live_batches)  # queued past its deadline, work moving
                 assert counters.batch_retries == 0
-                await asyncio.gather(*live)
+                await asyncio.gather(*in_flight)
             finally:
                 await cluster.close()
 
