@@ -254,14 +254,15 @@ class InferenceCluster(ClusterConnection):
             raise ModelSwapFailed("none", "not connected to the cluster")
         candidate = self.plugin.with_model(model)
         deadline = asyncio.get_running_loop().time() + self.settings.setup_timeout_s
+        serving = {self.plugin.name} | ({self.canary.plugin.name} if self.canary is not None else set())
         try:
             await asyncio.wait_for(self.client.register_plugin(candidate, name=candidate.name), timeout=self.settings.setup_timeout_s)
             versions = await self._loaded_everywhere(candidate.name, deadline)
-        except ModelSwapFailed:
-            await self._unregister(candidate)
-            raise
         except Exception as exc:  # noqa: BLE001 - a worker's load error, a timeout, the scheduler gone
-            await self._unregister(candidate)
+            if candidate.name not in serving:  # never the model in use: asked for again, it failed somewhere
+                await self._unregister(candidate)
+            if isinstance(exc, ModelSwapFailed):
+                raise
             raise ModelSwapFailed(candidate.name, (str(exc) or type(exc).__name__)[:500]) from exc
         return candidate, ", ".join(sorted(versions))
 

@@ -3,6 +3,8 @@ logic, with a stand-in for the cluster's swap; the swap itself runs on a real st
 tests/integration/test_models.py."""
 
 import asyncio
+
+import pytest
 import json
 
 from hypothesis import given, strategies as st
@@ -268,3 +270,34 @@ def test_a_configured_canary_is_published_once_for_every_worker_and_never_again_
     from inference.worker.plugin import plugin_name
 
     assert plugin_name(configured, ImageSettings(), StorageSettings(), 60) == plugin_name(CONFIGURED, ImageSettings(), StorageSettings(), 60)
+
+
+def test_a_failed_swap_never_unregisters_the_model_in_use():
+    """`model set` with the weights already in use, while one worker's copy failed: the swap fails,
+    and the serving model stays registered (only a candidate of its own is taken back)."""
+    from inference.client.cluster import InferenceCluster
+    from inference.errors import ModelSwapFailed
+    from inference.settings import ClusterSettings, ImageSettings, StorageSettings
+
+    class Client:
+        def __init__(self) -> None:
+            self.unregistered: list[str] = []
+
+        async def register_plugin(self, plugin, name):
+            return {}
+
+        async def run(self, function, name):
+            return {"tcp://w1": {"present": True, "loaded": False, "version": None, "failure": "MemoryError: out of memory"}}
+
+        async def unregister_worker_plugin(self, name):
+            self.unregistered.append(name)
+
+    model = ModelSettings(name="resnet18", weights="none", compile=False)
+    cluster = InferenceCluster(ClusterSettings(scheduler="tcp://127.0.0.1:1"), model, ImageSettings(), StorageSettings(), r"(?P<wnid>n\d{8})")
+    cluster.client = Client()
+    with pytest.raises(ModelSwapFailed, match="out of memory"):
+        asyncio.run(cluster.swap(model))  # the model in use
+    assert cluster.client.unregistered == []
+    with pytest.raises(ModelSwapFailed):
+        asyncio.run(cluster.swap(model.model_copy(update={"weights": "other.pt"})))  # a candidate: taken back
+    assert len(cluster.client.unregistered) == 1 and cluster.client.unregistered[0] != cluster.plugin.name
