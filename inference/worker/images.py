@@ -284,11 +284,34 @@ def read_header(
     unrecognised data, or more than ``max_pixels`` pixels (a decompression bomb is refused here).
     ``timeout_s`` bounds the parse too (Pillow reads a JPEG's markers byte by byte: megabytes
     of fill bytes before them would otherwise cost a minute)."""
+    image, header = open_with_header(data, uri, max_pixels, max_scans, timeout_s, deadline)
+    image.close()
+    return header
+
+
+def open_with_header(
+    data: bytes, uri: str, max_pixels: int, max_scans: int = DEFAULT_MAX_SCANS, timeout_s: float | None = None,
+    deadline: float | None = None,
+) -> tuple[Image.Image, ImageHeader]:
+    """``open_image`` and what its header says (``header_of``), under one deadline: the image
+    stays open for its decode (the caller closes it); ImageDecodeError as ``read_header``."""
     try:
-        with open_image(data, uri, max_pixels, max_scans, timeout_s, deadline) as image:
-            return header_of(image, uri)
+        image = open_image(data, uri, max_pixels, max_scans, timeout_s, deadline)
     except DecodeOverdue:
-        raise ImageDecodeError(uri, f"header not read within images.decode_timeout_s ({timeout_s:g} s)") from None  # the deadline's signal, no error
+        raise overdue(uri, "header not read", timeout_s) from None  # the deadline's signal, no error
+    try:
+        return image, header_of(image, uri)
+    except DecodeOverdue:
+        image.close()
+        raise overdue(uri, "header not read", timeout_s) from None
+    except BaseException:
+        image.close()
+        raise
+
+
+def overdue(uri: str, what: str, timeout_s: float | None) -> ImageDecodeError:
+    """The record of an image whose parse or decode passed its deadline (``DecodeOverdue``)."""
+    return ImageDecodeError(uri, f"{what} within images.decode_timeout_s ({timeout_s:g} s)")
 
 
 def header_of(image: Image.Image, uri: str) -> ImageHeader:
@@ -319,7 +342,7 @@ def decode(
     try:
         image = open_image(data, uri, max_pixels, max_scans, timeout_s, deadline)
     except DecodeOverdue:
-        raise ImageDecodeError(uri, f"not decoded within images.decode_timeout_s ({timeout_s:g} s)") from None  # the deadline's signal, no error
+        raise overdue(uri, "not decoded", timeout_s) from None  # the deadline's signal, no error
     return decode_opened(image, uri, draft_size, timeout_s)
 
 
@@ -339,7 +362,7 @@ def decode_opened(image: Image.Image, uri: str, draft_size: int | None, timeout_
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(uri, f"corrupt or truncated image: {exc}") from exc
     except DecodeOverdue:
-        raise ImageDecodeError(uri, f"not decoded within images.decode_timeout_s ({timeout_s:g} s)") from None  # the deadline's signal, no error
+        raise overdue(uri, "not decoded", timeout_s) from None  # the deadline's signal, no error
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -378,15 +401,8 @@ def decode_crop(
     under the deadline ``timeout_s``: one deadline for the header, the marker walk and the
     decode together, not one each.
     """
-    try:
-        opened = open_image(data, uri, max_pixels, max_scans, timeout_s)  # once: header, walk and decode share it
-    except DecodeOverdue:
-        raise ImageDecodeError(uri, f"header not read within images.decode_timeout_s ({timeout_s:g} s)") from None  # the deadline's signal, no error
+    opened, header = open_with_header(data, uri, max_pixels, max_scans, timeout_s)  # once: header, walk and decode share it
     with opened:
-        try:
-            header = header_of(opened, uri)
-        except DecodeOverdue:
-            raise ImageDecodeError(uri, f"header not read within images.decode_timeout_s ({timeout_s:g} s)") from None
         if header.plain_jpeg and not (draft and header.draft_scale(spec.resize_size) >= DRAFT_MIN_SCALE):
             try:
                 image = decode_jpeg(as_bytes_tensor(data), mode=ImageReadMode.RGB)
