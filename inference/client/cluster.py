@@ -254,7 +254,7 @@ class InferenceCluster(ClusterConnection):
             raise ModelSwapFailed("none", "not connected to the cluster")
         candidate = self.plugin.with_model(model)
         deadline = asyncio.get_running_loop().time() + self.settings.setup_timeout_s
-        serving = {self.plugin.name} | ({self.canary.plugin.name} if self.canary is not None else set())
+        serving = {plugin.name for plugin in self.plugins()}
         try:
             await asyncio.wait_for(self.client.register_plugin(candidate, name=candidate.name), timeout=self.settings.setup_timeout_s)
             versions = await self._loaded_everywhere(candidate.name, deadline)
@@ -293,14 +293,11 @@ class InferenceCluster(ClusterConnection):
         """Unregister the model plugins this one superseded (``retirement``); a canary's stays."""
         if self.client is None:
             return []
-        keep = {self.canary.plugin.name} if self.canary is not None else set()
-        return await retire_superseded(self.client, self.plugin, idle_s, keep)
+        return await retire_superseded(self.client, self.plugin, idle_s, {plugin.name for plugin in self.plugins()})
 
-    async def _register(self) -> None:
-        """The model in use, and a canary's candidate beside it (after a scheduler restart too)."""
-        await super()._register()
-        if self.canary is not None and self.client is not None:
-            await asyncio.wait_for(self.client.register_plugin(self.canary.plugin, name=self.canary.plugin.name), timeout=self.settings.setup_timeout_s)
+    def plugins(self) -> list[Any]:
+        """The model in use, and a canary's candidate beside it (registered again after a scheduler restart too)."""
+        return [self.plugin, *([self.canary.plugin] if self.canary is not None else [])]
 
 async def _cancel(client: Client, future: Any) -> None:
     try:

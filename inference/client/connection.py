@@ -96,15 +96,18 @@ class ClusterConnection:
         self.workers = dict(await self.client.nthreads())
         return dict(self.workers)
 
+    def plugins(self) -> list[ResidentModel]:
+        """The model plugins this client keeps registered: the model in use."""
+        return [self.plugin]
+
     async def _register(self) -> None:
-        """Register the model plugin: the scheduler keeps it and sets it up on every worker,
-        including workers that join later. Waits for the workers' set-up for at most
-        ``cluster.setup_timeout_s``."""
+        """Register the model plugins (``plugins``): the scheduler keeps them and sets them up on
+        every worker, including workers that join later. Waits for the workers' set-up for at
+        most ``cluster.setup_timeout_s``."""
         assert self.client is not None
         try:
-            await asyncio.wait_for(
-                self.client.register_plugin(self.plugin, name=self.plugin.name), timeout=self.settings.setup_timeout_s
-            )
+            for plugin in self.plugins():
+                await asyncio.wait_for(self.client.register_plugin(plugin, name=plugin.name), timeout=self.settings.setup_timeout_s)
         except TimeoutError as exc:
             raise ClusterUnavailable(
                 self.address, f"the model was not set up on the workers within {self.settings.setup_timeout_s:g} s (cluster.setup_timeout_s)"

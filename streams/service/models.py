@@ -242,11 +242,11 @@ class ModelFollower:
         kind = PROMOTED if decision == PROMOTE else ROLLED_BACK
         log.warning("canary %s %s: %s", running.choice.id[:8], kind, why)
         self.seen.add(running.choice.id)
-        await self._say(verdict_event(running.choice.id, self.member, kind, why, stats))
+        await self.say(verdict_event(running.choice.id, self.member, kind, why, stats))
         if decision == PROMOTE:
             promotion = set_command(running.choice.name, running.choice.weights, running.choice.weights_sha256)
             promotion["because"] = running.choice.id
-            await self._say(promotion, SET_KEY)
+            await self.say(promotion, SET_KEY)
         else:
             self.canary.end_canary()
 
@@ -261,11 +261,11 @@ class ModelFollower:
             reason = str(exc) or type(exc).__name__
             log.error("model canary %s: not started, the model in use serves every image: %s", choice.id[:8], reason)
             self.counted(FAILED)
-            await self._say(outcome_event(choice, self.member, False, reason=reason[:1000]))
+            await self.say(outcome_event(choice, self.member, False, reason=reason[:1000]))
             return
         self.running = ActiveCanary(choice, rule, serving, version, dict(self.tallies()))
         log.info("model canary %s: version %s takes %.0f%% of the images beside %s", choice.id[:8], version, share * 100, serving)
-        await self._say(outcome_event(choice, self.member, True, version=version))
+        await self.say(outcome_event(choice, self.member, True, version=version))
 
     def _ended(self, record: dict[str, Any]) -> None:
         """Another stream worker's verdict (or our own, read back): the canary is over here too."""
@@ -286,14 +286,14 @@ class ModelFollower:
             reason = str(exc) or type(exc).__name__
             log.error("model set %s: keeping the model in use (%s with weights %r): %s", choice.id[:8], self.model.name, self.model.weights, reason)
             self.counted(FAILED)
-            await self._say(outcome_event(choice, self.member, False, reason=reason[:1000]))
+            await self.say(outcome_event(choice, self.member, False, reason=reason[:1000]))
             return
         self.model = model
         log.info("model set %s: batches now go to %s with weights %r (version %s)", choice.id[:8], choice.name, choice.weights, version)
         self.counted(SWAPPED)
-        await self._say(outcome_event(choice, self.member, True, version=version))
+        await self.say(outcome_event(choice, self.member, True, version=version))
 
-    async def _say(self, event: dict[str, Any], key: bytes | None = None) -> None:
+    async def say(self, event: dict[str, Any], key: bytes | None = None) -> None:
         try:
             await self.publish(event, key)
         except Exception as exc:  # noqa: BLE001 - the swap stands; `model set` times out waiting
@@ -321,7 +321,7 @@ class ModelControl:
             command = configured_canary(self.configured)
             if not any((record := parse(value)) is not None and record["id"] == command["id"] for value in values):
                 log.info("model.canary: publishing canary %s (%s, %.0f%% of the images)", command["id"][:8], command["model"]["weights"], command["share"] * 100)
-                await self.follower._say(command, f"canary/{command['id']}".encode())
+                await self.follower.say(command, f"canary/{command['id']}".encode())
         return model
 
     async def follow(self) -> None:
